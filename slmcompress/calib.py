@@ -1,0 +1,193 @@
+"""Layer-by-layer calibration engine, written once for GPTQ, importance and depth scoring.
+
+"capture the inputs of decoder layer 0 -> for each layer: move it to the compute device,
+let the pass observe/modify it, produce the inputs of the next layer -> move it back".
+Peak memory follows one decoder layer plus the calibration activations, never the model,
+and nothing needs torch.fx tracing: only forward hooks on ordinary modules.
+
+Usage::
+
+    for step in layerwise(model, tokens, device):
+        handles = [...register hooks on step.layer...]
+        step.forward()          # run all calibration batches through the layer
+        ...modify step.layer... # e.g. quantize its linears
+    # the engine recomputes each layer's outputs after the pass is done with it,
+    # unless the pass called step.set_outputs() because it did not change the layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+
+from slmcompress.errors import PassError
+
+log = logging.getLogger(__name__)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook to stop the model after layer 0's inputs are known."""
+
+
+def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
+    """The model's stack of decoder layers (Llama/Mistral/Qwen/Gemma style, GPT-2 style)."""
+    base = getattr(model, "model", None) or getattr(model, "transformer", None)
+    for attr in ("layers", "h"):
+        if base is not None and isinstance(getattr(base, attr, None), nn.ModuleList):
+            return getattr(base, attr)
+    raise PassError(f"model: cannot find the decoder layers of {type(model).__name__}")
+
+
+def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
+    """Named ``nn.Linear`` submodules of one decoder layer, in execution order."""
+    return {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
+
+
+@dataclass
+class LayerBatch:
+    """Inputs of one decoder layer for one calibration batch."""
+
+    hidden: torch.Tensor  # (B, T, H), kept on the offload device
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(_to(v, device) for v in value)
+    return value
+
+
+def _layer_output(out: Any) -> torch.Tensor:
+    """Decoder layers return a tensor (transformers 5) or a tuple whose first item is it."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@torch.no_grad()
+def capture_layer_inputs(
+    model: PreTrainedModel,
+    tokens: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 1,
+    offload: torch.device | None = None,
+) -> list[LayerBatch]:
+    """Run the embedding part of the model and record what decoder layer 0 receives.
+
+    Only the non-layer modules (embeddings, rotary tables) visit ``device``; layer 0 is
+    interrupted before it computes anything.
+    """
+    offload = offload or torch.device("cpu")
+    layers = decoder_layers(model)
+    moved = _move_non_layer_modules(model, layers, device)
+    batches: list[LayerBatch] = []
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+        kwargs["use_cache"] = False
+        batches.append(LayerBatch(hidden.detach().to(offload), _to(kwargs, offload)))
+        raise _StopForward
+
+    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for start in range(0, tokens.shape[0], batch_size):
+            ids = tokens[start : start + batch_size].to(device)  # (B, T)
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+        for module, original in moved:
+            module.to(original)
+    return batches
+
+
+def _move_non_layer_modules(model: PreTrainedModel, layers: nn.ModuleList, device: torch.device) -> list:
+    """Move every top-level submodule of the base model except the layer stack to ``device``."""
+    base = getattr(model, "model", None) or getattr(model, "transformer", None)
+    moved = []
+    for child in base.children():
+        if child is layers:
+            continue
+        original = next((p.device for p in child.parameters()), None) or next(
+            (b.device for b in child.buffers()), device
+        )
+        if original != device:
+            moved.append((child, original))
+            child.to(device)
+    return moved
+
+
+class LayerStep:
+    """One decoder layer during a layer-wise pass, resident on the compute device."""
+
+    def __init__(self, index: int, layer: nn.Module, inputs: list[LayerBatch], device: torch.device):
+        self.index, self.layer, self.inputs, self.device = index, layer, inputs, device
+        self._outputs: list[torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def forward(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
+        """Run every calibration batch through the layer (hooks observe it)."""
+        outputs = []
+        for batch in self.inputs:
+            out = _layer_output(self.layer(batch.hidden.to(self.device), **_to(batch.kwargs, self.device)))
+            if not torch.isfinite(out).all():
+                raise PassError(f"layer {self.index}: NaN/Inf in activations")
+            if keep_outputs:
+                outputs.append(out.to(batch.hidden.device))
+        return outputs if keep_outputs else None
+
+    def set_outputs(self, outputs: list[torch.Tensor]) -> None:
+        """Use these as the next layer's inputs (the pass did not change this layer)."""
+        self._outputs = outputs
+
+    def next_inputs(self) -> list[LayerBatch]:
+        """Inputs of the next layer: given outputs, or a fresh forward of the modified layer."""
+        outputs = self._outputs if self._outputs is not None else self.forward(keep_outputs=True)
+        return [LayerBatch(out, batch.kwargs) for out, batch in zip(outputs, self.inputs, strict=True)]
+
+
+def layerwise(
+    model: PreTrainedModel,
+    tokens: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 1,
+    offload: torch.device | None = None,
+    layer_indices: list[int] | None = None,
+) -> Iterator[LayerStep]:
+    """Yield each decoder layer with its calibration inputs, one layer resident at a time.
+
+    Args:
+        model: the model (its layers may live on CPU; only one moves to ``device`` at a time).
+        tokens: calibration ids ``(N, T)``.
+        device: compute device.
+        batch_size: calibration batch size for the layer forwards.
+        offload: where activations wait between layers (default CPU).
+        layer_indices: stop after the last of these (all layers by default).
+    """
+    was_training = model.training
+    model.eval()
+    inputs = capture_layer_inputs(model, tokens, device, batch_size, offload)
+    layers = decoder_layers(model)
+    last = max(layer_indices) if layer_indices else len(layers) - 1
+    try:
+        for index, layer in enumerate(layers):
+            if index > last:
+                break
+            original = next(layer.parameters()).device
+            layer.to(device)
+            step = LayerStep(index, layer, inputs, device)
+            yield step
+            if index < last:
+                inputs = step.next_inputs()
+            layer.to(original)
+    finally:
+        model.train(was_training)

@@ -1,0 +1,191 @@
+"""Checkpoints: Hugging Face directories (safetensors only) + ``slmcompress.json`` metadata.
+
+Float and pruned checkpoints load with plain ``AutoModelForCausalLM.from_pretrained``.
+GPTQ checkpoints use the standard v1 "gptq" layout; slmcompress loads them into
+:class:`~slmcompress.quant.quant_linear.QuantLinear` modules itself, so no GPTQ backend
+package is needed to read them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from slmcompress.errors import CheckpointError
+from slmcompress.fsutil import atomic_dir
+from slmcompress.quant.quant_linear import QuantLinear
+from slmcompress.versions import versions
+
+log = logging.getLogger(__name__)
+
+METADATA_FILE = "slmcompress.json"
+
+
+def save_checkpoint(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    target: Path,
+    metadata: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
+    """Write model + tokenizer + metadata to ``target`` atomically (temp dir + rename)."""
+    with atomic_dir(Path(target)) as tmp:
+        write_checkpoint_into(model, tokenizer, tmp, metadata, extra_files)
+    return Path(target)
+
+
+def write_checkpoint_into(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    directory: Path,
+    metadata: dict[str, Any] | None = None,
+    extra_files: dict[str, str] | None = None,
+) -> None:
+    """Write the checkpoint files into an existing (temporary) directory."""
+    model.save_pretrained(directory, safe_serialization=True)
+    tokenizer.save_pretrained(directory)
+    qcfg = getattr(model.config, "quantization_config", None)
+    if isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq":
+        (directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+    meta = {"format_version": 1, "versions": versions(), **(metadata or {})}
+    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    for name, text in (extra_files or {}).items():
+        (directory / name).write_text(text)
+
+
+def safetensors_files(directory: Path) -> list[Path]:
+    """The weight files of a checkpoint (single file or sharded with an index)."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint: {index} is not a valid safetensors index") from exc
+        return [directory / name for name in sorted(set(weight_map.values()))]
+    single = directory / "model.safetensors"
+    if single.is_file():
+        return [single]
+    if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
+        raise CheckpointError(f"checkpoint: {directory} has only pickle weights; slmcompress loads safetensors only")
+    raise CheckpointError(f"checkpoint: {directory} has no model.safetensors")
+
+
+def validate_checkpoint(directory: Path) -> dict[str, Any]:
+    """Check config.json and every safetensors file (header + sizes); return the config dict."""
+    directory = Path(directory)
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise CheckpointError(f"checkpoint: {directory} has no config.json")
+    try:
+        config = json.loads(config_path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"checkpoint: {config_path} is not valid JSON") from exc
+    for path in safetensors_files(directory):
+        _check_safetensors(path)
+    return config
+
+
+def _check_safetensors(path: Path) -> None:
+    """Open a safetensors file and verify its data section is as long as its header says."""
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: weight shard {path} is missing")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            keys = list(handle.keys())
+            if keys:
+                handle.get_slice(keys[-1])
+        header_len = int.from_bytes(path.open("rb").read(8), "little")
+        header = json.loads(path.open("rb").read(8 + header_len)[8:])
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if path.stat().st_size < 8 + header_len + end:
+            raise ValueError("file is shorter than its header says (truncated)")
+    except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
+        raise CheckpointError(f"checkpoint: {path} is corrupt or truncated ({exc})") from exc
+
+
+def load_checkpoint(
+    directory: Path, dtype: torch.dtype = torch.float32
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a float or GPTQ checkpoint written by slmcompress (or any HF safetensors dir)."""
+    directory = Path(directory)
+    config = validate_checkpoint(directory)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(directory)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint: cannot load the tokenizer in {directory}: {exc}") from exc
+    qcfg = config.get("quantization_config") or {}
+    if qcfg.get("quant_method") == "gptq":
+        return load_gptq_checkpoint(directory, qcfg, dtype), tokenizer
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    except Exception as exc:  # noqa: BLE001
+        raise CheckpointError(f"checkpoint: cannot load {directory}: {str(exc).splitlines()[0]}") from exc
+    return model, tokenizer
+
+
+def load_gptq_checkpoint(directory: Path, qcfg: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
+    """Build the float skeleton, swap in QuantLinear where the checkpoint has ``qweight``, load."""
+    if qcfg.get("checkpoint_format", "gptq") != "gptq":
+        raise CheckpointError(f"checkpoint: {directory}: only checkpoint_format 'gptq' (v1) is supported")
+    config = AutoConfig.from_pretrained(directory)
+    config.quantization_config = None
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = _read_state(directory)
+    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
+    for prefix in sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight")):
+        replace_module(model, prefix, _quant_linear_for(model, prefix, state, bits, group_size))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint: {directory}: weights do not match the config "
+            f"(missing {missing[:3]}, unexpected {unexpected[:3]})"
+        )
+    model.tie_weights()
+    model.config.quantization_config = qcfg
+    return model.eval()
+
+
+def _read_state(directory: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for path in safetensors_files(directory):
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                state[key] = handle.get_tensor(key)
+    return state
+
+
+def _quant_linear_for(
+    model: nn.Module, prefix: str, state: dict[str, torch.Tensor], bits: int, group_size: int
+) -> QuantLinear:
+    linear = model.get_submodule(prefix)
+    if not isinstance(linear, nn.Linear):
+        raise CheckpointError(f"checkpoint: {prefix} has qweight but is not a Linear in the config")
+    return QuantLinear(linear.in_features, linear.out_features, bits, group_size, bias=f"{prefix}.bias" in state)
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def read_metadata(directory: Path) -> dict[str, Any]:
+    """The ``slmcompress.json`` of a checkpoint, or ``{}`` for a foreign checkpoint."""
+    path = Path(directory) / METADATA_FILE
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def bytes_on_disk(directory: Path) -> int:
+    """Total bytes of the weight files of a checkpoint."""
+    return sum(p.stat().st_size for p in safetensors_files(Path(directory)))

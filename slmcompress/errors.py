@@ -1,0 +1,31 @@
+"""User-facing errors: one line, naming the field or file at fault.
+
+The CLI catches :class:`SlmError` and prints ``error: <message>`` with exit code 2,
+so every bad input a user can make must surface as one of these, never a traceback.
+"""
+
+from __future__ import annotations
+
+
+class SlmError(Exception):
+    """Base class for errors caused by user input (recipes, paths, data, models)."""
+
+
+class RecipeError(SlmError):
+    """The recipe file or one of its fields is invalid."""
+
+
+class ModelSourceError(SlmError):
+    """A model source (alias, directory, .gguf, hub id) cannot be resolved or loaded."""
+
+
+class DataError(SlmError):
+    """A data spec points at missing, empty or too-small data."""
+
+
+class CheckpointError(SlmError):
+    """A checkpoint directory is missing files, truncated or inconsistent."""
+
+
+class PassError(SlmError):
+    """A pass cannot run with this model/config (e.g. a shape it cannot handle)."""

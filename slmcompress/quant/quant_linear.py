@@ -1,0 +1,106 @@
+"""``QuantLinear``: a Linear whose buffers are exactly the GPTQ v1 packed tensors.
+
+The checkpoint stays independent of the kernel: quantizing produces packed tensors,
+loading swaps this module in, and ``forward`` picks a backend (Triton kernel on CUDA when
+it supports the bit width, otherwise plain-torch dequantize + matmul).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmcompress.quant.packing import (
+    pack_multiple,
+    pack_qweight,
+    pack_qzeros,
+    unpack_qweight,
+    unpack_qzeros,
+)
+from slmcompress.quant.qparams import n_groups
+
+log = logging.getLogger(__name__)
+
+
+class QuantLinear(nn.Module):
+    """Linear layer stored as GPTQ ``qweight``/``qzeros``/``scales``/``g_idx`` buffers."""
+
+    def __init__(
+        self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False
+    ) -> None:
+        super().__init__()
+        for dim, name in ((in_features, "in_features"), (out_features, "out_features")):
+            if dim % pack_multiple(bits):
+                raise ValueError(f"{name}={dim} is not a multiple of {pack_multiple(bits)} for {bits}-bit packing")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size = bits, group_size
+        groups = n_groups(in_features, group_size)
+        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
+        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32))
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
+        self.backend = "torch"
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        scales: torch.Tensor,
+        zeros: torch.Tensor,
+        g_idx: torch.Tensor,
+        bits: int,
+        group_size: int,
+        bias: torch.Tensor | None = None,
+    ) -> QuantLinear:
+        """Build from integer codes ``(out, in)``, scales/zeros ``(G, out)`` and ``g_idx`` ``(in,)``."""
+        out_features, in_features = codes.shape
+        layer = cls(in_features, out_features, bits, group_size, bias=bias is not None)
+        layer.qweight.copy_(pack_qweight(codes, bits))
+        layer.qzeros.copy_(pack_qzeros(zeros, bits))
+        layer.scales.copy_(scales.to(torch.float16))
+        layer.g_idx.copy_(g_idx.to(torch.int32))
+        if bias is not None:
+            layer.bias.copy_(bias.to(torch.float16))
+        return layer.to(codes.device)
+
+    def codes(self) -> torch.Tensor:
+        """Unpacked integer codes ``(out, in)``."""
+        return unpack_qweight(self.qweight, self.bits, self.in_features)
+
+    def zeros(self) -> torch.Tensor:
+        """Unpacked zero points ``(G, out)``."""
+        return unpack_qzeros(self.qzeros, self.bits, self.out_features)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Float weight ``(out, in)``: ``scales[g_idx[i], o] * (q[i, o] - zeros[g_idx[i], o])``."""
+        g = self.g_idx.long()
+        q = unpack_rows_fast(self.qweight, self.bits, self.in_features)  # (in, out)
+        z = unpack_qzeros(self.qzeros, self.bits, self.out_features)  # (G, out)
+        w = self.scales.float()[g] * (q.float() - z.float()[g])  # (in, out)
+        return w.T.to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_cuda and self.backend != "torch":
+            from slmcompress.kernels import dispatch
+
+            out = dispatch.quant_matmul(x, self)
+        else:
+            out = F.linear(x, self.dequantize(x.dtype))
+        if self.bias is not None:
+            out = out + self.bias.to(out.dtype)
+        return out
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bits={self.bits}, group_size={self.group_size}, backend={self.backend}")
+
+
+def unpack_rows_fast(qweight: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
+    """``qweight`` -> codes ``(in, out)`` (no transpose; the hot path of the torch backend)."""
+    from slmcompress.quant.packing import unpack_rows
+
+    return unpack_rows(qweight, bits, rows)
