@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 from functools import lru_cache
-from importlib import resources
 from pathlib import Path
 
 import torch
@@ -71,7 +70,7 @@ class DataConfig(BaseModel):
 
 def data_file(relative: str) -> Path:
     """Path of a shipped data file."""
-    return Path(str(resources.files("slmcompress") / "data_files" / relative))
+    return Path(__file__).parent / "data_files" / relative
 
 
 def resolved_split(spec: DataSpec) -> str | None:

@@ -1,0 +1,3 @@
+"""Built-in passes; importing this package registers them (see slmcompress.registry)."""
+
+from slmcompress.passes import eval, quantize_rtn  # noqa: F401

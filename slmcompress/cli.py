@@ -1,0 +1,215 @@
+"""``slmcompress`` command line: thin typer commands over the library API.
+
+Every command turns an :class:`~slmcompress.errors.SlmError` into one line on stderr and
+exit code 2, so users and MLOps jobs never see a traceback for bad input.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from slmcompress.errors import SlmError
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Shrink a large language model into a small deployable one.")
+recipe_app = typer.Typer(no_args_is_help=True, help="Validate and inspect recipes.")
+app.add_typer(recipe_app, name="recipe")
+
+console = Console()
+err_console = Console(stderr=True)
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def cli_errors(func: F) -> F:
+    """Report user errors as one line + exit 2; Ctrl-C as exit 130."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except SlmError as exc:
+            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+        except KeyboardInterrupt:
+            err_console.print("[bold red]interrupted[/]: completed stages are kept; rerun to resume")
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def emit_json(data: Any) -> None:
+    """Machine-readable output on stdout (no rich markup)."""
+    sys.stdout.write(json.dumps(data, indent=2, default=str) + "\n")
+
+
+@app.callback()
+def main_callback(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Warnings and errors only.")] = False,
+) -> None:
+    """Configure logging once for every command."""
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=err_console, show_path=False)], force=True)
+    for noisy in ("httpx", "urllib3", "datasets", "lm_eval", "transformers", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+# ------------------------------------------------------------------------ run
+@app.command()
+@cli_errors
+def run(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    output_dir: Annotated[Path | None, typer.Option(help="Override the recipe's output_dir.")] = None,
+    force: Annotated[bool, typer.Option(help="Rerun every stage (and replace another recipe's run).")] = False,
+    from_stage: Annotated[int | None, typer.Option(help="Rerun from this stage number (1-based).")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: stages.0.bits=3")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+) -> None:
+    """Run a recipe: every stage writes a checkpoint and an eval report; reruns resume."""
+    from slmcompress.recipe import load_recipe
+    from slmcompress.runner import run_recipe
+
+    resolved = load_recipe(recipe, set_ or [])
+    result = run_recipe(resolved, output_dir=output_dir, force=force, from_stage=from_stage)
+    if as_json:
+        emit_json({"output_dir": result.output_dir, "wall_s": result.wall_s, "summary": result.summary_path,
+                   "stages": [{"name": s.name, "dir": s.directory, "status": s.status,
+                               "metrics": (s.report or {}).get("metrics")} for s in result.stages]})
+        return
+    sys.stdout.write(result.summary_path.read_text() + "\n")
+    for stage in result.stages:
+        sys.stdout.write(f"  {stage.status:8s} {stage.directory}/  (report.md, report.json)\n")
+    sys.stdout.write(f"run finished in {result.wall_s:.0f} s; summary: {result.summary_path}\n")
+
+
+# ------------------------------------------------------------------------ eval
+@app.command("eval")
+@cli_errors
+def eval_cmd(
+    model: Annotated[str, typer.Argument(help="Built-in alias, checkpoint dir, .gguf or hub id.")],
+    tasks: Annotated[str, typer.Option(help="Comma-separated tasks ('' for none).")] = "hellaswag",
+    limit: Annotated[int, typer.Option(help="Items per task.")] = 200,
+    ppl_tokens: Annotated[int, typer.Option(help="WikiText-2 test tokens for perplexity.")] = 8192,
+    seq_len: Annotated[int, typer.Option(help="Perplexity window length.")] = 512,
+    speed: Annotated[bool, typer.Option(help="Measure generation tokens/s.")] = True,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Evaluate any model: perplexity, task accuracy, size and speed."""
+    from slmcompress.data import EvalSpec
+    from slmcompress.eval.report import evaluate, model_summary
+    from slmcompress.models import load_model
+    from slmcompress.recipe import EvalOptions
+
+    options = EvalOptions(tasks=[t for t in tasks.split(",") if t], limit=limit, speed=speed)
+    loaded = load_model(model, dtype=dtype, device=device)
+    metrics, timings = evaluate(loaded.model, loaded.tokenizer, EvalSpec(max_tokens=ppl_tokens, seq_len=seq_len),
+                                options)
+    summary = model_summary(loaded.model, loaded.local_dir)
+    if as_json:
+        emit_json({"model": model, "summary": summary, "metrics": metrics, "timings": timings})
+        return
+    table = Table(title=f"eval: {model}")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key, value in {**metrics, "params": summary["params"], "bytes_on_disk": summary["bytes_on_disk"]}.items():
+        table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    console.print(table)
+
+
+# ------------------------------------------------------------------------ inspect
+@app.command()
+@cli_errors
+def inspect(
+    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint directory (a stage dir of a run).")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Architecture, sizes, parameters, quantization and report summary of a checkpoint."""
+    from slmcompress.inspect import inspect_checkpoint
+
+    info = inspect_checkpoint(checkpoint)
+    if as_json:
+        emit_json(info)
+        return
+    table = Table(title=str(checkpoint), show_header=False)
+    for key, value in info["summary"].items():
+        table.add_row(key, str(value))
+    console.print(table)
+    if info.get("layers"):
+        layers = Table(title="quantized layers")
+        for col in ("layer", "bits", "group_size", "backend"):
+            layers.add_column(col)
+        for row in info["layers"][:12]:
+            layers.add_row(row["name"], str(row["bits"]), str(row["group_size"]), row["backend"])
+        if len(info["layers"]) > 12:
+            layers.add_row(f"... {len(info['layers']) - 12} more", "", "", "")
+        console.print(layers)
+
+
+# ------------------------------------------------------------------------ recipe / models
+@recipe_app.command("validate")
+@cli_errors
+def recipe_validate(
+    file: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: stages.0.bits=3")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the resolved recipe as JSON.")] = False,
+) -> None:
+    """Validate a recipe without loading any weights."""
+    from slmcompress.recipe import load_recipe
+
+    resolved = load_recipe(file, set_ or [])
+    if as_json:
+        emit_json({"recipe": resolved.recipe.model_dump(),
+                   "stages": [{"dir": s.dirname, "config": s.config.model_dump()} for s in resolved.stages]})
+        return
+    console.print(f"[green]ok[/]: {file} ({len(resolved.stages)} stages → {resolved.output_dir})")
+    for stage, stage_hash in zip(resolved.stages, resolved.stage_hashes(), strict=True):
+        console.print(f"  {stage.dirname:24s} {stage.pass_cls.__name__:16s} {stage_hash}")
+
+
+@recipe_app.command("passes")
+def recipe_passes() -> None:
+    """List the registered pass types and their methods."""
+    from slmcompress.registry import methods_of, pass_types
+
+    for type_ in pass_types():
+        methods = methods_of(type_)
+        console.print(f"{type_}" + (f": {', '.join(methods)}" if methods else ""))
+
+
+@app.command()
+def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the built-in models (they load with no model hub)."""
+    from slmcompress.models import BUILTIN_MODELS
+
+    if as_json:
+        emit_json({k: v.description for k, v in BUILTIN_MODELS.items()})
+        return
+    for alias, entry in BUILTIN_MODELS.items():
+        console.print(f"[bold]{alias}[/]: {entry.description}")
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""Stage reports: the fixed ``report.json`` schema and its Markdown renderings.
+
+The same evaluator measures every stage, so numbers are comparable across the summary.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from slmcompress.checkpoint import bytes_on_disk
+from slmcompress.data import EvalSpec, eval_tokens
+from slmcompress.quant.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+REPORT_SCHEMA_VERSION = 1
+METRIC_LABELS = {
+    "wikitext2_ppl": "WikiText-2 ppl",
+    "hellaswag_acc": "HellaSwag acc",
+    "hellaswag_acc_norm": "HellaSwag acc_norm",
+    "tokens_per_s": "gen tokens/s",
+}
+LOWER_IS_BETTER = {"wikitext2_ppl"}
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """Logical parameter count (a QuantLinear counts its in*out weights) and the non-embedding part."""
+    total = sum(p.numel() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            total += module.in_features * module.out_features
+    embedding = sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Embedding))
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    tied = bool(getattr(getattr(model, "config", None), "tie_word_embeddings", False))
+    if head is not None and not tied and isinstance(head, nn.Linear):
+        embedding += head.weight.numel()
+    return total, total - embedding
+
+
+def model_summary(model: PreTrainedModel, checkpoint_dir: Path | None) -> dict[str, Any]:
+    """Architecture, parameter counts and checkpoint size."""
+    cfg = model.config
+    params, non_embedding = count_params(model)
+    qcfg = getattr(cfg, "quantization_config", None)
+    quant = None
+    if isinstance(qcfg, dict):
+        quant = {k: qcfg.get(k) for k in ("quant_method", "bits", "group_size", "sym", "desc_act")}
+        quant["method"] = (qcfg.get("meta") or {}).get("method", qcfg.get("quant_method"))
+        quant["quantized_linears"] = sum(isinstance(m, QuantLinear) for m in model.modules())
+    arch = {
+        "model_type": cfg.model_type,
+        "num_layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "intermediate_size": getattr(cfg, "intermediate_size", None),
+        "num_attention_heads": getattr(cfg, "num_attention_heads", None),
+        "num_key_value_heads": getattr(cfg, "num_key_value_heads", None),
+        "head_dim": getattr(cfg, "head_dim", None),
+        "vocab_size": getattr(cfg, "vocab_size", None),
+        "quantization": quant,
+    }
+    size = bytes_on_disk(checkpoint_dir) if checkpoint_dir else None
+    return {"params": params, "non_embedding_params": non_embedding, "bytes_on_disk": size, "arch": arch}
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    eval_spec: EvalSpec,
+    options: Any,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """Measure perplexity, task accuracy and generation speed as the recipe's ``eval`` asks.
+
+    Returns:
+        ``(metrics, timings)``; metrics absent from the options are ``None``.
+    """
+    from slmcompress.eval.perplexity import perplexity
+
+    metrics: dict[str, Any] = dict.fromkeys(METRIC_LABELS)
+    timings: dict[str, float] = {}
+    if options.ppl:
+        start = time.perf_counter()
+        tokens = eval_tokens(tokenizer, eval_spec)
+        result = perplexity(model, tokens, eval_spec.seq_len, show_progress=True)
+        metrics["wikitext2_ppl"] = result.ppl
+        metrics["eval_tokens"] = result.n_tokens
+        metrics["eval_seq_len"] = result.seq_len
+        timings["ppl_s"] = time.perf_counter() - start
+    if options.tasks:
+        from slmcompress.eval.tasks import run_tasks
+
+        start = time.perf_counter()
+        results = run_tasks(model, tokenizer, options.tasks, limit=options.limit, batch_size=options.batch_size)
+        for task, values in results.items():
+            for key, value in values.items():
+                metrics[f"{task}_{key}"] = value
+        timings["tasks_s"] = time.perf_counter() - start
+    if options.speed:
+        from slmcompress.eval.speed import generation_speed
+
+        start = time.perf_counter()
+        speed = generation_speed(model, tokenizer, new_tokens=options.speed_tokens)
+        metrics["tokens_per_s"] = speed["tokens_per_s"]
+        timings["speed_s"] = time.perf_counter() - start
+    return metrics, timings
+
+
+def deltas(metrics: dict[str, Any], reference: dict[str, Any] | None) -> dict[str, float] | None:
+    """Per-metric differences ``metrics - reference`` for the headline metrics."""
+    if not reference:
+        return None
+    out = {}
+    for key in METRIC_LABELS:
+        a, b = metrics.get(key), reference.get(key)
+        if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+            out[key] = a - b
+    return out
+
+
+def build_report(
+    stage: str, pass_name: str, config: dict[str, Any], model: dict[str, Any], metrics: dict[str, Any],
+    input_metrics: dict[str, Any] | None, original_metrics: dict[str, Any] | None,
+    timings: dict[str, float], warnings: list[str], extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Assemble ``report.json`` (fixed schema; see DESIGN.md section 3)."""
+    return {
+        "schema_version": REPORT_SCHEMA_VERSION,
+        "stage": stage,
+        "pass": pass_name,
+        "config": config,
+        "model": model,
+        "metrics": metrics,
+        "deltas": {"vs_input": deltas(metrics, input_metrics), "vs_original": deltas(metrics, original_metrics)},
+        "timings": timings,
+        "warnings": warnings,
+        "extra": extra or {},
+    }
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "—"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def _fmt_delta(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.4g}"
+
+
+def render_report_md(report: dict[str, Any]) -> str:
+    """Human-readable rendering of one stage report."""
+    m, model = report["metrics"], report["model"]
+    vs_in = report["deltas"]["vs_input"] or {}
+    vs_orig = report["deltas"]["vs_original"] or {}
+    lines = [f"# Stage `{report['stage']}` ({report['pass']})", "", "| metric | value | Δ vs input | Δ vs original |",
+             "|---|---:|---:|---:|"]
+    for key, label in METRIC_LABELS.items():
+        lines.append(f"| {label} | {_fmt(m.get(key))} | {_fmt_delta(vs_in.get(key))} | {_fmt_delta(vs_orig.get(key))} |")
+    arch = model["arch"]
+    lines += ["", "| model | value |", "|---|---:|",
+              f"| params | {_fmt(model['params'])} |",
+              f"| non-embedding params | {_fmt(model['non_embedding_params'])} |",
+              f"| bytes on disk | {_fmt(model['bytes_on_disk'])} |"]
+    for key in ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        lines.append(f"| {key} | {_fmt(arch.get(key))} |")
+    if arch.get("quantization"):
+        q = arch["quantization"]
+        lines.append(f"| quantization | {q['method']} {q['bits']}-bit g{q['group_size']} ({q['quantized_linears']} linears) |")
+    if m.get("eval_tokens"):
+        lines += ["", f"Perplexity on {m['eval_tokens']:,} tokens in {m['eval_seq_len']}-token windows."]
+    lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items())]
+    if report["warnings"]:
+        lines += ["", "## Warnings", *[f"- {w}" for w in report["warnings"]]]
+    return "\n".join(lines) + "\n"
+
+
+def render_summary_md(recipe_name: str, rows: list[dict[str, Any]]) -> str:
+    """One table: the input model and every stage side by side."""
+    header = "| stage | pass | params | non-emb params | MB on disk | " + " | ".join(METRIC_LABELS.values()) + " |"
+    lines = [f"# Run summary: {recipe_name}", "", header, "|" + "---|" * (5 + len(METRIC_LABELS))]
+    for row in rows:
+        model = row["model"]
+        size = model.get("bytes_on_disk")
+        cells = [row["stage"], row["pass"], _fmt(model["params"]), _fmt(model["non_embedding_params"]),
+                 "—" if size is None else f"{size / 1e6:.1f}"]
+        cells += [_fmt(row["metrics"].get(k)) for k in METRIC_LABELS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,77 @@
+"""Describe a checkpoint without loading its weights into a model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+
+from slmcompress.checkpoint import (
+    bytes_on_disk,
+    read_metadata,
+    safetensors_files,
+    validate_checkpoint,
+)
+
+
+def inspect_checkpoint(directory: Path) -> dict[str, Any]:
+    """Architecture, parameter count, size, quantization, per-layer backend and report summary."""
+    directory = Path(directory)
+    config = validate_checkpoint(directory)
+    qcfg = config.get("quantization_config") or {}
+    params, layers = _scan_tensors(directory, qcfg)
+    summary: dict[str, Any] = {
+        "model_type": config.get("model_type"),
+        "layers": config.get("num_hidden_layers"),
+        "hidden_size": config.get("hidden_size"),
+        "intermediate_size": config.get("intermediate_size"),
+        "heads": f"{config.get('num_attention_heads')} (kv {config.get('num_key_value_heads')})",
+        "vocab_size": config.get("vocab_size"),
+        "params": params,
+        "bytes_on_disk": bytes_on_disk(directory),
+        "quantization": _describe_quant(qcfg),
+    }
+    meta = read_metadata(directory)
+    if meta:
+        summary["stage"] = meta.get("stage")
+        summary["parent"] = meta.get("parent")
+    report_path = directory / "report.json"
+    if report_path.is_file():
+        metrics = json.loads(report_path.read_text()).get("metrics", {})
+        for key in ("wikitext2_ppl", "hellaswag_acc_norm", "tokens_per_s"):
+            if metrics.get(key) is not None:
+                summary[key] = round(metrics[key], 4)
+    return {"summary": summary, "layers": layers, "config": config}
+
+
+def _describe_quant(qcfg: dict[str, Any]) -> str:
+    if not qcfg:
+        return "none (float)"
+    method = (qcfg.get("meta") or {}).get("method", qcfg.get("quant_method"))
+    group = qcfg.get("group_size")
+    return (f"{method} {qcfg.get('bits')}-bit, group {group}, sym={qcfg.get('sym')}, "
+            f"act_order={qcfg.get('desc_act')} ({qcfg.get('checkpoint_format', 'gptq')} format)")
+
+
+def _scan_tensors(directory: Path, qcfg: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
+    """Logical parameter count (packed weights counted as in*out) and the quantized layers."""
+    from slmcompress.kernels_info import backend_for_bits
+
+    bits = qcfg.get("bits")
+    params, layers = 0, []
+    for path in safetensors_files(directory):
+        with safe_open(path, framework="pt") as handle:
+            for key in handle.keys():
+                shape = handle.get_slice(key).get_shape()
+                if key.endswith(".qweight"):
+                    params += shape[0] * 32 // bits * shape[1]
+                    layers.append({"name": key[: -len(".qweight")], "bits": bits, "group_size": qcfg.get("group_size"),
+                                   "backend": backend_for_bits(bits)})
+                elif not key.endswith((".qzeros", ".scales", ".g_idx")):
+                    count = 1
+                    for dim in shape:
+                        count *= dim
+                    params += count
+    return params, layers

@@ -1,0 +1,68 @@
+"""Round-to-nearest weight quantization: the baseline every smarter quantizer must beat.
+
+Writes the same packed GPTQ v1 checkpoint as the GPTQ pass, so RTN and GPTQ results load
+and serve through the same code and differ only in the chosen integer codes.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from transformers import PreTrainedModel
+
+from slmcompress.passes.base import Context, Pass, PassConfig
+from slmcompress.progress import progress_bar
+from slmcompress.quant.convert import (
+    gptq_quantization_config,
+    install_quant_linear,
+    quantizable_linears,
+)
+from slmcompress.quant.qparams import rtn_quantize_weight
+from slmcompress.registry import register_pass
+
+
+def check_group_size(value: int) -> int:
+    """-1 means one group per output row (per-channel); otherwise a positive size."""
+    if value == 0 or value < -1:
+        raise ValueError("must be -1 (per-channel) or a positive group size")
+    return value
+
+
+class RTNConfig(PassConfig):
+    """``type: quantize, method: rtn``."""
+
+    method: Literal["rtn"] = "rtn"
+    bits: Literal[2, 3, 4, 8] = 4
+    group_size: int = 128
+    sym: bool = False
+    ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
+
+    _check_group = field_validator("group_size")(classmethod(lambda cls, v: check_group_size(v)))
+
+
+@register_pass("quantize", "rtn")
+class RTNPass(Pass):
+    """Quantize every eligible Linear independently with round-to-nearest codes."""
+
+    Config = RTNConfig
+
+    @torch.no_grad()
+    def run(self, model: PreTrainedModel, ctx: Context) -> PreTrainedModel:
+        cfg: RTNConfig = self.config
+        targets, skipped = quantizable_linears(model, cfg.ignore, cfg.bits)
+        for message in skipped:
+            ctx.warn(message)
+        with progress_bar(f"rtn w{cfg.bits}", total=len(targets)) as advance:
+            for name, linear in targets.items():
+                codes, scales, zeros, g_idx = rtn_quantize_weight(
+                    linear.weight.detach().cpu(), cfg.bits, cfg.group_size, cfg.sym
+                )
+                install_quant_linear(model, name, codes, scales, zeros, g_idx, cfg.bits, cfg.group_size)
+                advance(info=name)
+        model.config.quantization_config = gptq_quantization_config(
+            cfg.bits, cfg.group_size, cfg.sym, desc_act=False, damp_percent=0.0, method="rtn"
+        )
+        ctx.extra_metrics["quantized_linears"] = len(targets)
+        return model

@@ -1,0 +1,253 @@
+"""YAML recipes: strict pydantic schema, ``--set`` overrides, whole-recipe validation up front.
+
+Everything a recipe can get wrong is reported before any weight loads, as one line that
+names the field path (``stages[1].bits: ...``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from slmcompress.data import DataConfig, check_disjoint, check_spec
+from slmcompress.errors import ModelSourceError, RecipeError
+from slmcompress.models import check_model_source, resolve_dtype
+from slmcompress.passes.base import Pass, PassConfig
+from slmcompress.registry import get_pass
+
+
+class EvalOptions(BaseModel):
+    """The recipe's ``eval:`` section: what every stage report measures."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ppl: bool = True
+    tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    speed: bool = True
+    speed_tokens: int = Field(32, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        known = {"hellaswag"}
+        for task in tasks:
+            if task not in known:
+                raise ValueError(f"unknown task {task!r}; valid: {', '.join(sorted(known))}")
+        return tasks
+
+
+class Recipe(BaseModel):
+    """Top level of a recipe file."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str = Field(min_length=1)
+    model: str = Field(min_length=1)
+    teacher: str | None = None
+    data: DataConfig = DataConfig()
+    output_dir: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    stages: list[dict[str, Any]] = Field(min_length=1)
+    eval: EvalOptions = EvalOptions()
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, name: str) -> str:
+        if "/" in name or name.startswith("."):
+            raise ValueError("must not contain '/' or start with '.'")
+        return name
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        if device not in ("auto", "cpu") and not device.startswith("cuda"):
+            raise ValueError("must be auto, cpu, cuda or cuda:N")
+        return device
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One resolved stage: its index, directory name, pass class and validated config."""
+
+    index: int
+    name: str
+    pass_cls: type[Pass]
+    config: PassConfig
+
+    @property
+    def dirname(self) -> str:
+        return f"{self.index + 1:02d}-{self.name}"
+
+
+@dataclass(frozen=True)
+class ResolvedRecipe:
+    """A validated recipe, ready to run."""
+
+    recipe: Recipe
+    stages: list[Stage]
+    source_path: Path | None
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.recipe.output_dir or Path("runs") / self.recipe.name)
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two runs "the same recipe" for refusing to mix them in one output_dir."""
+        return {"name": self.recipe.name, "model": self.recipe.model}
+
+    def stage_hashes(self) -> list[str]:
+        """Chained config hashes: a stage's hash covers every earlier stage and the inputs."""
+        base = {
+            "model": self.recipe.model, "teacher": self.recipe.teacher, "seed": self.recipe.seed,
+            "dtype": self.recipe.dtype, "data": self.recipe.data.model_dump(),
+        }
+        previous = _hash(base)
+        hashes = []
+        for stage in self.stages:
+            previous = _hash({"previous": previous, "name": stage.name, "config": stage.config.model_dump()})
+            hashes.append(previous)
+        return hashes
+
+    def eval_hash(self) -> str:
+        """Hash of what the reports measure (a change re-evaluates without re-running passes)."""
+        return _hash({"eval": self.recipe.eval.model_dump(), "data": self.recipe.data.eval.model_dump()})
+
+
+def _hash(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
+    """First pydantic error as ``path.to.field: message``."""
+    err = exc.errors()[0]
+    path = prefix
+    for part in err["loc"]:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    kind, ctx = err["type"], err.get("ctx") or {}
+    if kind == "extra_forbidden":
+        message = "unknown key"
+    elif kind == "literal_error":
+        message = f"must be one of {ctx.get('expected', '').replace(' or ', ', ')}"
+    else:
+        message = err["msg"].removeprefix("Value error, ")
+    return f"{path or 'recipe'}: {message}"
+
+
+def read_recipe_file(path: Path) -> dict[str, Any]:
+    """Read a YAML file with ``yaml.safe_load``; every failure is a one-line RecipeError."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"recipe file {path}: invalid YAML{where}: {problem}") from exc
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe file {path}: not UTF-8 text") from exc
+    if not isinstance(data, dict):
+        raise RecipeError(f"recipe file {path}: top level must be a mapping of keys")
+    return data
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply ``key.path=value`` overrides (``stages.2.bits=3``); values parse as YAML scalars."""
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"--set {item!r}: expected key.path=value")
+        path, raw = item.split("=", 1)
+        value = yaml.safe_load(raw)
+        node: Any = data
+        parts = path.split(".")
+        for part in parts[:-1]:
+            node = _child(node, part, path, create=True)
+        last = parts[-1]
+        if isinstance(node, list):
+            node[_index(node, last, path)] = value
+        else:
+            node[last] = value
+    return data
+
+
+def _index(node: list, part: str, path: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise RecipeError(f"--set {path}: {part!r} is not a valid index (list has {len(node)} items)")
+    return int(part)
+
+
+def _child(node: Any, part: str, path: str, create: bool) -> Any:
+    if isinstance(node, list):
+        return node[_index(node, part, path)]
+    if not isinstance(node, dict):
+        raise RecipeError(f"--set {path}: cannot descend into {part!r}")
+    if part not in node and create:
+        node[part] = {}
+    return node[part]
+
+
+def parse_recipe(data: dict[str, Any], source_path: Path | None = None) -> ResolvedRecipe:
+    """Validate a recipe mapping: top level, every stage, and cross-stage rules."""
+    try:
+        recipe = Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc)) from exc
+    stages = [_parse_stage(i, raw) for i, raw in enumerate(recipe.stages)]
+    resolved = ResolvedRecipe(recipe=recipe, stages=stages, source_path=source_path)
+    _validate_cross_stage(resolved)
+    return resolved
+
+
+def _parse_stage(index: int, raw: Any) -> Stage:
+    where = f"stages[{index}]"
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{where}: must be a mapping with a 'type' key")
+    if "type" not in raw:
+        raise RecipeError(f"{where}.type: missing (valid types are listed by `slmcompress recipe passes`)")
+    pass_cls = get_pass(str(raw["type"]), raw.get("method"), where)
+    try:
+        config = pass_cls.Config.model_validate(raw)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, prefix=where)) from exc
+    default = raw["type"] if "method" not in raw else f"{raw['type']}-{raw['method']}"
+    name = config.name or default
+    return Stage(index=index, name=name, pass_cls=pass_cls, config=config)
+
+
+def _validate_cross_stage(resolved: ResolvedRecipe) -> None:
+    recipe = resolved.recipe
+    names = [s.name for s in resolved.stages]
+    for i, name in enumerate(names):
+        if names.index(name) != i:
+            raise RecipeError(f"stages[{i}].name: {name!r} is used by an earlier stage; names must be unique")
+        if "/" in name or name.startswith("."):
+            raise RecipeError(f"stages[{i}].name: must not contain '/' or start with '.'")
+    resolve_dtype(recipe.dtype)
+    check_model_source(recipe.model)
+    if recipe.teacher:
+        try:
+            check_model_source(recipe.teacher)
+        except ModelSourceError as exc:
+            raise ModelSourceError("teacher" + str(exc).removeprefix("model")) from exc
+    check_spec(recipe.data.calibration, "data.calibration")
+    check_spec(recipe.data.eval, "data.eval")
+    check_disjoint(recipe.data.calibration, recipe.data.eval)
+    for stage in resolved.stages:
+        stage.config.validate_against(recipe, stage.index)
+
+
+def load_recipe(path: Path, overrides: list[str] | None = None) -> ResolvedRecipe:
+    """Read, override and validate a recipe file."""
+    data = apply_overrides(read_recipe_file(Path(path)), overrides or [])
+    return parse_recipe(data, source_path=Path(path))

@@ -1,0 +1,335 @@
+"""The recipe runner: stages in order, a complete artifact per stage, resumable.
+
+Layout of ``output_dir``::
+
+    run.json            manifest: identity, per-stage status/hash/timings, versions
+    summary.md          every stage side by side with the input model
+    00-input/           report of the recipe's original model (no checkpoint)
+    01-<name>/          checkpoint (HF dir) + slmcompress.json + report.json + report.md
+    .work/01-<name>/    pass scratch space that survives a crash (e.g. training checkpoints)
+
+A stage directory only appears (by rename from a temp dir) once its checkpoint *and* report
+are written, so "exists with a matching hash" means "complete". Resume = skip those.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from slmcompress.checkpoint import load_checkpoint, read_metadata, write_checkpoint_into
+from slmcompress.errors import RecipeError, SlmError
+from slmcompress.eval.report import (
+    build_report,
+    evaluate,
+    model_summary,
+    render_report_md,
+    render_summary_md,
+)
+from slmcompress.fsutil import atomic_dir, atomic_write_json, atomic_write_text, clean_stale_tmp
+from slmcompress.models import load_model, resolve_device, resolve_dtype
+from slmcompress.passes.base import Context
+from slmcompress.recipe import ResolvedRecipe, Stage
+from slmcompress.versions import versions
+
+log = logging.getLogger(__name__)
+
+INPUT_DIR = "00-input"
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch so passes are reproducible."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+@dataclass
+class StageOutcome:
+    """What happened to one stage in this invocation."""
+
+    name: str
+    directory: Path
+    status: str  # "ran" | "skipped" | "failed"
+    wall_s: float = 0.0
+    report: dict[str, Any] | None = None
+
+
+@dataclass
+class RunResult:
+    """Outcome of :meth:`Runner.run`."""
+
+    output_dir: Path
+    stages: list[StageOutcome] = field(default_factory=list)
+    wall_s: float = 0.0
+
+    @property
+    def summary_path(self) -> Path:
+        return self.output_dir / "summary.md"
+
+
+class Runner:
+    """Runs a resolved recipe; see the module docstring for the on-disk contract."""
+
+    def __init__(
+        self, resolved: ResolvedRecipe, output_dir: Path | None = None, force: bool = False,
+        from_stage: int | None = None,
+    ) -> None:
+        self.resolved = resolved
+        self.recipe = resolved.recipe
+        self.out = Path(output_dir) if output_dir else resolved.output_dir
+        self.force = force
+        self.from_stage = from_stage
+        self.device = resolve_device(self.recipe.device)
+        self.dtype = resolve_dtype(self.recipe.dtype, self.device)
+        self.hashes = resolved.stage_hashes()
+        self._model: PreTrainedModel | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._model_dir: Path | None = None  # checkpoint the next stage starts from (None = original)
+
+    # ---------------------------------------------------------------- public
+    def run(self) -> RunResult:
+        """Run (or resume) every stage; raise SlmError on the first failure."""
+        if self.from_stage is not None and not 1 <= self.from_stage <= len(self.resolved.stages):
+            raise RecipeError(f"--from-stage: must be between 1 and {len(self.resolved.stages)}")
+        start = time.perf_counter()
+        self._prepare_output_dir()
+        manifest = self._new_manifest()
+        result = RunResult(output_dir=self.out)
+        original = self._input_report()
+        previous = original
+        for stage, stage_hash in zip(self.resolved.stages, self.hashes, strict=True):
+            outcome = self._run_or_skip(stage, stage_hash, previous, original, manifest)
+            result.stages.append(outcome)
+            previous = outcome.report["metrics"] if outcome.report else previous
+        manifest["status"] = "complete"
+        atomic_write_json(self.out / "run.json", manifest)
+        self._write_summary()
+        result.wall_s = time.perf_counter() - start
+        return result
+
+    # ---------------------------------------------------------------- output dir
+    def _prepare_output_dir(self) -> None:
+        manifest_path = self.out / "run.json"
+        if self.out.exists() and any(self.out.iterdir()):
+            if not manifest_path.is_file():
+                if not self.force:
+                    raise RecipeError(f"output_dir: {self.out} exists and is not an slmcompress run (use --force)")
+            else:
+                old = json.loads(manifest_path.read_text())
+                if old.get("recipe") != self.resolved.identity() and not self.force:
+                    raise RecipeError(
+                        f"output_dir: {self.out} holds a run of a different recipe "
+                        f"({old.get('recipe', {}).get('name')!r}); use --force or another output_dir"
+                    )
+        self.out.mkdir(parents=True, exist_ok=True)
+        clean_stale_tmp(self.out)
+        if self.force:
+            for entry in self.out.iterdir():
+                if entry.is_dir() and entry.name[:2].isdigit() and entry.name != INPUT_DIR:
+                    shutil.rmtree(entry)
+
+    def _new_manifest(self) -> dict[str, Any]:
+        manifest = {
+            "recipe": self.resolved.identity(),
+            "recipe_file": str(self.resolved.source_path) if self.resolved.source_path else None,
+            "resolved_recipe": self.recipe.model_dump(),
+            "versions": versions(),
+            "status": "running",
+            "stages": [
+                {"index": s.index + 1, "name": s.name, "dir": s.dirname, "hash": h, "status": "pending"}
+                for s, h in zip(self.resolved.stages, self.hashes, strict=True)
+            ],
+        }
+        atomic_write_json(self.out / "run.json", manifest)
+        return manifest
+
+    # ---------------------------------------------------------------- models
+    def _ensure_model(self) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """Load the current model lazily: skipped stages never load weights."""
+        if self._model is None:
+            if self._model_dir is None:
+                loaded = load_model(self.recipe.model, dtype=self.recipe.dtype, device=str(self.device))
+                self._model, self._tokenizer = loaded.model, loaded.tokenizer
+            else:
+                self._model, self._tokenizer = load_checkpoint(self._model_dir, dtype=self.dtype)
+                self._model.to(self.device).eval()
+        return self._model, self._tokenizer
+
+    # ---------------------------------------------------------------- input report
+    def _input_report(self) -> dict[str, Any]:
+        """Evaluate the recipe's original model once (cached in 00-input/)."""
+        directory = self.out / INPUT_DIR
+        key = {"model": self.recipe.model, "dtype": self.recipe.dtype, "eval": self.resolved.eval_hash()}
+        report_path = directory / "report.json"
+        if report_path.is_file() and read_metadata(directory).get("input_key") == key:
+            return json.loads(report_path.read_text())["metrics"]
+        model, tokenizer = self._ensure_model()
+        log.info("evaluating the input model %s", self.recipe.model)
+        metrics, timings = evaluate(model, tokenizer, self.recipe.data.eval, self.recipe.eval)
+        summary = model_summary(model, self._source_dir())
+        report = build_report("input", "input", {"model": self.recipe.model}, summary, metrics, None, None, timings, [])
+        with atomic_dir(directory) as tmp:
+            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+            (tmp / "report.md").write_text(render_report_md(report))
+            (tmp / "slmcompress.json").write_text(json.dumps({"input_key": key, "versions": versions()}, indent=2))
+        return metrics
+
+    def _source_dir(self) -> Path | None:
+        from slmcompress.models import resolve_model_dir
+
+        try:
+            return resolve_model_dir(self.recipe.model)
+        except SlmError:
+            return None
+
+    # ---------------------------------------------------------------- stages
+    def _is_complete(self, stage: Stage, stage_hash: str) -> bool:
+        directory = self.out / stage.dirname
+        meta = read_metadata(directory)
+        return (directory / "report.json").is_file() and meta.get("stage_hash") == stage_hash
+
+    def _must_rerun(self, stage: Stage) -> bool:
+        return self.force or (self.from_stage is not None and stage.index + 1 >= self.from_stage)
+
+    def _run_or_skip(
+        self, stage: Stage, stage_hash: str, previous: dict[str, Any], original: dict[str, Any],
+        manifest: dict[str, Any],
+    ) -> StageOutcome:
+        entry = manifest["stages"][stage.index]
+        directory = self.out / stage.dirname
+        if not self._must_rerun(stage) and self._is_complete(stage, stage_hash):
+            log.info("stage %s is complete (hash %s): skipped", stage.dirname, stage_hash)
+            report = json.loads((directory / "report.json").read_text())
+            if read_metadata(directory).get("eval_hash") != self.resolved.eval_hash():
+                report = self._reevaluate(stage, directory, previous, original)
+            if stage.pass_cls.changes_model:
+                self._model = None
+                self._model_dir = directory
+            entry.update(status="skipped", wall_s=read_metadata(directory).get("wall_s"))
+            atomic_write_json(self.out / "run.json", manifest)
+            return StageOutcome(stage.name, directory, "skipped", report=report)
+        entry.update(status="running", started=time.time())
+        atomic_write_json(self.out / "run.json", manifest)
+        start = time.perf_counter()
+        try:
+            report = self._execute(stage, stage_hash, previous, original)
+        except (SlmError, OSError) as exc:
+            entry.update(status="failed", error=str(exc))
+            atomic_write_json(self.out / "run.json", manifest)
+            if isinstance(exc, OSError):
+                raise SlmError(f"stage {stage.dirname}: cannot write its output: {exc}") from exc
+            raise
+        wall = time.perf_counter() - start
+        entry.update(status="complete", wall_s=wall, finished=time.time())
+        atomic_write_json(self.out / "run.json", manifest)
+        return StageOutcome(stage.name, directory, "ran", wall, report)
+
+    def _execute(self, stage: Stage, stage_hash: str, previous: dict, original: dict) -> dict[str, Any]:
+        """Run the pass, write checkpoint + report into a temp dir, evaluate the saved artifact."""
+        model, tokenizer = self._ensure_model()
+        directory = self.out / stage.dirname
+        work_dir = self.out / ".work" / stage.dirname
+        work_dir.mkdir(parents=True, exist_ok=True)
+        ctx = Context(
+            tokenizer=tokenizer, data=self.recipe.data, device=self.device, dtype=self.dtype,
+            original_model=self.recipe.model, teacher=self.recipe.teacher, stage_dir=directory,
+            work_dir=work_dir, seed=self.recipe.seed, stage_index=stage.index,
+        )
+        seed_everything(self.recipe.seed)
+        log.info("stage %s: %s", stage.dirname, stage.pass_cls.__name__)
+        pass_start = time.perf_counter()
+        new_model = stage.pass_cls(stage.config).run(model, ctx)
+        pass_s = time.perf_counter() - pass_start
+        self._model = None  # the input model may have been modified in place
+        with atomic_dir(directory) as tmp:
+            evaluated = self._write_stage(stage, stage_hash, new_model, tokenizer, ctx, tmp)
+            metrics, timings = evaluate(evaluated, tokenizer, self.recipe.data.eval, self.recipe.eval)
+            timings = {"pass_s": pass_s, **timings}
+            report = self._report(stage, evaluated, tmp if stage.pass_cls.changes_model else None,
+                                  metrics, previous, original, timings, ctx)
+            self._write_report(tmp, report, stage_hash, timings)
+        if stage.pass_cls.changes_model:
+            self._model_dir = directory
+        self._model, self._tokenizer = evaluated, tokenizer
+        shutil.rmtree(work_dir, ignore_errors=True)
+        return report
+
+    def _write_stage(
+        self, stage: Stage, stage_hash: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
+        ctx: Context, tmp: Path,
+    ) -> PreTrainedModel:
+        """Write the checkpoint and reload it, so reports (and later stages) see exactly the artifact."""
+        if not stage.pass_cls.changes_model:
+            return model
+        metadata = {
+            "stage": stage.name, "stage_index": stage.index + 1, "pass": _pass_name(stage),
+            "stage_hash": stage_hash, "recipe": self.resolved.identity(),
+            "parent": str(self._model_dir or self.recipe.model), "seed": self.recipe.seed,
+            "config": stage.config.model_dump(),
+        }
+        write_checkpoint_into(model.to("cpu"), tokenizer, tmp, metadata)
+        for name, path in ctx.artifacts.items():
+            shutil.copy2(path, tmp / name)
+        del model
+        reloaded, _ = load_checkpoint(tmp, dtype=self.dtype)
+        return reloaded.to(self.device).eval()
+
+    def _report(self, stage, model, checkpoint_dir, metrics, previous, original, timings, ctx) -> dict:
+        summary = model_summary(model, checkpoint_dir)
+        return build_report(stage.name, _pass_name(stage), stage.config.model_dump(), summary, metrics,
+                            previous, original, timings, ctx.warnings, ctx.extra_metrics)
+
+    def _write_report(self, directory: Path, report: dict, stage_hash: str, timings: dict) -> None:
+        (directory / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        (directory / "report.md").write_text(render_report_md(report))
+        meta = read_metadata(directory) or {"stage": report["stage"], "versions": versions()}
+        meta.update(stage_hash=stage_hash, eval_hash=self.resolved.eval_hash(), wall_s=sum(timings.values()))
+        (directory / "slmcompress.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+
+    def _reevaluate(self, stage: Stage, directory: Path, previous: dict, original: dict) -> dict[str, Any]:
+        """The eval options changed but the stage did not: re-measure, keep the checkpoint."""
+        if stage.pass_cls.changes_model:
+            model, tokenizer = load_checkpoint(directory, dtype=self.dtype)
+            model.to(self.device).eval()
+        else:
+            model, tokenizer = self._ensure_model()
+        metrics, timings = evaluate(model, tokenizer, self.recipe.data.eval, self.recipe.eval)
+        old = json.loads((directory / "report.json").read_text())
+        summary = model_summary(model, directory if stage.pass_cls.changes_model else None)
+        report = build_report(stage.name, _pass_name(stage), old["config"], summary, metrics, previous, original,
+                              {**old["timings"], **timings}, old["warnings"], old.get("extra"))
+        atomic_write_json(directory / "report.json", report)
+        atomic_write_text(directory / "report.md", render_report_md(report))
+        meta = read_metadata(directory)
+        meta["eval_hash"] = self.resolved.eval_hash()
+        atomic_write_json(directory / "slmcompress.json", meta)
+        return report
+
+    def _write_summary(self) -> None:
+        rows = []
+        for directory in [self.out / INPUT_DIR] + [self.out / s.dirname for s in self.resolved.stages]:
+            report_path = directory / "report.json"
+            if report_path.is_file():
+                rows.append(json.loads(report_path.read_text()))
+        atomic_write_text(self.out / "summary.md", render_summary_md(self.recipe.name, rows))
+
+
+def _pass_name(stage: Stage) -> str:
+    method = stage.pass_cls.pass_method
+    return stage.pass_cls.pass_type + (f".{method}" if method else "")
+
+
+def run_recipe(resolved: ResolvedRecipe, **kwargs: Any) -> RunResult:
+    """Convenience wrapper: ``Runner(resolved, **kwargs).run()``."""
+    return Runner(resolved, **kwargs).run()
