@@ -243,7 +243,13 @@ def _validate_cross_stage(resolved: ResolvedRecipe) -> None:
     check_spec(recipe.data.calibration, "data.calibration")
     check_spec(recipe.data.eval, "data.eval")
     check_disjoint(recipe.data.calibration, recipe.data.eval)
+    quantized_at = next((s.index for s in resolved.stages if s.pass_cls.pass_type == "quantize"), None)
     for stage in resolved.stages:
+        if quantized_at is not None and stage.index > quantized_at and stage.pass_cls.pass_type != "eval":
+            raise RecipeError(
+                f"stages[{stage.index}].type: a {stage.pass_cls.pass_type} stage cannot follow the quantize stage "
+                f"stages[{quantized_at}]; quantize last (only eval stages may follow)"
+            )
         stage.config.validate_against(recipe, stage.index)
 
 

