@@ -62,7 +62,7 @@ def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     blocks = rows // 32
     shifts = torch.arange(32, dtype=torch.int64).view(1, 1, 32, 1)
     stream = (words.view(blocks, bits, 1, cols) >> shifts) & 1  # (block, word, bit, col)
-    stream = stream.view(blocks, 32, bits, cols)  # value-major: 3 consecutive stream bits
+    stream = stream.reshape(blocks, 32, bits, cols)  # value-major: 3 consecutive stream bits
     weights = (2 ** torch.arange(bits, dtype=torch.int64)).view(1, 1, bits, 1)
     return (stream * weights).sum(dim=2).reshape(rows, cols).to(torch.int32)
 
