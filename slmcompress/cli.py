@@ -163,6 +163,35 @@ def inspect(
         console.print(layers)
 
 
+# ------------------------------------------------------------------------ generate
+@app.command()
+@cli_errors
+def generate(
+    model: Annotated[str, typer.Argument(help="Checkpoint dir (float or GPTQ), built-in alias, .gguf or hub id.")],
+    prompt: Annotated[str, typer.Option(help="Prompt text.")] = "The capital of France is",
+    max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
+    chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = False,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Serve a compressed model: generate text with a KV cache and print tokens/s."""
+    from slmcompress.generate import generate as run_generate
+    from slmcompress.generate import prepare_for_serving
+    from slmcompress.models import load_model
+
+    loaded = load_model(model, dtype=dtype, device=device)
+    backends = prepare_for_serving(loaded.model)
+    result = run_generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens, temperature, chat)
+    if as_json:
+        emit_json({"prompt": prompt, **result.__dict__, "backends": backends})
+        return
+    sys.stdout.write(prompt + result.text + "\n")
+    err_console.print(f"[dim]{result.new_tokens} tokens, {result.tokens_per_s:.1f} tokens/s decode, "
+                      f"prefill {result.prefill_s * 1000:.0f} ms, backends {backends or 'float'}[/]")
+
+
 # ------------------------------------------------------------------------ recipe / models
 @recipe_app.command("validate")
 @cli_errors

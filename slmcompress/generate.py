@@ -1,0 +1,62 @@
+"""Serve any slmcompress checkpoint (float or GPTQ): greedy/sampled decoding with a KV cache."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+
+@dataclass(frozen=True)
+class Generation:
+    """Generated text and decode speed (prefill excluded from tokens/s)."""
+
+    text: str
+    new_tokens: int
+    tokens_per_s: float
+    prefill_s: float
+    decode_s: float
+
+
+def prepare_for_serving(model: PreTrainedModel) -> dict[str, int]:
+    """Pick the fastest backend per quantized layer (Triton kernel on CUDA, else torch)."""
+    try:
+        from slmcompress.kernels.dispatch import set_backends
+    except ImportError:
+        return {}
+    return set_backends(model) or {}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def generate(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 64,
+    temperature: float = 0.0, chat: bool = False,
+) -> Generation:
+    """Generate a continuation; ``chat`` wraps the prompt in the tokenizer's chat template."""
+    device = next(model.parameters()).device
+    if chat and getattr(tokenizer, "chat_template", None):
+        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                               add_generation_prompt=True)
+    ids = tokenizer(prompt, return_tensors="pt").to(device)
+    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    _sync(device)
+    start = time.perf_counter()
+    model.generate(**ids, max_new_tokens=1, min_new_tokens=1, pad_token_id=pad, **sampling)
+    _sync(device)
+    prefill = time.perf_counter() - start
+    start = time.perf_counter()
+    out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
+    _sync(device)
+    total = time.perf_counter() - start
+    new = out[0, ids["input_ids"].shape[1]:]
+    decode = max(total - prefill, 1e-9)
+    steps = max(new.numel() - 1, 1)
+    return Generation(tokenizer.decode(new, skip_special_tokens=True), new.numel(), steps / decode, prefill, decode)
