@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from slmcompress import dist
 from slmcompress.checkpoint import load_checkpoint, read_metadata, write_checkpoint_into
 from slmcompress.errors import RecipeError, SlmError
 from slmcompress.eval.report import (
@@ -90,7 +91,8 @@ class Runner:
         self.out = Path(output_dir) if output_dir else resolved.output_dir
         self.force = force
         self.from_stage = from_stage
-        self.device = resolve_device(self.recipe.device)
+        dist.init_from_env()
+        self.device = dist.local_device(resolve_device(self.recipe.device))
         self.dtype = resolve_dtype(self.recipe.dtype, self.device)
         self.hashes = resolved.stage_hashes()
         self._model: PreTrainedModel | None = None
@@ -103,18 +105,23 @@ class Runner:
         if self.from_stage is not None and not 1 <= self.from_stage <= len(self.resolved.stages):
             raise RecipeError(f"--from-stage: must be between 1 and {len(self.resolved.stages)}")
         start = time.perf_counter()
-        self._prepare_output_dir()
-        manifest = self._new_manifest()
+        manifest: dict[str, Any] = {"stages": [{} for _ in self.resolved.stages]}
+        original: dict[str, Any] = {}
+        if dist.is_main():
+            self._prepare_output_dir()
+            manifest = self._new_manifest()
+            original = self._input_report()
         result = RunResult(output_dir=self.out)
-        original = self._input_report()
         previous = original
         for stage, stage_hash in zip(self.resolved.stages, self.hashes, strict=True):
             outcome = self._run_or_skip(stage, stage_hash, previous, original, manifest)
             result.stages.append(outcome)
             previous = outcome.report["metrics"] if outcome.report else previous
-        manifest["status"] = "complete"
-        atomic_write_json(self.out / "run.json", manifest)
-        self._write_summary()
+        if dist.is_main():
+            manifest["status"] = "complete"
+            atomic_write_json(self.out / "run.json", manifest)
+            self._write_summary()
+        dist.barrier()
         result.wall_s = time.perf_counter() - start
         return result
 
@@ -208,6 +215,9 @@ class Runner:
     ) -> StageOutcome:
         entry = manifest["stages"][stage.index]
         directory = self.out / stage.dirname
+        dist.barrier()  # every rank sees the same disk state when deciding to skip
+        if not dist.is_main():
+            return self._follow(stage, stage_hash)
         if not self._must_rerun(stage) and self._is_complete(stage, stage_hash):
             log.info("stage %s is complete (hash %s): skipped", stage.dirname, stage_hash)
             report = json.loads((directory / "report.json").read_text())
@@ -235,17 +245,33 @@ class Runner:
         atomic_write_json(self.out / "run.json", manifest)
         return StageOutcome(stage.name, directory, "ran", wall, report)
 
+    def _context(self, stage: Stage, tokenizer: PreTrainedTokenizerBase) -> Context:
+        work_dir = self.out / ".work" / stage.dirname
+        work_dir.mkdir(parents=True, exist_ok=True)
+        return Context(
+            tokenizer=tokenizer, data=self.recipe.data, device=self.device, dtype=self.dtype,
+            original_model=self.recipe.model, teacher=self.recipe.teacher, stage_dir=self.out / stage.dirname,
+            work_dir=work_dir, seed=self.recipe.seed, stage_index=stage.index,
+        )
+
+    def _follow(self, stage: Stage, stage_hash: str) -> StageOutcome:
+        """Ranks > 0: join distributed passes, otherwise wait for rank 0's checkpoint."""
+        directory = self.out / stage.dirname
+        skip = not self._must_rerun(stage) and self._is_complete(stage, stage_hash)
+        if not skip and stage.pass_cls.supports_distributed:
+            model, tokenizer = self._ensure_model()
+            seed_everything(self.recipe.seed)
+            stage.pass_cls(stage.config).run(model, self._context(stage, tokenizer))
+        if stage.pass_cls.changes_model:
+            self._model, self._model_dir = None, directory  # rank 0 writes it before the next barrier
+        return StageOutcome(stage.name, directory, "skipped" if skip else "followed")
+
     def _execute(self, stage: Stage, stage_hash: str, previous: dict, original: dict) -> dict[str, Any]:
         """Run the pass, write checkpoint + report into a temp dir, evaluate the saved artifact."""
         model, tokenizer = self._ensure_model()
         directory = self.out / stage.dirname
-        work_dir = self.out / ".work" / stage.dirname
-        work_dir.mkdir(parents=True, exist_ok=True)
-        ctx = Context(
-            tokenizer=tokenizer, data=self.recipe.data, device=self.device, dtype=self.dtype,
-            original_model=self.recipe.model, teacher=self.recipe.teacher, stage_dir=directory,
-            work_dir=work_dir, seed=self.recipe.seed, stage_index=stage.index,
-        )
+        ctx = self._context(stage, tokenizer)
+        work_dir = ctx.work_dir
         seed_everything(self.recipe.seed)
         log.info("stage %s: %s", stage.dirname, stage.pass_cls.__name__)
         pass_start = time.perf_counter()

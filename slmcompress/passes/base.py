@@ -76,6 +76,8 @@ class Pass(ABC):
     requires_calibration: ClassVar[bool] = False
     requires_teacher: ClassVar[bool] = False
     changes_model: ClassVar[bool] = True
+    #: runs on every torchrun rank (others run on rank 0 only, see slmcompress.dist)
+    supports_distributed: ClassVar[bool] = False
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config
