@@ -1,0 +1,177 @@
+"""Streaming drivers: GPTQ and importance scoring over a model that never fits in memory.
+
+They reuse the passes' per-layer code (the GPTQ pass's ``_quantize_layer``; the importance
+statistics below mirror the prune pass's definitions) on :class:`StreamingRun` steps, save
+each layer's result as a resume point, and assemble the final artifact shard by shard.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from slmcompress.passes.base import Context
+from slmcompress.streaming.engine import StreamingRun, StreamOptions
+from slmcompress.streaming.loader import StreamingModel
+from slmcompress.streaming.sharded_writer import (
+    DEFAULT_SHARD_BYTES,
+    copy_side_files,
+    sharded_checkpoint,
+)
+from slmcompress.versions import versions
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------- GPTQ
+@torch.no_grad()
+def gptq_streaming(gptq_pass: Any, model_dir: Path, ctx: Context, out_dir: Path,
+                   options: StreamOptions | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                   metadata: dict[str, Any] | None = None) -> Path:
+    """Quantize ``model_dir`` with a :class:`~slmcompress.passes.gptq.GPTQPass`'s settings, streamed.
+
+    Writes a sharded GPTQ v1 checkpoint to ``out_dir`` (atomically) and returns it.
+    """
+    from slmcompress.quant.convert import gptq_quantization_config, install_quant_linear
+
+    cfg = gptq_pass.config
+    stream = StreamingModel(Path(model_dir), ctx.dtype)
+    targets = gptq_pass._targets(stream.model, ctx)
+    tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
+    options = replace(options or StreamOptions(), batch_size=cfg.batch_size, pass_name="gptq",
+                      key={"gptq": cfg.model_dump()})
+    run = StreamingRun(stream, tokens, ctx.device, ctx.work_dir, options, ctx.dtype)
+    gptq_pass._groups_cache = {}
+    prefix = stream.layer_prefix.rstrip(".")
+    for step in run.steps():
+        name = f"{prefix}.{step.index}"
+        local = {n: m for n, m in step.layer.named_modules() if f"{name}.{n}" in targets}
+        results = gptq_pass._quantize_layer(step, name, local, ctx) if local else {}
+        for lname, res in results.items():
+            install_quant_linear(stream.model, f"{name}.{lname}", res.codes, res.scales, res.zeros,
+                                 res.g_idx, cfg.bits, cfg.group_size)
+        errors = {lname: round(res.stats["rel_output_err"], 6) for lname, res in results.items()}
+        run.save_result(step.index, _prefixed(step.layer, name), {"errors": errors})
+    qcfg = gptq_quantization_config(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp_percent,
+                                    method="gptq", true_sequential=cfg.true_sequential,
+                                    static_groups=cfg.static_groups)
+    errors = {f"{prefix}.{i}": run.load_result(i)[1].get("errors", {}) for i in range(stream.num_layers())}
+    ctx.extra_metrics["gptq_layer_errors"] = errors
+    ctx.extra_metrics["quantized_linears"] = sum(len(e) for e in errors.values())
+    out = assemble_checkpoint(run, out_dir, {"quantization_config": qcfg}, max_shard_bytes, metadata)
+    run.cleanup()
+    return out
+
+
+def _prefixed(layer: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    return {f"{name}.{k}": v for k, v in layer.state_dict().items()}
+
+
+def assemble_checkpoint(run: StreamingRun, out_dir: Path, config_updates: dict[str, Any],
+                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, Any] | None = None) -> Path:
+    """Non-layer tensors from the source + every layer's saved result -> sharded HF checkpoint."""
+    stream = run.stream
+    config = stream.config.to_dict()
+    config.update(config_updates, torch_dtype=str(stream.dtype).removeprefix("torch."))
+    with sharded_checkpoint(Path(out_dir), max_shard_bytes) as writer:
+        for name in stream.non_layer_names():
+            writer.add(name, stream.source.get(name, stream.dtype))
+        for index in range(stream.num_layers()):
+            tensors, _meta = run.load_result(index)
+            writer.add_many(tensors)
+            del tensors
+        copy_side_files(stream.model_dir, writer.directory)
+        (writer.directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        qcfg = config_updates.get("quantization_config")
+        if qcfg:
+            (writer.directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+        meta = {"format_version": 1, "versions": versions(), "streamed": True, **(metadata or {})}
+        (writer.directory / "slmcompress.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    return Path(out_dir)
+
+
+# ---------------------------------------------------------------- importance
+class ImportanceObserver:
+    """Minitron/ModelOpt activation statistics of one decoder layer (fallback implementation).
+
+    MLP neurons: ``|x|`` of the down_proj input, mean over the sequence, L2 over the batch;
+    heads: the same on the o_proj input reshaped ``(heads, head_dim)``, L2 over head_dim;
+    hidden channels: the same on each norm output; depth: ``1 - cos(layer in, layer out)``.
+    """
+
+    def __init__(self, layer: nn.Module, num_heads: int) -> None:
+        self.num_heads = num_heads
+        self.sq: dict[str, torch.Tensor] = {}
+        self.handles = []
+        for name, module in layer.named_modules():
+            if name.endswith("down_proj") or name.endswith("o_proj"):
+                self.handles.append(module.register_forward_pre_hook(self._pre(name)))
+            elif name.endswith("layernorm"):
+                self.handles.append(module.register_forward_hook(self._post(name)))
+
+    def _add(self, key: str, x: torch.Tensor) -> None:
+        stat = x.abs().float().mean(dim=1)  # (B, C): mean |x| over the sequence
+        self.sq[key] = self.sq.get(key, 0) + (stat**2).sum(dim=0)  # running L2^2 over batches
+
+    def _pre(self, name: str):
+        return lambda _m, args: self._add(name, args[0])
+
+    def _post(self, name: str):
+        return lambda _m, _args, out: self._add(name, out)
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        out = {}
+        for name, sq in self.sq.items():
+            l2 = sq.sqrt()  # (C,)
+            if name.endswith("o_proj"):
+                l2 = l2.reshape(self.num_heads, -1).norm(dim=1)  # (heads,)
+            out[name] = l2
+        return out
+
+
+@torch.no_grad()
+def score_step(step: Any, num_heads: int) -> dict[str, torch.Tensor]:
+    """Importance statistics of one layer step + its depth score; sets the step's outputs."""
+    observer = ImportanceObserver(step.layer, num_heads)
+    try:
+        outputs = step.forward(keep_outputs=True)
+    finally:
+        observer.remove()
+    scores = observer.scores()
+    cos_sum, n = 0.0, 0
+    for batch, out in zip(step.inputs, outputs, strict=True):
+        cos = torch.nn.functional.cosine_similarity(batch.hidden.float(), out.float(), dim=-1)  # (B, T)
+        cos_sum, n = cos_sum + cos.sum().item(), n + cos.numel()
+    scores["depth"] = torch.tensor([1.0 - cos_sum / max(n, 1)])
+    step.set_outputs(outputs)
+    return scores
+
+
+@torch.no_grad()
+def importance_streaming(model_dir: Path, tokens: torch.Tensor, device: torch.device, work_dir: Path,
+                         options: StreamOptions | None = None, dtype: torch.dtype = torch.float32,
+                         scorer: Any = score_step) -> dict[str, torch.Tensor]:
+    """Per-layer importance scores of a streamed model: ``{"<layer>.<module>": scores}``."""
+    stream = StreamingModel(Path(model_dir), dtype)
+    options = replace(options or StreamOptions(), pass_name="importance",
+                      key={"importance": getattr(scorer, "__qualname__", "scorer")})
+    run = StreamingRun(stream, tokens, device, work_dir, options, dtype)
+    heads = stream.config.num_attention_heads
+    prefix = stream.layer_prefix.rstrip(".")
+    for step in run.steps():
+        scores = scorer(step, heads)
+        run.save_result(step.index, {f"{prefix}.{step.index}.{k}": v for k, v in scores.items()})
+    result: dict[str, torch.Tensor] = {}
+    for index in range(stream.num_layers()):
+        result.update(run.load_result(index)[0])
+    return result

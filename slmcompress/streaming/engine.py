@@ -1,0 +1,292 @@
+"""Streaming (out-of-core) layer-wise calibration: the model never has to fit in memory.
+
+Same contract as :func:`slmcompress.calib.layerwise` -- passes receive :class:`LayerStep`
+objects with ``.index``, ``.layer``, ``.inputs``, ``.forward()``, ``.set_outputs()`` --
+but each layer is read from the safetensors shards when reached and dropped afterwards,
+calibration activations live in an :class:`ActivationStore` (memory up to a budget, disk
+beyond), and every finished layer is a resume point::
+
+    run = StreamingRun(model_dir, tokens, device, work_dir, StreamOptions(max_memory="3GB"))
+    for step in run.steps():
+        ...process step.layer...
+        run.save_result(step.index, {...tensors...})
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import psutil
+import torch
+from torch import nn
+
+from slmcompress.calib import LayerBatch, LayerStep, _layer_output, _to, capture_layer_inputs
+from slmcompress.errors import PassError
+from slmcompress.plan import (
+    BASE_RSS,
+    DEFAULT_MEMORY_FRACTION,
+    SLACK,
+    Arch,
+    capture_peak_bytes,
+    format_bytes,
+    layer_peak_bytes,
+    parse_bytes,
+)
+from slmcompress.streaming.activations import ActivationStore, BatchView, OffloadMode
+from slmcompress.streaming.loader import StreamingModel
+from slmcompress.streaming.resume import ResumeState, tokens_digest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How a streaming run may use memory and disk."""
+
+    max_memory: int | str | None = None  # host bytes; None = a fraction of available RAM
+    activation_offload: OffloadMode = "auto"
+    batch_size: int = 1
+    resume: bool = True
+    pass_name: str = "gptq"  # for the working-set estimate in the budget check
+    key: dict[str, Any] = field(default_factory=dict)  # what the pass result depends on
+
+
+def default_budget() -> int:
+    """A fraction of the host memory available now (other jobs share this machine)."""
+    return int(psutil.virtual_memory().available * DEFAULT_MEMORY_FRACTION)
+
+
+def resolve_budget(max_memory: int | str | None) -> int:
+    return default_budget() if max_memory in (None, "auto") else parse_bytes(max_memory)
+
+
+def device_budget(device: torch.device) -> int | None:
+    """Free memory of a CUDA device (None on CPU: the host budget covers it)."""
+    if device.type != "cuda":
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free * 0.9)
+
+
+# ---------------------------------------------------------------- decision
+@dataclass(frozen=True)
+class StreamDecision:
+    """Whether a model should be streamed, and why (logged by the passes)."""
+
+    stream: bool
+    model_bytes: int
+    budget_bytes: int
+    reason: str
+
+
+def should_stream(model_source: str | Path, max_memory: int | str | None = None,
+                  dtype: torch.dtype = torch.float32, activation_bytes: int = 0) -> StreamDecision:
+    """Stream when the model (at the compute dtype) plus activations exceed the host budget."""
+    from slmcompress.models import resolve_model_dir
+    from slmcompress.plan import load_config
+
+    model_dir = resolve_model_dir(str(model_source))
+    if model_dir is None:
+        return StreamDecision(False, 0, 0, "not a local safetensors directory; streaming needs one")
+    arch = Arch.from_config(load_config(model_dir))
+    elem = torch.empty((), dtype=dtype).element_size()
+    need = int((arch.params() * elem + activation_bytes) * SLACK) + BASE_RSS
+    budget = resolve_budget(max_memory)
+    stream = need > budget
+    verb = "exceeds" if stream else "fits in"
+    return StreamDecision(stream, need, budget, f"model needs ~{format_bytes(need)}, {verb} the budget {format_bytes(budget)}")
+
+
+# ---------------------------------------------------------------- steps
+class StreamingLayerStep(LayerStep):
+    """A :class:`LayerStep` whose kept outputs go to an :class:`ActivationStore`, not a list."""
+
+    def __init__(self, index: int, layer: nn.Module, inputs: BatchView, device: torch.device, run: StreamingRun):
+        super().__init__(index, layer, inputs, device)  # type: ignore[arg-type]
+        self._run = run
+        self.next_store: ActivationStore | None = None
+        self.created: list[ActivationStore] = []
+
+    @torch.no_grad()
+    def forward(self, keep_outputs: bool = False) -> Sequence[torch.Tensor] | None:
+        """Run every calibration batch through the layer; kept outputs stream into a store."""
+        if not keep_outputs:
+            return super().forward(keep_outputs=False)
+        store = self._new_store()
+        for batch in self.inputs:
+            out = _layer_output(self.layer(batch.hidden.to(self.device), **_to(batch.kwargs, self.device)))
+            if not torch.isfinite(out).all():
+                store.discard()
+                raise PassError(f"layer {self.index}: NaN/Inf in activations")
+            store.append(out.to(batch.hidden.device))
+        return store
+
+    def _new_store(self) -> ActivationStore:
+        store = self._run.new_store(self.index + 1)
+        self.created.append(store)
+        return store
+
+    def discard_unused(self) -> None:
+        """Drop stores the pass created but the loop does not carry to the next layer."""
+        for store in self.created:
+            if store is self.next_store:
+                continue
+            if self.next_store is None:
+                store.discard()  # last layer: nothing on disk is needed
+            else:
+                store.drop_memory()  # same directory as next_store: keep the files
+
+    def next_inputs(self) -> BatchView:  # type: ignore[override]
+        """The next layer's inputs as a store-backed view (given outputs are stored first)."""
+        outputs = self._outputs if self._outputs is not None else self.forward(keep_outputs=True)
+        if not isinstance(outputs, ActivationStore):
+            store = self._new_store()
+            for out in outputs:
+                store.append(out)
+            outputs = store
+        self.next_store = outputs
+        return BatchView(outputs, self.inputs.kwargs)
+
+
+class StreamingRun:
+    """One streaming pass over a model directory; see the module docstring."""
+
+    def __init__(self, model: Path | StreamingModel, tokens: torch.Tensor, device: torch.device,
+                 work_dir: Path, options: StreamOptions | None = None, dtype: torch.dtype = torch.float32) -> None:
+        self.options = options or StreamOptions()
+        self.stream = model if isinstance(model, StreamingModel) else StreamingModel(Path(model), dtype)
+        self.tokens, self.device = tokens, torch.device(device)
+        self.root = Path(work_dir) / "stream"
+        self.budget = resolve_budget(self.options.max_memory)
+        self.activation_budget = self._check_budget()
+        if not self.options.resume and self.root.exists():
+            shutil.rmtree(self.root)
+        self.state = ResumeState(self.root, self._key(), self.stream.num_layers())
+
+    # ------------------------------------------------------------ budget
+    def _check_budget(self) -> int:
+        """Raise if one layer cannot fit; return the bytes left for activations in memory."""
+        arch = Arch.from_config(self.stream.config.to_dict())
+        elem = torch.empty((), dtype=self.stream.dtype).element_size()
+        seq_len = int(self.tokens.shape[1])
+        batch_tokens = self.options.batch_size * seq_len
+        layer = layer_peak_bytes(arch, elem, batch_tokens, seq_len, self.options.pass_name)
+        capture = capture_peak_bytes(arch, elem, batch_tokens)
+        on_host = max(layer, capture) if self.device.type == "cpu" else capture
+        needed = BASE_RSS + int(on_host * SLACK)
+        if self.budget < needed:
+            raise PassError(
+                f"max_memory {format_bytes(self.budget)} is too small to stream this model: one decoder "
+                f"layer with one calibration batch needs about {format_bytes(needed)} "
+                f"(layer {format_bytes(layer)}, embeddings {format_bytes(capture)}, runtime {format_bytes(BASE_RSS)}); "
+                f"raise max_memory or lower batch_size/seq_len"
+            )
+        free = device_budget(self.device)
+        if free is not None and free < layer:
+            raise PassError(f"device {self.device}: {format_bytes(free)} free, one layer needs {format_bytes(layer)}")
+        return max(int(self.budget / SLACK) - needed, 0)
+
+    def _key(self) -> dict[str, Any]:
+        return {
+            "model_dir": str(self.stream.model_dir.resolve()), "config": self.stream.config.to_json_string(),
+            "dtype": str(self.stream.dtype), "tokens": tokens_digest(self.tokens),
+            "batch_size": self.options.batch_size, "pass": self.options.key,
+        }
+
+    # ------------------------------------------------------------ stores
+    def new_store(self, layer: int) -> ActivationStore:
+        """The store for the inputs of ``layer`` (two boundaries live at once: half the budget each)."""
+        directory = self.state.activations_dir(layer)
+        store = ActivationStore(directory, self.options.activation_offload, self.activation_budget // 2,
+                                persist=self.options.resume)
+        store.discard()  # leftovers of an interrupted attempt at this boundary
+        return store
+
+    # ------------------------------------------------------------ loop
+    def steps(self, layer_indices: list[int] | None = None) -> Iterator[StreamingLayerStep]:
+        """Yield each unfinished layer with its inputs; commit a resume point after each."""
+        last = max(layer_indices) if layer_indices else self.stream.num_layers() - 1
+        start = self.state.finished
+        if start > last:
+            return
+        kwargs, inputs = self._initial_inputs(start)
+        for index in range(start, last + 1):
+            layer = self.stream.load_layer(index, self.device)
+            step = StreamingLayerStep(index, layer, BatchView(inputs, kwargs), self.device, self)
+            yield step
+            next_store = None
+            if index < last:
+                step.next_inputs()
+                next_store = step.next_store
+                next_store.commit()
+            step.discard_unused()
+            self.state.mark_finished(index)
+            inputs.discard()
+            del step, layer
+            self.stream.release_layer(index)
+            inputs = next_store
+            log.info("layer %d/%d done", index + 1, self.stream.num_layers())
+
+    def _initial_inputs(self, start: int) -> tuple[list[dict[str, Any]], ActivationStore]:
+        """Capture layer 0's inputs, or (resuming) reopen the saved inputs of layer ``start``."""
+        kwargs, store = self._capture(keep_hidden=start == 0)
+        if start == 0:
+            store.commit()
+            return kwargs, store
+        saved = ActivationStore.open(self.state.activations_dir(start), self.options.activation_offload,
+                                     self.activation_budget // 2)
+        if len(saved) != len(kwargs):
+            raise PassError(f"resume: {saved.directory} has {len(saved)} batches, expected {len(kwargs)}")
+        return kwargs, saved
+
+    @torch.no_grad()
+    def _capture(self, keep_hidden: bool) -> tuple[list[dict[str, Any]], ActivationStore]:
+        """Embeddings on the device, one batch at a time (identical to the in-memory capture)."""
+        self.stream.load_non_layer(self.device)
+        store = self.new_store(0)
+        kwargs: list[dict[str, Any]] = []
+        bs = self.options.batch_size
+        try:
+            for start in range(0, self.tokens.shape[0], bs):
+                (batch,) = capture_layer_inputs(self.stream.model, self.tokens[start : start + bs], self.device, bs)
+                kwargs.append(batch.kwargs)
+                if keep_hidden:
+                    store.append(batch.hidden)
+        finally:
+            self.stream.release_non_layer()
+        return kwargs, store
+
+    # ------------------------------------------------------------ results
+    def save_result(self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+        """Persist a layer's pass result before the loop moves on (it is the resume point)."""
+        self.state.save_result(index, tensors, meta)
+
+    def load_result(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return self.state.load_result(index)
+
+    def cleanup(self) -> None:
+        """Delete the run's scratch files (after the final artifact is published)."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def streaming_layerwise(
+    model_dir: Path, tokens: torch.Tensor, device: torch.device, work_dir: Path,
+    options: StreamOptions | None = None, dtype: torch.dtype = torch.float32, layer_indices: list[int] | None = None,
+) -> Iterator[StreamingLayerStep]:
+    """Drop-in for :func:`slmcompress.calib.layerwise` reading layers from ``model_dir``.
+
+    Passes that only observe layers (importance scoring) can use it unchanged; passes whose
+    results must survive a crash use :class:`StreamingRun` and ``save_result``.
+    """
+    run = StreamingRun(model_dir, tokens, device, work_dir, options, dtype)
+    yield from run.steps(layer_indices)
+
+
+def inputs_as_batches(view: BatchView) -> list[LayerBatch]:
+    """Materialise a view (tests and small models only)."""
+    return list(view)

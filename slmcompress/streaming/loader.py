@@ -1,0 +1,268 @@
+"""Streaming loader: a model skeleton with no weights, filled one decoder layer at a time.
+
+A 70B model in bf16 is ~140 GB; it fits neither one GPU nor a 24 GiB host. The skeleton is
+built from ``config.json`` alone with parameters on the meta device (buffers such as the
+rotary ``inv_freq`` are computed for real on the CPU, exactly as a normal load does), and
+each decoder layer is materialised straight from the (sharded) safetensors files when the
+calibration loop reaches it, then released again.
+
+Tensors are read with plain positioned file reads instead of ``safe_open``'s mmap: a mmap
+of a 5 GB shard counts against an address-space limit (RLIMIT_AS) and its touched pages
+count in RSS until unmapped, while a read into a fresh tensor costs exactly its bytes.
+The headers are still parsed per the safetensors spec, and every shard is validated up
+front so a missing or truncated shard fails before hours of work, naming the file.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from slmcompress.calib import decoder_layers
+from slmcompress.errors import CheckpointError
+
+log = logging.getLogger(__name__)
+
+INDEX_FILE = "model.safetensors.index.json"
+SINGLE_FILE = "model.safetensors"
+DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives: shard file, byte range of its data, dtype and shape."""
+
+    path: Path
+    start: int  # absolute file offset of the first byte
+    nbytes: int
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(path: Path) -> tuple[int, dict]:
+    """Parse a safetensors header; return (data section offset, header dict)."""
+    try:
+        with open(path, "rb") as handle:
+            header_len = int.from_bytes(handle.read(8), "little")
+            if header_len <= 0 or header_len > 100_000_000:
+                raise ValueError(f"implausible header length {header_len}")
+            header = json.loads(handle.read(header_len))
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint: weight shard {path} is missing") from None
+    except (ValueError, OSError) as exc:
+        raise CheckpointError(f"checkpoint: weight shard {path} is corrupt ({exc})") from exc
+    return 8 + header_len, header
+
+
+def shard_entries(path: Path) -> dict[str, TensorEntry]:
+    """Every tensor of one shard; raises CheckpointError naming the shard if it is truncated."""
+    base, header = read_header(path)
+    entries = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, end = info["data_offsets"]
+        entries[name] = TensorEntry(path, base + begin, end - begin, info["dtype"], tuple(info["shape"]))
+    needed = base + max((e.start - base + e.nbytes for e in entries.values()), default=0)
+    size = path.stat().st_size
+    if size < needed:
+        raise CheckpointError(
+            f"checkpoint: weight shard {path} is truncated ({size} bytes, its header needs {needed})"
+        )
+    return entries
+
+
+def shard_paths(model_dir: Path) -> list[Path]:
+    """The shard files named by the index (or the single ``model.safetensors``)."""
+    index = model_dir / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"checkpoint: {index} is not a valid safetensors index") from exc
+        return [model_dir / name for name in sorted(set(weight_map.values()))]
+    if (model_dir / SINGLE_FILE).is_file():
+        return [model_dir / SINGLE_FILE]
+    raise CheckpointError(f"checkpoint: {model_dir} has no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+class WeightSource:
+    """Random access to the tensors of a (sharded) safetensors checkpoint, no mmap."""
+
+    def __init__(self, model_dir: Path) -> None:
+        self.model_dir = Path(model_dir)
+        self.entries: dict[str, TensorEntry] = {}
+        for path in shard_paths(self.model_dir):
+            self.entries.update(shard_entries(path))
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def nbytes(self, prefix: str = "") -> int:
+        """Bytes on disk of every tensor whose name starts with ``prefix``."""
+        return sum(e.nbytes for n, e in self.entries.items() if n.startswith(prefix))
+
+    def get(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Read one tensor (CPU), optionally cast to ``dtype``."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise CheckpointError(f"checkpoint: {self.model_dir} has no tensor {name!r}")
+        raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+        try:
+            got = _pread_into(entry.path, memoryview(raw.numpy()), entry.start)
+        except FileNotFoundError:
+            raise CheckpointError(f"checkpoint: weight shard {entry.path} is missing") from None
+        if got != entry.nbytes:
+            raise CheckpointError(f"checkpoint: weight shard {entry.path} is truncated (reading {name})")
+        tensor = raw.view(DTYPES[entry.dtype]).reshape(entry.shape)
+        return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
+
+
+def _pread_into(path: Path, buffer: memoryview, offset: int, chunk: int = 1 << 30) -> int:
+    """Fill ``buffer`` from ``path`` at ``offset``; chunked because one read stops near 2 GiB."""
+    done = 0
+    with open(path, "rb", buffering=0) as handle:
+        while done < len(buffer):
+            got = os.preadv(handle.fileno(), [buffer[done : done + chunk]], offset + done)
+            if got == 0:
+                break
+            done += got
+    return done
+
+
+def build_skeleton(model_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
+    """The model from its config alone: parameters on ``meta``, buffers real (rotary tables)."""
+    config = AutoConfig.from_pretrained(model_dir)
+    qcfg = getattr(config, "quantization_config", None)
+    if qcfg:
+        raise CheckpointError(f"checkpoint: {model_dir} is already quantized; streaming reads float checkpoints")
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def materialise(module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype,
+                device: torch.device, fallback: dict[str, str] | None = None) -> nn.Module:
+    """Fill a meta module's parameters (and persistent buffers) from the checkpoint, in place.
+
+    ``fallback`` maps a missing tensor name to another one (tied ``lm_head`` -> embeddings).
+    """
+    for name, param in list(module.named_parameters(recurse=True)):
+        key = _resolve(prefix + name, source, fallback)
+        tensor = source.get(key, dtype).to(device)
+        if tuple(tensor.shape) != tuple(param.shape):
+            raise CheckpointError(f"checkpoint: {key} has shape {tuple(tensor.shape)}, config expects {tuple(param.shape)}")
+        _set_tensor(module, name, nn.Parameter(tensor, requires_grad=False))
+    for name, buf in list(module.named_buffers(recurse=True)):
+        if buf.device.type == "meta":  # only persistent buffers can be on meta here
+            _set_tensor(module, name, source.get(_resolve(prefix + name, source, fallback), dtype).to(device))
+        elif buf.device != device:
+            _set_tensor(module, name, buf.to(device))
+    return module
+
+
+def release(module: nn.Module) -> None:
+    """Send a module's parameters back to ``meta`` so their memory is freed (buffers stay)."""
+    for name, param in list(module.named_parameters()):
+        meta = torch.empty(param.shape, dtype=param.dtype, device="meta")
+        _set_tensor(module, name, nn.Parameter(meta, requires_grad=False))
+
+
+def _resolve(key: str, source: WeightSource, fallback: dict[str, str] | None) -> str:
+    if key in source:
+        return key
+    if fallback and key in fallback and fallback[key] in source:
+        return fallback[key]
+    raise CheckpointError(f"checkpoint: {source.model_dir} has no tensor {key!r} (shards or index incomplete?)")
+
+
+def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
+    owner_name, _, leaf = dotted.rpartition(".")
+    owner = module.get_submodule(owner_name) if owner_name else module
+    if isinstance(value, nn.Parameter):
+        owner._parameters[leaf] = value
+    else:
+        owner._buffers[leaf] = value
+
+
+class StreamingModel:
+    """A meta skeleton plus its weight source; materialises parts on demand."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32) -> None:
+        self.model_dir = Path(model_dir)
+        self.source = WeightSource(self.model_dir)  # validates every shard up front
+        self.dtype = dtype
+        self.model = build_skeleton(self.model_dir, dtype)
+        self.layers = decoder_layers(self.model)
+        self.layer_prefix = _module_prefix(self.model, self.layers) + "."
+        self._pristine = [copy.deepcopy(layer) for layer in self.layers]  # meta: costs no memory
+        self._check_layer_keys()
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def num_layers(self) -> int:
+        return len(self.layers)
+
+    def layer_bytes(self, index: int = 0) -> int:
+        """Bytes one decoder layer occupies at the compute dtype."""
+        elem = torch.empty((), dtype=self.dtype).element_size()
+        return sum(p.numel() for p in self.layers[index].parameters()) * elem
+
+    def load_layer(self, index: int, device: torch.device) -> nn.Module:
+        """Materialise decoder layer ``index`` on ``device``."""
+        layer = self.layers[index]
+        return materialise(layer, f"{self.layer_prefix}{index}.", self.source, self.dtype, device)
+
+    def release_layer(self, index: int) -> None:
+        """Put the pristine meta layer back: frees weights and whatever a pass swapped in."""
+        self.layers[index] = copy.deepcopy(self._pristine[index])
+
+    def load_non_layer(self, device: torch.device) -> None:
+        """Materialise embeddings, final norm and rotary tables (not ``lm_head``)."""
+        base_prefix = self.layer_prefix.rsplit(".", 2)[0]
+        base = self.model.get_submodule(base_prefix)
+        for name, child in base.named_children():
+            if child is not self.layers:
+                materialise(child, f"{base_prefix}.{name}.", self.source, self.dtype, device)
+
+    def release_non_layer(self) -> None:
+        base = self.model.get_submodule(self.layer_prefix.rsplit(".", 2)[0])
+        for child in base.children():
+            if child is not self.layers:
+                release(child)
+
+    def non_layer_names(self) -> list[str]:
+        """Checkpoint tensor names outside the decoder layers (embeddings, norm, lm_head)."""
+        return [n for n in self.source.entries if not n.startswith(self.layer_prefix)]
+
+    def _check_layer_keys(self) -> None:
+        """Fail fast when the index names no shard for some layer (a shard left out of the index)."""
+        for index in range(self.num_layers()):
+            prefix = f"{self.layer_prefix}{index}."
+            for name, _ in self.layers[index].named_parameters():
+                if prefix + name not in self.source:
+                    raise CheckpointError(
+                        f"checkpoint: {self.model_dir} has no tensor {prefix + name!r} (a shard is missing from the index?)"
+                    )
+
+
+def _module_prefix(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise CheckpointError("model: decoder layers not found in the skeleton")
