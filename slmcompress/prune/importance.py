@@ -1,0 +1,316 @@
+"""Importance scores for structured pruning: activation-based (Minitron), magnitude, random.
+
+Minitron (Muralidharan et al. 2024, sec. 2.2) ranks every prunable unit by the size of
+the activations it produces on a small calibration set, computed with forward hooks
+only (no gradients): attention heads by their output, MLP neurons by their activation,
+embedding channels by the LayerNorm outputs. We follow NVIDIA ModelOpt's statistic:
+per channel, mean |x| over the sequence, then L2 over the batch; heads take the L2 of
+their ``head_dim`` channels of the ``o_proj`` input; hidden channels sum the statistic
+of every input / post-attention norm output over layers. Depth is scored by the LM-loss
+increase when a layer (or block) is removed, or by block importance 1 - cos(input,
+output) (Men et al. 2024 "ShortGPT"; used by ModelOpt and Sreenivas et al. 2024).
+
+Scores are "higher = more important" everywhere. All activation statistics come from one
+pass of :func:`slmcompress.calib.layerwise`, so memory follows one decoder layer.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import PreTrainedModel
+
+from slmcompress.calib import decoder_layers, layerwise
+from slmcompress.errors import PassError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Importance:
+    """Per-unit scores of one model (higher = keep). Lists are indexed by layer."""
+
+    heads: list[torch.Tensor]  # each (n_heads,)
+    neurons: list[torch.Tensor]  # each (ffn,)
+    hidden: torch.Tensor  # (H,)
+    layers: torch.Tensor | None = None  # (L,) depth score of each single layer
+    blocks: torch.Tensor | None = None  # (L - k + 1,) score of each contiguous block of k layers
+    block_size: int = 1
+    method: str = "activation"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        """Compact per-layer numbers for the stage report."""
+        out: dict[str, Any] = {
+            "method": self.method,
+            "head_score_per_layer": [round(float(h.sum()), 4) for h in self.heads],
+            "neuron_score_per_layer": [round(float(n.sum()), 4) for n in self.neurons],
+            "hidden_score_top5_channels": self.hidden.topk(min(5, self.hidden.numel())).indices.tolist(),
+        }
+        if self.layers is not None:
+            out["layer_scores"] = [round(float(v), 5) for v in self.layers]
+        return out | self.extra
+
+
+# ------------------------------------------------------------------ pure statistics
+def channel_stat(x: torch.Tensor) -> torch.Tensor:
+    """(B, T, C) -> (B, C): mean |x| over the sequence, the per-sample statistic."""
+    return x.detach().float().abs().mean(dim=1)
+
+
+class BatchL2:
+    """Accumulates the L2 norm over samples of a per-sample statistic (B, C) -> (C,)."""
+
+    def __init__(self) -> None:
+        self.sumsq: torch.Tensor | None = None
+
+    def add(self, stat: torch.Tensor) -> None:
+        sq = stat.pow(2).sum(dim=0).cpu()  # (C,)
+        self.sumsq = sq if self.sumsq is None else self.sumsq + sq
+
+    def value(self) -> torch.Tensor:
+        if self.sumsq is None:
+            raise PassError("importance: no calibration batch reached the hooks")
+        return self.sumsq.sqrt()
+
+
+def head_scores(channel_scores: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(n_heads * head_dim,) -> (n_heads,): L2 over each head's channels."""
+    return channel_scores.view(n_heads, -1).norm(dim=1)
+
+
+def cosine_importance(inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[float, int]:
+    """Sum over tokens of 1 - cos(input, output) and the token count; (B, T, H) each."""
+    cos = F.cosine_similarity(inputs.float().flatten(0, 1), outputs.float().flatten(0, 1), dim=-1)  # (B*T,)
+    return float((1 - cos).sum()), cos.numel()
+
+
+# ------------------------------------------------------------------ module lookup
+@dataclass(frozen=True)
+class LlamaParts:
+    """The modules of one Llama-style decoder layer that pruning reads or slices."""
+
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+    norm_attn: nn.Module
+    norm_mlp: nn.Module
+
+
+def llama_parts(layer: nn.Module, index: int = 0) -> LlamaParts:
+    """Find q/k/v/o, gate/up/down and the two norms; a clear error for other layouts."""
+    try:
+        attn, mlp = layer.self_attn, layer.mlp
+        return LlamaParts(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
+                          mlp.down_proj, layer.input_layernorm, layer.post_attention_layernorm)
+    except AttributeError as exc:
+        raise PassError(
+            f"model: layer {index} ({type(layer).__name__}) is not a Llama-style decoder layer "
+            f"(self_attn.q/k/v/o_proj, mlp.gate/up/down_proj, two norms); see slmcompress.prune.generic"
+        ) from exc
+
+
+def check_supported(model: PreTrainedModel) -> None:
+    """Raise a one-line PassError unless every decoder layer has the Llama layout."""
+    for i, layer in enumerate(decoder_layers(model)):
+        llama_parts(layer, i)
+
+
+# ------------------------------------------------------------------ activation collector
+class _LayerHooks:
+    """Forward hooks on one layer accumulating the Minitron statistics."""
+
+    def __init__(self, parts: LlamaParts) -> None:
+        self.parts = parts
+        self.heads, self.neurons, self.hidden = BatchL2(), BatchL2(), BatchL2()
+        self.handles = [
+            parts.o.register_forward_pre_hook(lambda _m, a: self.heads.add(channel_stat(a[0]))),
+            parts.down.register_forward_pre_hook(lambda _m, a: self.neurons.add(channel_stat(a[0]))),
+            parts.norm_attn.register_forward_hook(lambda _m, _a, out: self.hidden.add(channel_stat(out))),
+            parts.norm_mlp.register_forward_hook(lambda _m, _a, out: self.hidden.add(channel_stat(out))),
+        ]
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class _BlockCosine:
+    """1 - cos(input of layer s, output of layer s+k-1) for every block of k layers.
+
+    Keeps the inputs of the last k layers (a ring buffer), so memory is k activations.
+    """
+
+    def __init__(self, block_size: int) -> None:
+        self.k = block_size
+        self.window: deque[list[torch.Tensor]] = deque(maxlen=block_size)
+        self.scores: list[float] = []
+
+    def add(self, inputs: list[torch.Tensor], outputs: list[torch.Tensor]) -> None:
+        self.window.append(inputs)
+        if len(self.window) < self.k:
+            return
+        total, count = 0.0, 0
+        for x, y in zip(self.window[0], outputs, strict=True):
+            s, n = cosine_importance(x, y)
+            total, count = total + s, count + n
+        self.scores.append(total / count)
+
+
+@torch.no_grad()
+def activation_importance(
+    model: PreTrainedModel,
+    tokens: torch.Tensor,
+    device: torch.device,
+    batch_size: int = 1,
+    block_size: int = 1,
+) -> Importance:
+    """Minitron importance of heads, neurons and hidden channels, plus cosine depth scores.
+
+    Args:
+        model: a Llama-style causal LM.
+        tokens: calibration ids ``(N, T)``.
+        device: compute device (one layer at a time lives there).
+        batch_size: calibration batch size.
+        block_size: also score every contiguous block of this many layers by 1 - cos.
+    """
+    check_supported(model)
+    n_heads = model.config.num_attention_heads
+    heads, neurons, per_layer_cos = [], [], []
+    hidden: torch.Tensor | None = None
+    single, block = _BlockCosine(1), _BlockCosine(block_size)
+    for step in layerwise(model, tokens, device, batch_size):
+        hooks = _LayerHooks(llama_parts(step.layer, step.index))
+        try:
+            outputs = step.forward(keep_outputs=True)
+        finally:
+            hooks.remove()
+        step.set_outputs(outputs)
+        inputs = [b.hidden for b in step.inputs]
+        single.add(inputs, outputs)
+        block.add(inputs, outputs)
+        heads.append(head_scores(hooks.heads.value(), n_heads))
+        neurons.append(hooks.neurons.value())
+        hidden = hooks.hidden.value() if hidden is None else hidden + hooks.hidden.value()
+        per_layer_cos.append(single.scores[-1])
+    return Importance(
+        heads=heads, neurons=neurons, hidden=hidden, layers=torch.tensor(per_layer_cos),
+        blocks=torch.tensor(block.scores), block_size=block_size, method="activation",
+        extra={"depth_metric": "cosine"},
+    )
+
+
+# ------------------------------------------------------------------ baselines
+@torch.no_grad()
+def magnitude_importance(model: PreTrainedModel) -> Importance:
+    """Weight-norm baseline: the L2 norm of all weights removed together with each unit.
+
+    A head owns its q rows and o columns, a neuron its gate/up rows and down column, a
+    hidden channel its embedding column, norm weights, the input columns of q/k/v/gate/up
+    and the output rows of o/down in every layer; a layer owns all its weights.
+    """
+    check_supported(model)
+    n_heads = model.config.num_attention_heads
+    heads, neurons, layers = [], [], []
+    hidden_sq = model.get_input_embeddings().weight.float().pow(2).sum(dim=0)  # (H,)
+    for i, layer in enumerate(decoder_layers(model)):
+        p = llama_parts(layer, i)
+        q_sq = p.q.weight.float().pow(2).sum(dim=1) + p.o.weight.float().pow(2).sum(dim=0)  # (nh*hd,)
+        heads.append(q_sq.view(n_heads, -1).sum(dim=1).sqrt())
+        n_sq = p.gate.weight.float().pow(2).sum(1) + p.up.weight.float().pow(2).sum(1) + p.down.weight.float().pow(2).sum(0)
+        neurons.append(n_sq.sqrt())
+        for lin in (p.q, p.k, p.v, p.gate, p.up):
+            hidden_sq = hidden_sq + lin.weight.float().pow(2).sum(dim=0)
+        for lin in (p.o, p.down):
+            hidden_sq = hidden_sq + lin.weight.float().pow(2).sum(dim=1)
+        hidden_sq = hidden_sq + p.norm_attn.weight.float().pow(2) + p.norm_mlp.weight.float().pow(2)
+        layers.append(sum(float(w.float().pow(2).sum()) for w in layer.parameters()) ** 0.5)
+    return Importance(heads=heads, neurons=neurons, hidden=hidden_sq.sqrt(), layers=torch.tensor(layers),
+                      method="magnitude")
+
+
+def random_importance(model: PreTrainedModel, seed: int = 0) -> Importance:
+    """Seeded uniform scores: the floor any importance metric must beat."""
+    check_supported(model)
+    cfg = model.config
+    gen = torch.Generator().manual_seed(seed)
+    n_layers = len(decoder_layers(model))
+    return Importance(
+        heads=[torch.rand(cfg.num_attention_heads, generator=gen) for _ in range(n_layers)],
+        neurons=[torch.rand(cfg.intermediate_size, generator=gen) for _ in range(n_layers)],
+        hidden=torch.rand(cfg.hidden_size, generator=gen),
+        layers=torch.rand(n_layers, generator=gen),
+        method="random",
+    )
+
+
+# ------------------------------------------------------------------ depth by LM loss
+class _SkipLayer(nn.Module):
+    """Stands in for a removed decoder layer: returns its input unchanged."""
+
+    def __init__(self, original: nn.Module) -> None:
+        super().__init__()
+        self.attention_type = getattr(original, "attention_type", None)
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states
+
+
+@contextlib.contextmanager
+def layers_removed(model: PreTrainedModel, indices: list[int]) -> Iterator[None]:
+    """Temporarily replace the given decoder layers by identities (weights untouched)."""
+    layers = decoder_layers(model)
+    saved = {i: layers[i] for i in indices}
+    try:
+        for i in indices:
+            layers[i] = _SkipLayer(saved[i])
+        yield
+    finally:
+        for i, layer in saved.items():
+            layers[i] = layer
+
+
+@torch.no_grad()
+def lm_loss(model: PreTrainedModel, tokens: torch.Tensor, batch_size: int = 1) -> float:
+    """Mean next-token cross-entropy of ``model`` on ``tokens`` (N, T)."""
+    device = next(model.parameters()).device
+    total, count = 0.0, 0
+    for start in range(0, tokens.shape[0], batch_size):
+        ids = tokens[start : start + batch_size].to(device)  # (B, T)
+        logits = model(input_ids=ids, use_cache=False).logits.float()  # (B, T, V)
+        nll = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten(), reduction="sum")
+        total, count = total + float(nll), count + ids[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def loss_depth_scores(
+    model: PreTrainedModel, tokens: torch.Tensor, block_size: int = 1, batch_size: int = 1
+) -> tuple[torch.Tensor, float]:
+    """LM-loss increase when each block of ``block_size`` contiguous layers is removed.
+
+    Minitron (Muralidharan et al. 2024, sec. 2.2 "Layer (depth) importance") drops one
+    layer (or a contiguous block) at a time and measures the LM loss; a small increase
+    means the block is unimportant. Returns ``(scores (L - k + 1,), baseline loss)``.
+    """
+    model.eval()
+    base = lm_loss(model, tokens, batch_size)
+    n_layers = len(decoder_layers(model))
+    scores = []
+    for start in range(n_layers - block_size + 1):
+        with layers_removed(model, list(range(start, start + block_size))):
+            scores.append(lm_loss(model, tokens, batch_size) - base)
+        log.debug("depth: removing layers %d..%d: loss +%.4f", start, start + block_size - 1, scores[-1])
+    return torch.tensor(scores), base

@@ -1,0 +1,137 @@
+"""Build the genuinely smaller model: slice every tensor to a :class:`KeepPlan`.
+
+Masking would leave the parameter count unchanged; Minitron (Muralidharan et al. 2024)
+exports a smaller dense architecture. We slice the state dict (q/k/v/o by whole heads,
+gate/up/down by neuron, every norm, the embedding and the tied lm_head by hidden
+channel, and drop layers), write the new sizes into the config (``head_dim`` explicit,
+``layer_types`` sliced) and load the result into a freshly built model of the same
+class, so ``load_state_dict(strict=True)`` proves the checkpoint matches its config and
+plain ``AutoModelForCausalLM.from_pretrained`` reloads it.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel
+from transformers.initialization import no_init_weights
+
+from slmcompress.calib import decoder_layers
+from slmcompress.errors import PassError
+from slmcompress.prune.importance import llama_parts
+from slmcompress.prune.planner import KeepPlan, pruned_config
+
+log = logging.getLogger(__name__)
+
+#: (rows, cols) index kinds of each Linear's weight (out, in); None = keep all
+_LINEAR_AXES = {
+    "q": ("q", "hidden"), "k": ("kv", "hidden"), "v": ("kv", "hidden"), "o": ("hidden", "q"),
+    "gate": ("neurons", "hidden"), "up": ("neurons", "hidden"), "down": ("hidden", "neurons"),
+}
+
+
+def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(n,) head indices -> (n * head_dim,) channel indices, head-major."""
+    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+
+
+def _take(tensor: torch.Tensor, dims: tuple[torch.Tensor | None, ...]) -> torch.Tensor:
+    """Index ``tensor`` along each dim where an index tensor is given."""
+    for dim, index in enumerate(dims):
+        if index is not None:
+            tensor = tensor.index_select(dim, index.to(tensor.device))
+    return tensor.contiguous()
+
+
+def _layer_rules(layer: nn.Module, old_index: int, plan: KeepPlan) -> dict[str, tuple]:
+    """Suffix (inside the layer) -> per-dim indices for this layer's sliced tensors."""
+    parts = llama_parts(layer, old_index)
+    head_dim = plan.sizes.head_dim
+    index = {
+        "hidden": plan.hidden,
+        "q": head_channels(plan.heads[old_index], head_dim),
+        "kv": head_channels(plan.kv_heads[old_index], head_dim),
+        "neurons": plan.neurons[old_index],
+    }
+    names = {id(m): n for n, m in layer.named_modules()}
+    rules: dict[str, tuple] = {}
+    for part, (rows, cols) in _LINEAR_AXES.items():
+        name = names[id(getattr(parts, part))]
+        rules[f"{name}.weight"] = (index[rows], index[cols])
+        rules[f"{name}.bias"] = (index[rows],)
+    for norm in (parts.norm_attn, parts.norm_mlp):
+        rules[f"{names[id(norm)]}.weight"] = (plan.hidden,)
+        rules[f"{names[id(norm)]}.bias"] = (plan.hidden,)
+    return rules
+
+
+def _top_rules(model: PreTrainedModel, plan: KeepPlan) -> dict[str, tuple]:
+    """Embedding (V, H), lm_head (V, H) and final norm (H,) sliced by hidden channel."""
+    names = {id(m): n for n, m in model.named_modules()}
+    rules = {f"{names[id(model.get_input_embeddings())]}.weight": (None, plan.hidden)}
+    head = model.get_output_embeddings()
+    if head is not None:
+        rules[f"{names[id(head)]}.weight"] = (None, plan.hidden)
+        rules[f"{names[id(head)]}.bias"] = (None,)
+    norm = getattr(getattr(model, "model", None), "norm", None)
+    if norm is not None:
+        rules[f"{names[id(norm)]}.weight"] = (plan.hidden,)
+        rules[f"{names[id(norm)]}.bias"] = (plan.hidden,)
+    return rules
+
+
+def slice_state_dict(model: PreTrainedModel, plan: KeepPlan) -> dict[str, torch.Tensor]:
+    """The pruned model's state dict: kept layers renumbered 0.., every tensor sliced."""
+    layers = decoder_layers(model)
+    layer_names = {id(m): n for n, m in model.named_modules()}
+    prefix = layer_names[id(layers)]  # e.g. "model.layers"
+    pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
+    renumber = {old: new for new, old in enumerate(plan.layers)}
+    rules = {old: _layer_rules(layers[old], old, plan) for old in plan.layers}
+    top = _top_rules(model, plan)
+    out = {}
+    for key, tensor in model.state_dict().items():
+        match = pattern.match(key)
+        if match is None:
+            out[key] = _take(tensor, top.get(key, ()))
+            continue
+        old, suffix = int(match.group(1)), match.group(2)
+        if old in renumber:
+            out[f"{prefix}.{renumber[old]}.{suffix}"] = _take(tensor, rules[old].get(suffix, ()))
+    return out
+
+
+@torch.no_grad()
+def slice_model(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
+    """Return a new, smaller model of the same class holding the kept units.
+
+    Raises:
+        PassError: the sliced tensors do not fit the pruned config (an architecture
+            whose layout this slicer does not know) -- never a model that fails to reload.
+    """
+    config = pruned_config(model.config, plan.sizes, plan.layers)
+    state = slice_state_dict(model, plan)
+    dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
+    with no_init_weights():
+        new = model.__class__(config)
+    try:
+        new.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise PassError(f"model: pruned tensors do not match the pruned {type(model).__name__} config: "
+                        f"{first[1].strip() if len(first) > 1 else first[0]}") from exc
+    if getattr(config, "tie_word_embeddings", False):
+        new.tie_weights()
+    new.generation_config = copy.deepcopy(model.generation_config)
+    new.name_or_path = model.name_or_path
+    log.info("pruned %s -> %s", _arch(model.config), _arch(config))
+    return new.to(device=device, dtype=dtype).eval()
+
+
+def _arch(config) -> str:
+    return (f"L{config.num_hidden_layers} H{config.hidden_size} ffn{config.intermediate_size} "
+            f"heads{config.num_attention_heads}/{config.num_key_value_heads}")
