@@ -1,3 +1,4 @@
 """Built-in passes; importing this package registers them (see slmcompress.registry)."""
 
 from slmcompress.passes import eval, quantize_rtn  # noqa: F401
+from slmcompress.passes import prune  # noqa: F401
