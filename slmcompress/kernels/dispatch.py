@@ -1,0 +1,127 @@
+"""Pick and run the serving path of each :class:`QuantLinear`: Triton kernel or plain torch.
+
+Triton is imported only when a kernel is actually chosen, so the package works without it.
+``SLMCOMPRESS_KERNEL`` overrides the choice: ``torch`` (never use the kernel), ``triton``
+(use it wherever the bit width is supported, CPU tensors included when ``TRITON_INTERPRET=1``;
+how the tests run the kernel without a GPU), ``auto`` (default).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import weakref
+from collections import Counter
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slmcompress.quant.quant_linear import QuantLinear
+
+log = logging.getLogger(__name__)
+
+KERNEL_ENV = "SLMCOMPRESS_KERNEL"
+KERNEL_BITS = (3, 4)
+_PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, PackedWeight)
+
+
+def triton_available() -> bool:
+    """Triton installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def interpreting() -> bool:
+    """Triton's CPU interpreter is on (must be set before Triton is imported)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def kernel_mode(force: bool = False) -> str:
+    """``auto``, ``triton`` or ``torch`` from ``force`` and ``SLMCOMPRESS_KERNEL``."""
+    mode = os.environ.get(KERNEL_ENV, "auto").strip().lower() or "auto"
+    if mode not in ("auto", "triton", "torch"):
+        raise ValueError(f"{KERNEL_ENV}={mode!r}: use auto, triton or torch")
+    return "triton" if force and mode == "auto" else mode
+
+
+def explain_backend(layer: QuantLinear, device: torch.device | str, force: bool = False) -> tuple[str, str]:
+    """``(backend, reason)`` for ``layer`` on ``device``; backend is triton-int4/int3 or torch."""
+    device = torch.device(device)
+    mode = kernel_mode(force)
+    if mode == "torch":
+        return "torch", f"{KERNEL_ENV}=torch"
+    if layer.bits not in KERNEL_BITS:
+        return "torch", f"no {layer.bits}-bit Triton kernel (supported: {KERNEL_BITS})"
+    if not triton_available():
+        return "torch", "triton is not installed"
+    if device.type != "cuda" and not (mode == "triton" and interpreting()):
+        return "torch", "no CUDA device (the kernel runs on CPU only forced under TRITON_INTERPRET=1)"
+    return f"triton-int{layer.bits}", "forced" if mode == "triton" else "CUDA + Triton"
+
+
+def choose_backend(layer: QuantLinear, device: torch.device | str, force: bool = False) -> str:
+    """The backend name only (see :func:`explain_backend` for why)."""
+    return explain_backend(layer, device, force)[0]
+
+
+def set_backends(model: nn.Module, force: bool = False) -> dict[str, int]:
+    """Set ``backend`` on every QuantLinear of ``model``; returns how many layers got each.
+
+    Logs one info line per distinct (backend, reason), e.g. why 2/8-bit layers stay on torch.
+    Also precomputes each kernel layer's group layout, so the first forward (or a CUDA-graph
+    capture) does no host synchronisation.
+    """
+    counts: Counter[str] = Counter()
+    reasons: Counter[tuple[str, str]] = Counter()
+    for module in model.modules():
+        if isinstance(module, QuantLinear):
+            backend, reason = explain_backend(module, module.qweight.device, force)
+            module.backend = backend
+            if backend != "torch":
+                packed_weight(module)
+            counts[backend] += 1
+            reasons[(f"{backend} ({module.bits}-bit)", reason)] += 1
+    for (backend, reason), count in reasons.items():
+        log.info("%d quantized layers -> %s: %s", count, backend, reason)
+    return dict(counts)
+
+
+def group_layout(g_idx: torch.Tensor, group_size: int, in_features: int) -> tuple[int, int]:
+    """``(g_mode, group_size)`` for the kernel: ``i // group_size`` (one group: a huge size) or gather."""
+    from slmcompress.kernels.int4_matmul import G_GATHER, G_UNIFORM, SINGLE_GROUP
+
+    g_idx = g_idx.to("cpu", torch.int64)
+    if bool((g_idx == 0).all()):
+        return G_UNIFORM, SINGLE_GROUP
+    if group_size > 0 and torch.equal(g_idx, torch.arange(in_features) // group_size):
+        return G_UNIFORM, group_size
+    return G_GATHER, 1
+
+
+def packed_weight(layer: QuantLinear):
+    """The layer's tensors as an ``int4_matmul.PackedWeight`` (group layout cached per layer)."""
+    from slmcompress.kernels.int4_matmul import PackedWeight
+
+    key = (layer.qweight.data_ptr(), layer.g_idx.data_ptr(), layer.g_idx._version, layer.scales.data_ptr())
+    cached = _PACKED.get(layer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    g_mode, group_size = group_layout(layer.g_idx, layer.group_size, layer.in_features)
+    packed = PackedWeight(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
+                          layer.in_features, layer.out_features, g_mode, group_size)
+    _PACKED[layer] = (key, packed)
+    return packed
+
+
+def quant_matmul(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+    """``x (..., K) @ dequant(W)`` -> ``(..., N)`` through ``layer.backend`` (bias not added)."""
+    if layer.backend == "torch" or layer.bits not in KERNEL_BITS:
+        if layer.backend != "torch":
+            log.info("%s: no %d-bit kernel, using the torch path", layer.backend, layer.bits)
+        return F.linear(x, layer.dequantize(x.dtype))
+    from slmcompress.kernels import int4_matmul
+
+    x2d = x.reshape(-1, layer.in_features)  # (M, K)
+    out = int4_matmul.quant_matmul(x2d, packed_weight(layer))  # (M, N)
+    return out.reshape(*x.shape[:-1], layer.out_features)
