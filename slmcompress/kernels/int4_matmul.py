@@ -343,6 +343,16 @@ def default_config(m: int, bits: int) -> KernelConfig:
     return KernelConfig(16 if m <= 16 else 64, 64, 64, num_stages=3)
 
 
+def interpreter_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
+    """Few, large tiles: the interpreter's cost grows with the number of tiles, not their size."""
+    vals, _ = pack_geometry(bits)
+    block_m = 1 if m == 1 else 4 if m <= 4 else 16 if m <= 16 else 64
+    block_n = min(triton.next_power_of_2(n), 256)
+    cap = 128 if block_m >= 16 else 16 * vals
+    block_k = max(min(triton.next_power_of_2(k), cap), 16 if block_m >= 16 else 2 * vals)
+    return KernelConfig(block_m, block_n, block_k)
+
+
 def m_bucket(m: int) -> str:
     """Autotune bucket: decode GEMV, tiny and small batches, medium, large (prefill-ish)."""
     if m == 1:
@@ -422,7 +432,7 @@ def fused_matmul(x2d: torch.Tensor, w: PackedWeight, config: KernelConfig | None
     m, n = x2d.shape[0], w.out_features
     x2d = x2d if x2d.stride(1) == 1 else x2d.contiguous()
     if config is None and INTERPRET:
-        config = default_config(m, w.bits)
+        config = interpreter_config(m, n, w.in_features, w.bits)
     split = config.split_k > 1 if config is not None else _uses_split_k(m_bucket(m), w.bits)
     out = (torch.zeros(m, n, device=x2d.device, dtype=torch.float32) if split
            else torch.empty(m, n, device=x2d.device, dtype=x2d.dtype))  # (M, N)
