@@ -2,3 +2,4 @@
 
 from slmcompress.passes import eval, quantize_rtn  # noqa: F401
 from slmcompress.passes import prune  # noqa: F401
+from slmcompress.passes import distill  # noqa: F401
