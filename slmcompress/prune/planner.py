@@ -293,3 +293,25 @@ def plan_keep(importance: Any, current: ArchSizes, sizes: ArchSizes, depth_mode:
         neurons={i: top_k(importance.neurons[i], sizes.ffn_hidden_size) for i in layers},
         layers=layers,
     )
+
+
+def sizes_for_removal(current: ArchSizes, axis: str, ratio: float, head_pruning: str = "within_groups",
+                      round_to: int = 8) -> ArchSizes:
+    """Remove about ``ratio`` of one axis's units (at least one step, whole heads/groups, whole layers).
+
+    Heads round the kept count down (9 heads in 3 groups at 10% -> 6), since smaller steps
+    do not exist; channels round to the axis step, layers to the nearest whole layer.
+    """
+    if axis not in AXES:
+        raise PassError(f"axis: unknown axis {axis!r}; valid: {', '.join(AXES)}")
+    if not 0 < ratio < 1:
+        raise PassError(f"ratios: {ratio} must be between 0 and 1 (the fraction removed)")
+    field = {"mlp": "ffn_hidden_size", "hidden": "hidden_size", "layers": "num_layers", "heads": "num_attention_heads"}
+    size = getattr(current, field[axis])
+    step = _axis_step(current, axis, head_pruning, round_to)
+    keep = size * (1 - ratio) / step
+    units = math.floor(keep + 1e-9) if axis == "heads" else round(keep)
+    value = max(step, min(size - step, units * step))
+    if value >= size:
+        raise PassError(f"axis: {axis} of size {size} cannot be pruned in steps of {step}")
+    return _with_axis(current, axis, value, head_pruning)
