@@ -180,3 +180,30 @@ def test_recipe_refuses_training_on_eval_text():
     with pytest.raises(SlmError, match=r"stages\[1\]\.data: uses the evaluation data"):
         load_recipe(RECIPES / "smollm2-minitron-width-kd.yaml",
                     ["stages.1.data.source=wikitext2", "stages.1.data.split=test"])
+
+
+def test_recipe_rerun_after_a_kill_continues_training(tiny_model_dir, teacher_dir, tmp_path, monkeypatch):
+    """The runner keeps .work/<stage> after a crash; rerunning the recipe resumes the distill stage."""
+    from conftest import write_recipe
+
+    from slmcompress.runner import run_recipe
+
+    stages = [{"type": "distill", "name": "heal", "max_steps": 3, "seq_len": 32, "micro_batch_size": 2,
+               "save_every": 1, "eval_every": 0, "lr": 1e-3}]
+    out = tmp_path / "run"
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), stages, out, teacher=str(teacher_dir))
+    real_save = trainer_module.save_training_state
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(trainer_module, "save_training_state", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        run_recipe(load_recipe(recipe))
+    assert (out / ".work" / "01-heal" / "checkpoint" / "trainer.json").is_file()
+    monkeypatch.setattr(trainer_module, "save_training_state", real_save)
+    run_recipe(load_recipe(recipe))
+    report = json.loads((out / "01-heal" / "report.json").read_text())
+    assert report["extra"]["distill"]["resumed_from_step"] == 1 and report["extra"]["distill"]["steps"] == 3
+    assert (out / "01-heal" / "loss_curve.png").is_file() and not (out / ".work" / "01-heal").exists()
