@@ -10,18 +10,21 @@ the input dim as one little-endian bit stream per *block* of ``VALS`` inputs hel
 
 Why the kernel is shaped this way:
 
-* Each packed word is loaded once: a K-tile covers ``KB = BLOCK_K / VALS`` blocks, and a
-  static loop over the ``VALS`` positions inside a block extracts one ``(KB, BLOCK_N)`` code
-  slice per position (shift and mask are compile-time constants) and multiplies it with
-  the matching strided ``(BLOCK_M, KB)`` slice of ``x``. Same sum, permuted K order.
-* Groups: with the trivial ``g_idx = i // group_size`` and ``group_size % BLOCK_K == 0`` a
-  K-tile lies in one group, so its scale/zero rows are loaded once and the scale is applied
-  after the dot (``G_MODE`` 1 or 2). Anything else (act-order ``g_idx``, small groups)
-  gathers scales/zeros per row through ``g_idx`` (``G_MODE`` 0): always correct.
-* Decode (small M) is memory-bound: ``BLOCK_M`` 1 uses a broadcast-multiply-sum (no tensor
-  cores, no padding) and split-K adds partial sums atomically into an fp32 buffer so that
-  a 4096-wide layer still fills every SM. Larger M uses ``tl.dot`` tiles with grouped
-  program order for L2 reuse; very large M dequantizes once and calls cuBLAS.
+* Two inner loops, picked by ``BLOCK_M`` at compile time. Decode (``BLOCK_M`` < 16) is
+  memory-bound, so ``_packed_step`` loads each packed word exactly once: a K-tile covers
+  ``KB = BLOCK_K / VALS`` blocks, a static loop over the ``VALS`` positions of a block
+  extracts one ``(KB, BLOCK_N)`` code slice per position (compile-time shifts) and multiplies
+  it with the matching strided ``(BLOCK_M, KB)`` slice of ``x`` by broadcast-multiply-sum (no
+  tensor-core padding). Same sum, permuted K order. ``BLOCK_M`` >= 16 uses ``_tile_step``:
+  one ``(BLOCK_K, BLOCK_N)`` code tile (words re-read from L1 per row) and one ``tl.dot``.
+* Groups: with ``g_idx == i // group_size`` and ``group_size % BLOCK_K == 0`` a K-tile lies in
+  one group, so its scale/zero rows are loaded once and the scale is applied after the sum
+  (``G_UNIFORM``; per-channel is ``group_size = SINGLE_GROUP``). Anything else (act-order,
+  small groups, ragged tails) gathers scales/zeros per row (``G_GATHER`` reads ``g_idx``):
+  slower, always correct.
+* Split-K adds fp32 partial sums atomically so a layer with few output tiles still fills
+  every SM at decode; tiles go in grouped order for L2 reuse; above ``DENSE_MIN_M`` rows the
+  weight is dequantized once and cuBLAS does the GEMM.
 """
 
 from __future__ import annotations
@@ -333,16 +336,6 @@ def check_config(cfg: KernelConfig, bits: int) -> None:
         raise ValueError(f"block_k={cfg.block_k} must hold >= 2 packed blocks of {vals} ({bits}-bit)")
 
 
-def default_config(m: int, bits: int) -> KernelConfig:
-    """A single sensible config (interpreter runs and callers that skip autotuning)."""
-    vals, _ = pack_geometry(bits)
-    if m == 1:
-        return KernelConfig(1, 128, 8 * vals)
-    if m <= 4:
-        return KernelConfig(4, 64, 4 * vals)
-    return KernelConfig(16 if m <= 16 else 64, 64, 64, num_stages=3)
-
-
 def interpreter_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
     """Few, large tiles: the interpreter's cost grows with the number of tiles, not their size."""
     vals, _ = pack_geometry(bits)
@@ -368,8 +361,8 @@ def bucket_configs(bucket: str, bits: int) -> list[KernelConfig]:
     """Candidate configs per M bucket; split-K where the grid would not fill the GPU.
 
     FMA tiles (block_m < 16) read each packed word once and suit decode; tl.dot tiles pay
-    tensor-core padding but win as M grows. Shared memory of every config was checked with
-    ``benchmarks/kernel.py --compile-check`` (ahead-of-time compile, no GPU needed).
+    tensor-core padding but win as M grows. Check shared memory after editing with
+    ``benchmarks/kernel.py --compile-check 90`` (ahead-of-time compile, no GPU needed).
     """
     vals, _ = pack_geometry(bits)
     if bucket == "gemv":
