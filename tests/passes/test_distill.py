@@ -72,6 +72,7 @@ def test_max_tokens_sets_the_step_count(tiny_llama, make_ctx, teacher_dir, tmp_p
     assert ctx.extra_metrics["distill"]["steps"] == 3  # ceil(150 / 64)
 
 
+@pytest.mark.slow
 def test_pass_resumes_after_a_kill(tiny_llama, make_ctx, teacher_dir, tmp_path, monkeypatch):
     config = _config(teacher=str(teacher_dir), max_steps=4, save_every=1, eval_every=0)
     start = copy.deepcopy(tiny_llama)
