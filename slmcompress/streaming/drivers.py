@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 @torch.no_grad()
 def gptq_streaming(gptq_pass: Any, model_dir: Path, ctx: Context, out_dir: Path,
                    options: StreamOptions | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                   metadata: dict[str, Any] | None = None) -> Path:
+                   metadata: dict[str, Any] | None = None, tokens: torch.Tensor | None = None) -> Path:
     """Quantize ``model_dir`` with a :class:`~slmcompress.passes.gptq.GPTQPass`'s settings, streamed.
 
     Writes a sharded GPTQ v1 checkpoint to ``out_dir`` (atomically) and returns it.
@@ -43,7 +43,8 @@ def gptq_streaming(gptq_pass: Any, model_dir: Path, ctx: Context, out_dir: Path,
     cfg = gptq_pass.config
     stream = StreamingModel(Path(model_dir), ctx.dtype)
     targets = gptq_pass._targets(stream.model, ctx)
-    tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
+    if tokens is None:
+        tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
     options = replace(options or StreamOptions(), batch_size=cfg.batch_size, pass_name="gptq",
                       key={"gptq": cfg.model_dump()})
     run = StreamingRun(stream, tokens, ctx.device, ctx.work_dir, options, ctx.dtype)
@@ -175,3 +176,65 @@ def importance_streaming(model_dir: Path, tokens: torch.Tensor, device: torch.de
     for index in range(stream.num_layers()):
         result.update(run.load_result(index)[0])
     return result
+
+
+# ---------------------------------------------------------------- Minitron importance (prune pass)
+@torch.no_grad()
+def minitron_layer_scores(step: Any, n_heads: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """One layer of :func:`slmcompress.prune.importance.activation_importance`, as a saved result.
+
+    Uses the prune module's own hooks and statistics, so the scores are bit-identical; the
+    per-layer cosine sum is kept as a float in the metadata for the exact same division.
+    """
+    from slmcompress.prune.importance import (
+        _LayerHooks,
+        cosine_importance,
+        head_scores,
+        llama_parts,
+    )
+
+    hooks = _LayerHooks(llama_parts(step.layer, step.index))
+    try:
+        outputs = step.forward(keep_outputs=True)
+    finally:
+        hooks.remove()
+    step.set_outputs(outputs)
+    total, count = 0.0, 0
+    for batch, out in zip(step.inputs, outputs, strict=True):
+        s, n = cosine_importance(batch.hidden, out)
+        total, count = total + s, count + n
+    tensors = {"heads": head_scores(hooks.heads.value(), n_heads), "neurons": hooks.neurons.value(),
+               "hidden": hooks.hidden.value()}
+    return tensors, {"cos_total": total, "cos_count": count}
+
+
+@torch.no_grad()
+def activation_importance_streaming(model_dir: Path, tokens: torch.Tensor, device: torch.device, work_dir: Path,
+                                    options: StreamOptions | None = None, dtype: torch.dtype = torch.float32,
+                                    block_size: int = 1) -> Any:
+    """:func:`~slmcompress.prune.importance.activation_importance` over a streamed model (resumable)."""
+    from slmcompress.errors import PassError
+    from slmcompress.prune.importance import Importance, check_supported
+
+    if block_size != 1:
+        raise PassError("importance: streaming scores single layers only (block_size 1); "
+                        "use depth_mode/ block scoring in memory")
+    stream = StreamingModel(Path(model_dir), dtype)
+    check_supported(stream.model)
+    options = replace(options or StreamOptions(), pass_name="importance", key={"importance": "minitron-activation"})
+    run = StreamingRun(stream, tokens, device, work_dir, options, dtype)
+    n_heads = stream.config.num_attention_heads
+    for step in run.steps():
+        tensors, meta = minitron_layer_scores(step, n_heads)
+        run.save_result(step.index, tensors, meta)
+    heads, neurons, cos, hidden = [], [], [], None
+    for index in range(stream.num_layers()):
+        tensors, meta = run.load_result(index)
+        heads.append(tensors["heads"])
+        neurons.append(tensors["neurons"])
+        hidden = tensors["hidden"] if hidden is None else hidden + tensors["hidden"]
+        cos.append(meta["cos_total"] / meta["cos_count"])
+    run.cleanup()
+    return Importance(heads=heads, neurons=neurons, hidden=hidden, layers=torch.tensor(cos),
+                      blocks=torch.tensor(cos), block_size=1, method="activation",
+                      extra={"depth_metric": "cosine", "streamed": True})

@@ -14,6 +14,7 @@ beyond), and every finished layer is a resume point::
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import shutil
 from collections.abc import Iterator, Sequence
@@ -54,6 +55,22 @@ class StreamOptions:
     resume: bool = True
     pass_name: str = "gptq"  # for the working-set estimate in the budget check
     key: dict[str, Any] = field(default_factory=dict)  # what the pass result depends on
+
+
+_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def release_freed_memory_eagerly() -> None:
+    """Make glibc return every freed tensor (>64 KiB) to the OS at once.
+
+    glibc raises its mmap threshold after large frees, so later layer-sized tensors come
+    from the heap, which fragments and never shrinks: measured +100-200 MB of RSS per
+    streamed layer size without this, +0 with it. A fixed threshold keeps it at one layer.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
+        pass
 
 
 def default_budget() -> int:
@@ -159,6 +176,7 @@ class StreamingRun:
     def __init__(self, model: Path | StreamingModel, tokens: torch.Tensor, device: torch.device,
                  work_dir: Path, options: StreamOptions | None = None, dtype: torch.dtype = torch.float32) -> None:
         self.options = options or StreamOptions()
+        release_freed_memory_eagerly()
         self.stream = model if isinstance(model, StreamingModel) else StreamingModel(Path(model), dtype)
         self.tokens, self.device = tokens, torch.device(device)
         self.root = Path(work_dir) / "stream"

@@ -21,9 +21,9 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
@@ -144,14 +144,36 @@ def _pread_into(path: Path, buffer: memoryview, offset: int, chunk: int = 1 << 3
 
 
 def build_skeleton(model_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
-    """The model from its config alone: parameters on ``meta``, buffers real (rotary tables)."""
+    """The model from its config alone: parameters on ``meta``, buffers real (rotary tables).
+
+    Built under ``torch.device("meta")`` so no parameter is ever allocated (accelerate's
+    ``init_empty_weights`` allocates each one on the CPU first, which an address-space cap
+    notices); modules whose buffers are computed at init (rotary ``inv_freq``) are then
+    rebuilt on the CPU from the config, exactly as a normal load computes them.
+    """
     config = AutoConfig.from_pretrained(model_dir)
-    qcfg = getattr(config, "quantization_config", None)
-    if qcfg:
+    if getattr(config, "quantization_config", None):
         raise CheckpointError(f"checkpoint: {model_dir} is already quantized; streaming reads float checkpoints")
-    with init_empty_weights(include_buffers=False):
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    for name, module in list(model.named_modules()):
+        if any(b.device.type == "meta" for b in module.buffers(recurse=False)):
+            _rebuild_on_cpu(model, name, module, config)
     return model.eval()
+
+
+def _rebuild_on_cpu(model: nn.Module, name: str, module: nn.Module, config: Any) -> None:
+    """Recreate a buffer-owning module (e.g. rotary embedding) on the CPU from the config."""
+    try:
+        with torch.device("cpu"):
+            rebuilt = type(module)(config=getattr(config, "text_config", None) or config)
+    except Exception as exc:  # noqa: BLE001 - any constructor failure means we cannot stream it
+        raise CheckpointError(f"model: cannot compute the buffers of {name} ({type(module).__name__}) "
+                              f"without weights: {exc}") from exc
+    if any(p.device.type != "meta" for p in module.parameters(recurse=False)):
+        raise CheckpointError(f"model: {name} has both weights and computed buffers; streaming cannot load it")
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)
 
 
 def materialise(module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype,
