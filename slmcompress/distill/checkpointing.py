@@ -14,6 +14,7 @@ FSDP-sharded models alike, so the same files resume a single-process or a torchr
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -109,6 +110,15 @@ def _json_default(value: Any) -> Any:
     if isinstance(value, torch.Tensor):
         return value.tolist()
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def weights_digest(model: nn.Module) -> str:
+    """Hash of the student's starting weights: a checkpoint of another student must not resume."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def read_trainer_json(work_dir: Path) -> dict[str, Any] | None:

@@ -19,16 +19,28 @@ log = logging.getLogger(__name__)
 
 def parse_data_spec(spec: str) -> DataSpec:
     """``c4`` | ``wikitext2:validation`` | ``path/to/file.jsonl`` | ``hub/id:split`` -> DataSpec."""
-    source, _, split = spec.partition(":") if not spec.startswith(("/", ".", "~")) else (spec, "", "")
+    source, _, split = (
+        spec.partition(":") if not spec.startswith(("/", ".", "~")) else (spec, "", "")
+    )
     if not source:
         raise DataError(f"--data: empty data spec {spec!r}")
     return DataSpec(source=source, split=split or None)
 
 
 def teacher_cache_command(
-    model: str, data: str, top_k: int, out: Path, *, seq_len: int = 512, n_sequences: int | None = None,
-    batch_size: int = 4, shard_size: int = 256, values_dtype: str = "float32", device: str = "auto",
-    dtype: str = "auto", show_progress: bool = True,
+    model: str,
+    data: str,
+    top_k: int,
+    out: Path,
+    *,
+    seq_len: int = 512,
+    n_sequences: int | None = None,
+    batch_size: int = 4,
+    shard_size: int = 256,
+    values_dtype: str = "float32",
+    device: str = "auto",
+    dtype: str = "auto",
+    show_progress: bool = True,
 ) -> TeacherCache:
     """Load ``model``, cache its top-k logits on ``data`` into ``out`` (resuming), return the reader.
 
@@ -46,7 +58,17 @@ def teacher_cache_command(
     if limit is not None and seq_len > limit:
         raise DataError(f"--seq-len: {seq_len} exceeds {model}'s max_position_embeddings {limit}")
     build_teacher_cache(
-        loaded.model, loaded.tokenizer, spec, seq_len, top_k, Path(out), n_sequences, batch_size=batch_size,
-        shard_size=shard_size, values_dtype=values_dtype, model_name=model, show_progress=show_progress,
+        loaded.model,
+        loaded.tokenizer,
+        spec,
+        seq_len,
+        top_k,
+        Path(out),
+        n_sequences,
+        batch_size=batch_size,
+        shard_size=shard_size,
+        values_dtype=values_dtype,
+        model_name=model,
+        show_progress=show_progress,
     )
     return TeacherCache(Path(out), verify=True)

@@ -13,7 +13,6 @@ Losses live in :mod:`slmcompress.distill.losses`, the loop in
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -25,6 +24,7 @@ from transformers import PreTrainedModel
 
 from slmcompress import dist
 from slmcompress.data import DataSpec, check_disjoint, eval_tokens, packed_sequences, spec_identity
+from slmcompress.distill.checkpointing import weights_digest
 from slmcompress.distill.distributed import (
     TeacherSharding,
     gather_full_model,
@@ -100,25 +100,13 @@ class DistillConfig(PassConfig):
         check_disjoint(self.data_spec(recipe.data.calibration), recipe.data.eval, f"{where}.data")
 
 
-def _positions(model: PreTrainedModel) -> int | None:
-    return getattr(model.config, "max_position_embeddings", None)
-
-
 def check_seq_len(model: PreTrainedModel, seq_len: int, where: str, who: str) -> None:
-    limit = _positions(model)
+    """Positions beyond the model's range would silently extrapolate RoPE."""
+    limit = getattr(model.config, "max_position_embeddings", None)
     if limit is not None and seq_len > limit:
         raise PassError(
             f"{where}.seq_len: {seq_len} exceeds the {who}'s max_position_embeddings {limit}"
         )
-
-
-def weights_digest(model: torch.nn.Module) -> str:
-    """Hash of the student's starting weights: a checkpoint of another student must not resume."""
-    digest = hashlib.sha256()
-    for name, tensor in model.state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 @register_pass("distill")

@@ -24,9 +24,21 @@ STEPS, MICRO, SEQ = 4, 2, 32
 def _config(teacher: Path, grad_accum: int, sharding: str = "replicated"):
     from slmcompress.passes.distill import DistillConfig
 
-    return DistillConfig(type="distill", teacher=str(teacher), teacher_sharding=sharding, max_steps=STEPS,
-                         seq_len=SEQ, micro_batch_size=MICRO, grad_accum=grad_accum, lr=2e-3, warmup_steps=1,
-                         eval_every=2, eval_tokens=256, save_every=2, alpha=0.2)
+    return DistillConfig(
+        type="distill",
+        teacher=str(teacher),
+        teacher_sharding=sharding,
+        max_steps=STEPS,
+        seq_len=SEQ,
+        micro_batch_size=MICRO,
+        grad_accum=grad_accum,
+        lr=2e-3,
+        warmup_steps=1,
+        eval_every=2,
+        eval_tokens=256,
+        save_every=2,
+        alpha=0.2,
+    )
 
 
 def _ctx(tokenizer, work: Path, texts: Path):
@@ -35,10 +47,21 @@ def _ctx(tokenizer, work: Path, texts: Path):
 
     work.mkdir(parents=True, exist_ok=True)
     # Small local files: every rank tokenizes its data, and the full C4 slice is slow to tokenize.
-    data = DataConfig(calibration=CalibrationSpec(source=str(texts / "train.txt"), n_samples=8, seq_len=64),
-                      eval=EvalSpec(source=str(texts / "eval.txt"), max_tokens=512, seq_len=128))
-    return Context(tokenizer=tokenizer, data=data, device=torch.device("cpu"), dtype=torch.float32,
-                   original_model="unused", teacher=None, stage_dir=work / "stage", work_dir=work, seed=0)
+    data = DataConfig(
+        calibration=CalibrationSpec(source=str(texts / "train.txt"), n_samples=8, seq_len=64),
+        eval=EvalSpec(source=str(texts / "eval.txt"), max_tokens=512, seq_len=128),
+    )
+    return Context(
+        tokenizer=tokenizer,
+        data=data,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        original_model="unused",
+        teacher=None,
+        stage_dir=work / "stage",
+        work_dir=work,
+        seed=0,
+    )
 
 
 def _student() -> LlamaForCausalLM:
@@ -54,7 +77,9 @@ def _run_pass(teacher: Path, work: Path, grad_accum: int, sharding: str = "repli
 
     ctx = _ctx(AutoTokenizer.from_pretrained(teacher), work, teacher.parent)
     model = DistillPass(_config(teacher, grad_accum, sharding)).run(_student(), ctx)
-    history = json.loads(Path(ctx.artifacts["train_history.json"]).read_text()) if ctx.artifacts else None
+    history = (
+        json.loads(Path(ctx.artifacts["train_history.json"]).read_text()) if ctx.artifacts else None
+    )
     return history, model
 
 
@@ -64,8 +89,13 @@ class _Killed(RuntimeError):
 
 def _worker(rank: int, world: int, port: int, teacher: str, out: str, sharding: str) -> None:
     """One torchrun-like rank: a run killed after its first checkpoint, then resumed."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank),
+    )
     torch.set_num_threads(1)
     torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
     import slmcompress.distill.trainer as trainer_module
@@ -105,14 +135,18 @@ def teacher_dir(tmp_path, tokenizer) -> Path:
     (tmp_path / "eval.txt").write_text("\n\n".join(docs[-20:]))
     directory = tmp_path / "teacher"
     torch.manual_seed(1)
-    LlamaForCausalLM(tiny_llama_config(hidden_size=96, intermediate_size=192)).save_pretrained(directory)
+    LlamaForCausalLM(tiny_llama_config(hidden_size=96, intermediate_size=192)).save_pretrained(
+        directory
+    )
     tokenizer.save_pretrained(directory)
     return directory
 
 
 def _check_against_single_process(tmp_path: Path, teacher_dir: Path, sharding: str) -> None:
     out = tmp_path / "dist"
-    mp.spawn(_worker, args=(2, _free_port(), str(teacher_dir), str(out), sharding), nprocs=2, join=True)
+    mp.spawn(
+        _worker, args=(2, _free_port(), str(teacher_dir), str(out), sharding), nprocs=2, join=True
+    )
     history = json.loads((out / "history.json").read_text())
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -120,12 +154,18 @@ def _check_against_single_process(tmp_path: Path, teacher_dir: Path, sharding: s
         single, single_model = _run_pass(teacher_dir, tmp_path / "single", grad_accum=2)
     finally:
         torch.set_num_threads(previous)
-    assert [r["step"] for r in history] == list(range(1, STEPS + 1))  # the resumed run reports the whole curve
+    assert [r["step"] for r in history] == list(
+        range(1, STEPS + 1)
+    )  # the resumed run reports the whole curve
     assert [r["loss"] for r in history] == pytest.approx([r["loss"] for r in single], rel=1e-4)
     evals = [r["eval_ppl"] for r in history if "eval_ppl" in r]
-    assert len(evals) == 2 and evals == pytest.approx([r["eval_ppl"] for r in single if "eval_ppl" in r], rel=1e-4)
+    assert len(evals) == 2 and evals == pytest.approx(
+        [r["eval_ppl"] for r in single if "eval_ppl" in r], rel=1e-4
+    )
     distributed_model = LlamaForCausalLM.from_pretrained(out / "model")
-    for (key, a), b in zip(single_model.state_dict().items(), distributed_model.state_dict().values(), strict=True):
+    for (key, a), b in zip(
+        single_model.state_dict().items(), distributed_model.state_dict().values(), strict=True
+    ):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=key)
 
 

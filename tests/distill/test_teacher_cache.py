@@ -35,8 +35,19 @@ def teacher() -> LlamaForCausalLM:
 
 
 def _build(teacher, tokenizer, out, n=6, **kwargs):
-    return build_teacher_cache(teacher, tokenizer, SPEC, SEQ, K, out, n, batch_size=2, shard_size=4,
-                               show_progress=False, **kwargs)
+    return build_teacher_cache(
+        teacher,
+        tokenizer,
+        SPEC,
+        SEQ,
+        K,
+        out,
+        n,
+        batch_size=2,
+        shard_size=4,
+        show_progress=False,
+        **kwargs,
+    )
 
 
 def test_layout_and_manifest(tmp_path, teacher, tokenizer):
@@ -63,7 +74,9 @@ def test_cached_kd_equals_live_kd_on_the_same_batch(tmp_path, teacher, tokenizer
     torch.testing.assert_close(cached.values, live.values)
     assert torch.equal(cached.indices, live.indices)
     fn = LOSSES[loss]
-    assert fn(student_logits, cached, 2.0).item() == pytest.approx(fn(student_logits, live, 2.0).item(), rel=1e-6)
+    assert fn(student_logits, cached, 2.0).item() == pytest.approx(
+        fn(student_logits, live, 2.0).item(), rel=1e-6
+    )
 
 
 def test_bfloat16_values_are_close(tmp_path, teacher, tokenizer):
@@ -73,7 +86,9 @@ def test_bfloat16_values_are_close(tmp_path, teacher, tokenizer):
     with torch.no_grad():
         live = top_k_logits(teacher(input_ids=cache.tokens()).logits, K)
     exact = LOSSES["forward_kl"](student, live).item()
-    assert LOSSES["forward_kl"](student, cache.targets(torch.tensor([0, 1]))).item() == pytest.approx(exact, rel=1e-2)
+    assert LOSSES["forward_kl"](
+        student, cache.targets(torch.tensor([0, 1]))
+    ).item() == pytest.approx(exact, rel=1e-2)
 
 
 def test_resume_after_kill_skips_written_shards(tmp_path, teacher, tokenizer, monkeypatch):
@@ -89,7 +104,9 @@ def test_resume_after_kill_skips_written_shards(tmp_path, teacher, tokenizer, mo
     monkeypatch.setattr(tc, "teacher_top_k", dies_on_second_shard)
     with pytest.raises(KeyboardInterrupt):
         _build(teacher, tokenizer, tmp_path)
-    assert (tmp_path / "manifest.partial.json").is_file() and not (tmp_path / "manifest.json").exists()
+    assert (tmp_path / "manifest.partial.json").is_file() and not (
+        tmp_path / "manifest.json"
+    ).exists()
     with pytest.raises(DataError, match="incomplete"):
         TeacherCache(tmp_path)
     calls.clear()
@@ -124,9 +141,20 @@ def test_check_compatible(tmp_path, teacher, tokenizer):
 
 
 def test_cli_function(tmp_path, tiny_model_dir):
-    cache = teacher_cache_command(str(tiny_model_dir), "c4", 4, tmp_path / "c", seq_len=SEQ, n_sequences=3,
-                                  device="cpu", dtype="float32", show_progress=False)
+    cache = teacher_cache_command(
+        str(tiny_model_dir),
+        "c4",
+        4,
+        tmp_path / "c",
+        seq_len=SEQ,
+        n_sequences=3,
+        device="cpu",
+        dtype="float32",
+        show_progress=False,
+    )
     assert cache.n_sequences == 3 and cache.manifest["top_k"] == 4
     with pytest.raises(DataError, match="--data: uses the evaluation data"):
         teacher_cache_command(str(tiny_model_dir), "wikitext2:test", 4, tmp_path / "d", seq_len=SEQ)
-    assert parse_data_spec("wikitext2:validation") == DataSpec(source="wikitext2", split="validation")
+    assert parse_data_spec("wikitext2:validation") == DataSpec(
+        source="wikitext2", split="validation"
+    )
