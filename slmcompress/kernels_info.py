@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import importlib.util
+from types import SimpleNamespace
 
 import torch
 
 
 def backend_for_bits(bits: int | None) -> str:
-    """The backend QuantLinear uses here: a Triton kernel on CUDA for 4/3-bit, else plain torch."""
-    triton_ok = importlib.util.find_spec("triton") is not None and torch.cuda.is_available()
-    if bits in (3, 4) and triton_ok:
-        return f"triton-int{bits}"
-    reason = "no CUDA" if bits in (3, 4) else f"no {bits}-bit kernel"
-    return f"torch ({reason})"
+    """The backend QuantLinear would use here, with the dispatcher's own reason."""
+    from slmcompress.kernels.dispatch import explain_backend
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    backend, reason = explain_backend(SimpleNamespace(bits=bits), device)  # only .bits is read
+    return f"{backend} ({reason})"

@@ -84,10 +84,13 @@ class QuantLinear(nn.Module):
         return w.T.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_cuda and self.backend != "torch":
+        if self.backend != "torch":
             from slmcompress.kernels import dispatch
 
-            out = dispatch.quant_matmul(x, self)
+            if x.is_cuda or dispatch.interpreting():
+                out = dispatch.quant_matmul(x, self)
+            else:
+                out = F.linear(x, self.dequantize(x.dtype))
         else:
             out = F.linear(x, self.dequantize(x.dtype))
         if self.bias is not None:
