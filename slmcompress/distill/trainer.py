@@ -209,12 +209,9 @@ class Trainer:
         return float(norm)
 
     def _maybe_eval(self, step: int, record: dict[str, Any]) -> None:
-        last = step + 1 == self.s.max_steps
-        if (
-            self.eval_fn is None
-            or not self.s.eval_every
-            or ((step + 1) % self.s.eval_every and not last)
-        ):
+        """Held-out ppl every ``eval_every`` steps (0: never mid-run) and always after the last step."""
+        periodic = self.s.eval_every and (step + 1) % self.s.eval_every == 0
+        if self.eval_fn is None or not (periodic or step + 1 == self.s.max_steps):
             return
         record["eval_ppl"] = float(self.eval_fn(self.model))
         self.model.train()

@@ -70,7 +70,9 @@ class DistillConfig(PassConfig):
     grad_accum: int = Field(1, ge=1)
     grad_clip: float | None = Field(1.0, gt=0)
     eval_every: int = Field(
-        50, ge=0, description="steps between held-out ppl checks (0: only at the end)"
+        50,
+        ge=0,
+        description="steps between held-out ppl checks (always one at the end; 0: only then)",
     )
     eval_tokens: int = Field(2048, ge=16, description="held-out tokens per check")
     save_every: int = Field(50, ge=0, description="steps between resumable checkpoints (0: never)")
