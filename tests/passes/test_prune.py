@@ -122,3 +122,11 @@ def test_real_smollm2_at_half_the_non_embedding_params_reloads_and_generates(rea
         torch.testing.assert_close(reloaded(ids).logits, reference)
     text = real_model.tokenizer.decode(out[0, ids.shape[1]:])
     assert out.shape[1] == ids.shape[1] + 8 and text.strip()
+
+
+@pytest.mark.parametrize("name", ["smollm2-minitron-width", "smollm2-minitron-depth"])
+def test_shipped_prune_recipes_validate(name):
+    from pathlib import Path
+
+    resolved = load_recipe(Path(__file__).parents[2] / "recipes" / f"{name}.yaml")
+    assert resolved.stages[0].pass_cls is PrunePass
