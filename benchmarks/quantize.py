@@ -1,0 +1,317 @@
+"""Side-by-side weight-quantization benchmark on SmolLM2-135M -> benchmarks/results/quantize.{json,md}.
+
+Every row runs in its own subprocess (so its peak RSS is its own) on the same calibration
+tokens (C4, seeded) and the same WikiText-2 test tokens (first 8,192, 512-token windows).
+The parent writes the token tensors once; rows (and the optional llm-compressor row, run
+with another interpreter) read them, so every method sees identical data.
+
+    python benchmarks/quantize.py                      # all rows
+    python benchmarks/quantize.py --only gptq-4-128-act --calib 16x256   # quick check
+    python benchmarks/quantize.py --llmc-python /tmp/lcvenv/bin/python   # + llm-compressor row
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+log = logging.getLogger("bench.quantize")
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+EVAL_TOKENS, EVAL_SEQ = 8192, 512
+
+# (row id, method, bits, group_size, act_order); ordered by priority (results are written incrementally)
+ROWS = [
+    ("fp32", "fp32", 32, None, None),
+    ("rtn-4-128", "rtn", 4, 128, None),
+    ("gptq-4-128-act", "gptq", 4, 128, True),
+    ("rtn-3-128", "rtn", 3, 128, None),
+    ("gptq-3-128-act", "gptq", 3, 128, True),
+    ("gptq-4-128", "gptq", 4, 128, False),
+    ("rtn-4-pc", "rtn", 4, -1, None),
+    ("gptq-4-pc-act", "gptq", 4, -1, True),
+    ("bnb-nf4", "bnb-nf4", 4, 64, None),
+]
+
+
+def cpu_seconds() -> float:
+    """User + system CPU time of this process (robust to other jobs sharing the cores)."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def hellaswag(model, tokenizer, limit: int) -> float | None:
+    """acc_norm on a fixed HellaSwag subset, if the task runner exists in this checkout."""
+    try:
+        from slmcompress.eval.tasks import run_tasks
+    except ImportError:
+        return None
+    result = run_tasks(model, tokenizer, ["hellaswag"], limit=limit)
+    scores = result.get("hellaswag", result)
+    return scores.get("acc_norm") if isinstance(scores, dict) else None
+
+
+def stage_config(method: str, bits: int, group_size: int | None, act_order: bool | None) -> dict:
+    """The pass config dict of a row (the same keys a recipe stage has)."""
+    if method == "gptq":
+        return dict(type="quantize", method="gptq", bits=bits, group_size=group_size, act_order=act_order)
+    if method == "rtn":
+        return dict(type="quantize", method="rtn", bits=bits, group_size=group_size)
+    return dict(type="quantize", method=method)
+
+
+def run_row(spec: dict, work: Path) -> dict:
+    """Child process: quantize, save, reload the checkpoint, evaluate. Returns the row."""
+    import torch
+
+    from slmcompress.checkpoint import bytes_on_disk, load_checkpoint, save_checkpoint
+    from slmcompress.data import CalibrationSpec, DataConfig
+    from slmcompress.eval.perplexity import perplexity
+    from slmcompress.models import load_model
+    from slmcompress.passes.base import Context
+    from slmcompress.registry import get_pass
+
+    torch.manual_seed(0)
+    tokens = torch.load(work / "tokens.pt")
+    loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
+    model, tokenizer = loaded.model, loaded.tokenizer
+    calib = tokens["calib"]
+    data = DataConfig(calibration=CalibrationSpec(source="c4", n_samples=calib.shape[0], seq_len=calib.shape[1]))
+    ctx = Context(tokenizer=tokenizer, data=data, device=torch.device("cpu"), dtype=torch.float32,
+                  original_model="smollm2-135m", teacher=None, stage_dir=work / spec["id"],
+                  work_dir=work / f"{spec['id']}-work", seed=0)
+    ctx._token_cache[("calib", calib.shape[0], calib.shape[1])] = calib
+    wall, cpu, rss = 0.0, 0.0, peak_rss_bytes()
+    if spec["method"] != "fp32":
+        config = stage_config(spec["method"], spec["bits"], spec["group_size"], spec["act_order"])
+        pass_cls = get_pass("quantize", config["method"])
+        start, cpu0 = time.perf_counter(), cpu_seconds()
+        model = pass_cls(pass_cls.Config(**config)).run(model, ctx)
+        wall, cpu, rss = time.perf_counter() - start, cpu_seconds() - cpu0, peak_rss_bytes()
+    out = save_checkpoint(model, tokenizer, work / spec["id"])
+    del model
+    model, _ = load_checkpoint(out, dtype=torch.float32)  # evaluate the saved artifact
+    ppl = perplexity(model, tokens["eval"], EVAL_SEQ).ppl
+    acc = hellaswag(model, tokenizer, spec["hellaswag_limit"])
+    return dict(method=spec["method"], bits=spec["bits"], group_size=spec["group_size"],
+                act_order=spec["act_order"], ppl=ppl, hellaswag_acc_norm=acc,
+                size_mb=bytes_on_disk(out) / 1e6, wall_s=wall, cpu_s=cpu, peak_rss_bytes=rss, tool="slmcompress",
+                calibration=f"{calib.shape[0]}x{calib.shape[1]}", warnings=ctx.warnings)
+
+
+LLMC_CHILD = r'''
+import json, math, resource, sys, time, torch
+from pathlib import Path
+from datasets import Dataset
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from llmcompressor import oneshot
+from llmcompressor.modifiers.quantization import GPTQModifier
+from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+model_dir, work, group = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+tokens = torch.load(work / "tokens.pt")
+calib = tokens["calib"]
+model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+tok = AutoTokenizer.from_pretrained(model_dir)
+ds = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+scheme = QuantizationScheme(targets=["Linear"], weights=QuantizationArgs(
+    num_bits=4, type="int", symmetric=False, strategy="group", group_size=group))
+recipe = GPTQModifier(config_groups={"group_0": scheme}, ignore=["lm_head"], dampening_frac=0.01)
+cpu0 = sum(resource.getrusage(resource.RUSAGE_SELF)[:2])
+start = time.perf_counter()
+oneshot(model=model, dataset=ds, recipe=recipe, num_calibration_samples=calib.shape[0],
+        max_seq_length=calib.shape[1], pipeline="sequential")
+wall = time.perf_counter() - start
+cpu = sum(resource.getrusage(resource.RUSAGE_SELF)[:2]) - cpu0
+rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+ev = tokens["eval"]
+windows = ev[: ev.numel() // 512 * 512].view(-1, 512)
+nll, count = 0.0, 0
+with torch.no_grad():
+    for w in windows:
+        logits = model(input_ids=w[None]).logits.float()
+        nll += torch.nn.functional.cross_entropy(logits[0, :-1], w[1:], reduction="sum").item()
+        count += w.numel() - 1
+model.save_pretrained(work / "llmc", save_compressed=True)
+size = sum(p.stat().st_size for p in (work / "llmc").glob("*.safetensors"))
+print("LLMC_RESULT " + json.dumps(dict(ppl=math.exp(nll / count), wall_s=wall, cpu_s=cpu, peak_rss_bytes=rss, size_mb=size / 1e6)))
+'''
+
+
+def run_llmc(python: str, work: Path, group: int, timeout: int) -> dict:
+    """llm-compressor's GPTQModifier (W4A16 asym) in its own interpreter, same tokens."""
+    from slmcompress.models import builtin_model_dir
+
+    script = work / "llmc_child.py"
+    script.write_text(LLMC_CHILD)
+    row = dict(method="gptq", bits=4, group_size=group, act_order=False, hellaswag_acc_norm=None,
+               tool="llm-compressor")
+    try:
+        proc = subprocess.run([python, str(script), str(builtin_model_dir("smollm2-135m")), str(work), str(group)],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {**row, "error": f"timed out after {timeout} s"}
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LLMC_RESULT ")]
+    if not lines:
+        return {**row, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return {**row, **json.loads(lines[-1].removeprefix("LLMC_RESULT "))}
+
+
+def write_tokens(work: Path, n: int, t: int) -> None:
+    """The shared calibration and evaluation tokens of every row."""
+    import torch
+
+    from slmcompress.data import CalibrationSpec, EvalSpec, calibration_tokens, eval_tokens
+    from slmcompress.models import load_model
+
+    tok = load_model("smollm2-135m", dtype="float32", device="cpu").tokenizer
+    calib = calibration_tokens(tok, CalibrationSpec(source="c4", n_samples=n, seq_len=t), n, t, seed=0)
+    ev = eval_tokens(tok, EvalSpec(source="wikitext2", split="test", max_tokens=EVAL_TOKENS, seq_len=EVAL_SEQ))
+    torch.save({"calib": calib, "eval": ev}, work / "tokens.pt")
+
+
+def depth_scaling(layers: int) -> dict:
+    """Child: GPTQ on a random Llama with ``layers`` layers: peak RSS, and its growth over the
+    RSS before the pass (model + tokens resident), i.e. what the pass itself adds."""
+    import psutil
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from slmcompress.passes.gptq import GPTQConfig, GPTQPass
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=layers,
+                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    model = LlamaForCausalLM(config).eval()
+    tokens = torch.randint(0, 1024, (32, 256))
+
+    class Ctx:  # the two things the pass uses besides warn/metrics
+        device, extra_metrics, warnings = torch.device("cpu"), {}, []
+
+        def warn(self, message: str) -> None:
+            self.warnings.append(message)
+
+        def calibration_tokens(self, n=None, t=None):
+            return tokens
+
+    before = psutil.Process().memory_info().rss
+    GPTQPass(GPTQConfig(type="quantize", bits=4, group_size=128)).run(model, Ctx())
+    return {"layers": layers, "peak_rss_bytes": peak_rss_bytes(), "pass_rss_growth_bytes": peak_rss_bytes() - before}
+
+
+def child_main(args: argparse.Namespace) -> None:
+    """Entry point of a row subprocess: prints one JSON line."""
+    logging.basicConfig(level=logging.WARNING)
+    if args.depth:
+        print("ROW " + json.dumps(depth_scaling(args.depth)))
+        return
+    print("ROW " + json.dumps(run_row(json.loads(args.child), Path(args.work))))
+
+
+def spawn(argv: list[str], timeout: int = 3600) -> dict:
+    """Run this script as a child; return its ROW json (or an error row)."""
+    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
+    if not lines:
+        return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
+    return json.loads(lines[-1][4:])
+
+
+def render_md(result: dict) -> str:
+    """Markdown table of the rows (Δppl vs the fp32 row)."""
+    rows = result["rows"]
+    base = next((r["ppl"] for r in rows if r.get("method") == "fp32" and r.get("ppl")), None)
+    lines = [f"# Quantization benchmark: SmolLM2-135M ({result['setup']})", "",
+             "| tool | method | bits | group | act_order | ppl | Δppl | HellaSwag acc_norm | size MB | wall s | CPU s "
+             "| peak RSS GB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if "ppl" not in r:
+            lines.append(f"| {r.get('tool')} | {r.get('method')} | {r.get('bits')} | {r.get('group_size')} | | "
+                         f"error: {r.get('error')} | | | | | | |")
+            continue
+        delta = f"{r['ppl'] - base:+.2f}" if base else ""
+        acc = f"{r['hellaswag_acc_norm']:.3f}" if r.get("hellaswag_acc_norm") is not None else "n/a"
+        lines.append(f"| {r['tool']} | {r['method']} | {r['bits']} | {r['group_size']} | {r['act_order']} | "
+                     f"{r['ppl']:.2f} | {delta} | {acc} | {r['size_mb']:.1f} | {r['wall_s']:.1f} | {r.get('cpu_s', 0):.1f} | "
+                     f"{r['peak_rss_bytes'] / 1e9:.2f} |")
+    depth = result.get("depth_scaling")
+    if depth:
+        lines += ["", f"Depth scaling (random Llama, GPTQ 4-bit, 32x256 tokens): {depth}"]
+    return "\n".join(lines) + "\n"
+
+
+def save(result: dict) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "quantize.json").write_text(json.dumps(result, indent=2) + "\n")
+    (RESULTS / "quantize.md").write_text(render_md(result))
+
+
+def _ratio(big: dict, small: dict, key: str) -> float:
+    return big[key] / small[key] if big.get(key) and small.get(key) else math.nan
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--calib", default="128x512", help="calibration n_samples x seq_len")
+    parser.add_argument("--only", nargs="*", help="row ids to run")
+    parser.add_argument("--hellaswag-limit", type=int, default=100)
+    parser.add_argument("--llmc-python", help="interpreter with llmcompressor installed")
+    parser.add_argument("--llmc-group", type=int, default=64, help="llm-compressor refuses 128 on hidden 576")
+    parser.add_argument("--depth-layers", type=int, default=4)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--work", help=argparse.SUPPRESS)
+    parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child or args.depth:
+        child_main(args)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    n, t = (int(v) for v in args.calib.split("x"))
+    work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
+    write_tokens(work, n, t)
+    result = {"setup": f"C4 calibration {n}x{t} seed 0; WikiText-2 test first {EVAL_TOKENS} tokens, "
+                       f"{EVAL_SEQ}-token windows; HellaSwag first {args.hellaswag_limit} val items; "
+                       f"2-core CPU, float32", "rows": []}
+    for row_id, method, bits, group, act in ROWS:
+        if args.only and row_id not in args.only:
+            continue
+        spec = dict(id=row_id, method=method, bits=bits, group_size=group, act_order=act,
+                    hellaswag_limit=args.hellaswag_limit)
+        log.info("row %s", row_id)
+        row = spawn(["--child", json.dumps(spec), "--work", str(work)])
+        row.setdefault("method", method)
+        row.setdefault("tool", "slmcompress")
+        log.info("row %s: %s", row_id, {k: row.get(k) for k in ("ppl", "wall_s", "peak_rss_bytes", "error")})
+        result["rows"].append(row)
+        save(result)
+    if args.llmc_python:
+        log.info("row llm-compressor")
+        result["rows"].append(run_llmc(args.llmc_python, work, args.llmc_group, timeout=1800))
+        save(result)
+    if args.depth_layers:
+        small, big = (spawn(["--depth", str(L)]) for L in (args.depth_layers, 2 * args.depth_layers))
+        result["depth_scaling"] = {
+            "runs": [small, big],
+            "peak_rss_ratio": _ratio(big, small, "peak_rss_bytes"),
+            "pass_rss_growth_ratio": _ratio(big, small, "pass_rss_growth_bytes"),
+        }
+        save(result)
+    log.info("wrote %s", RESULTS / "quantize.json")
+
+
+if __name__ == "__main__":
+    main()
