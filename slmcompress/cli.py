@@ -192,6 +192,38 @@ def generate(
                       f"prefill {result.prefill_s * 1000:.0f} ms, backends {backends or 'float'}[/]")
 
 
+# ------------------------------------------------------------------------ pruning sensitivity
+def _register_sensitivity() -> None:
+    from slmcompress.prune.cli_sensitivity import sensitivity_command
+
+    app.command("sensitivity")(cli_errors(sensitivity_command))
+
+
+_register_sensitivity()
+
+
+# ------------------------------------------------------------------------ teacher cache
+@app.command("teacher-cache")
+@cli_errors
+def teacher_cache(
+    model: Annotated[str, typer.Argument(help="Teacher: built-in alias, checkpoint dir, .gguf or hub id.")],
+    out: Annotated[Path, typer.Option(help="Cache directory (resumable).")],
+    data: Annotated[str, typer.Option(help="c4 | wikitext2:validation | file.jsonl | hub/id:split")] = "c4",
+    top_k: Annotated[int, typer.Option(help="Teacher logits kept per token.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Sequence length.")] = 512,
+    n_sequences: Annotated[int | None, typer.Option(help="Sequences to cache (default: all).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 4,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+) -> None:
+    """Cache a teacher's top-k logits (sharded safetensors) for distillation without the teacher."""
+    from slmcompress.distill.cli_teacher_cache import teacher_cache_command
+
+    cache = teacher_cache_command(model, data, top_k, out, seq_len=seq_len, n_sequences=n_sequences,
+                                  batch_size=batch_size, device=device, dtype=dtype)
+    console.print(f"teacher cache ready: {out} ({cache!r})")
+
+
 # ------------------------------------------------------------------------ recipe / models
 @recipe_app.command("validate")
 @cli_errors
