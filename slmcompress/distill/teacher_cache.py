@@ -217,6 +217,13 @@ class TeacherCache:
             self.verify()
         self._handles: dict[str, Any] = {}
 
+    def __repr__(self) -> str:
+        m = self.manifest
+        return (
+            f"TeacherCache({m['model']}: {m['n_sequences']} sequences x {m['seq_len']} tokens, "
+            f"top-{m['top_k']} {m['values_dtype']}, {len(m['shards'])} shards)"
+        )
+
     @property
     def seq_len(self) -> int:
         return self.manifest["seq_len"]
