@@ -64,7 +64,7 @@ class RTNPass(Pass):
                 install_quant_linear(model, name, codes, scales, zeros, g_idx, cfg.bits, cfg.group_size)
                 advance(info=name)
         model.config.quantization_config = gptq_quantization_config(
-            cfg.bits, cfg.group_size, cfg.sym, desc_act=False, damp_percent=0.0, method="rtn"
+            cfg.bits, cfg.group_size, cfg.sym, desc_act=False, damp_percent=0.01, method="rtn"
         )
         ctx.extra_metrics["quantized_linears"] = len(targets)
         return model
