@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +249,11 @@ def estimate_calibration_pass(
         device_peak = int(layer * SLACK) if on_gpu else host_peak
         disk = output_bytes(arch, pass_name, elem, bits, group_size)
     time_s = calibration_time(arch, pass_name, tokens, seq_len, elem, profile, streaming)
+    if host_peak > host_budget:
+        notes.append(f"exceeds host memory {format_bytes(host_budget)}: one layer's working set alone is "
+                     f"{format_bytes(layer)}" + (" (GPTQ Hessians/solver of the widest linear)" if pass_name == "gptq" else ""))
+    if on_gpu and device_peak > profile.device_memory:
+        notes.append(f"exceeds device memory {format_bytes(profile.device_memory)}")
     return PassEstimate(pass_name, streaming, host_peak, device_peak, disk, time_s, offload, notes)
 
 
@@ -282,3 +287,141 @@ def calibration_time(
 
 def to_dict(estimate: PassEstimate) -> dict[str, Any]:
     return asdict(estimate)
+
+
+# ---------------------------------------------------------------- recipe plan
+@dataclass
+class StagePlan:
+    """Predicted resources of one recipe stage."""
+
+    stage: str
+    pass_name: str
+    streaming: bool
+    host_peak: int
+    device_peak: int
+    disk: int
+    time_s: float
+    notes: list[str] = field(default_factory=list)
+
+
+def plan_recipe(resolved: Any, device_memory: int | str | None = None, host_memory: int | str | None = None,
+                config: dict[str, Any] | str | None = None) -> list[StagePlan]:
+    """Predict every stage of a resolved recipe from the model's config alone (no weights).
+
+    Args:
+        resolved: a :class:`~slmcompress.recipe.ResolvedRecipe`.
+        device_memory: GPU memory (``"80GB"``); given -> a CUDA plan, else this CPU machine.
+        host_memory: host RAM (default: the profile's).
+        config: a published config name / config dict to use instead of the recipe's model.
+    """
+    profile = _profile(device_memory, host_memory)
+    cfg = config if isinstance(config, dict) else load_config(config or _model_config_source(resolved.recipe.model))
+    arch = Arch.from_config(cfg)
+    elem = _elem(resolved.recipe.dtype, profile)
+    calib = resolved.recipe.data.calibration
+    plans = []
+    for stage in resolved.stages:
+        plans.append(_plan_stage(stage, arch, elem, calib, profile))
+        arch = _after_stage(stage, arch)
+    return plans
+
+
+def _profile(device_memory: int | str | None, host_memory: int | str | None) -> DeviceProfile:
+    base = PROFILES["h100" if device_memory else "cpu-2core"]
+    device = parse_bytes(device_memory) if device_memory else base.device_memory
+    host = parse_bytes(host_memory) if host_memory else base.host_memory
+    name = f"1 GPU, {format_bytes(device)} + host {format_bytes(host)}" if device_memory else f"CPU, {format_bytes(host)}"
+    return replace(base, name=name, device_memory=device if device_memory else host, host_memory=host)
+
+
+def _elem(dtype: str, profile: DeviceProfile) -> int:
+    if dtype == "auto":
+        return 2 if profile.kind == "cuda" else 4
+    return DTYPE_BYTES.get(dtype, 4)
+
+
+def _model_config_source(model: str) -> str:
+    """Published configs by name (built-in aliases too: no GGUF conversion just to plan)."""
+    if model in PUBLISHED_CONFIGS:
+        return model
+    from slmcompress.models import resolve_model_dir
+
+    directory = resolve_model_dir(model)
+    if directory is None:
+        raise RecipeError(f"model: {model!r} has no local config.json; pass --config NAME or a model directory")
+    return str(directory)
+
+
+def _plan_stage(stage: Any, arch: Arch, elem: int, calib: Any, profile: DeviceProfile) -> StagePlan:
+    cfg = stage.config
+    kind = stage.pass_cls.pass_type + (f".{stage.pass_cls.pass_method}" if stage.pass_cls.pass_method else "")
+    n = getattr(cfg, "n_samples", None) or calib.n_samples
+    t = getattr(cfg, "seq_len", None) or calib.seq_len
+    batch = getattr(cfg, "batch_size", 1)
+    streaming = getattr(cfg, "streaming", None)
+    if kind in ("quantize.gptq", "prune"):
+        pass_name = "gptq" if kind == "quantize.gptq" else "importance"
+        est = estimate_calibration_pass(arch, pass_name, n, t, batch, elem, profile, streaming=streaming,
+                                        bits=getattr(cfg, "bits", 4), group_size=getattr(cfg, "group_size", 128))
+        notes = list(est.notes)
+        if kind == "prune":
+            notes.append("slicing to the target holds the model in memory (importance can stream)")
+        return StagePlan(stage.name, kind, est.streaming, est.host_peak, est.device_peak, est.disk, est.time_s, notes)
+    if kind == "distill":
+        return _plan_distill(stage, arch, elem, profile)
+    model = int(arch.params() * elem * SLACK) + BASE_RSS
+    disk = arch.params() * (elem if kind != "quantize.rtn" else 1)
+    return StagePlan(stage.name, kind, False, model, model, disk, arch.params() * elem / profile.disk_bw,
+                     ["holds the whole model in memory"])
+
+
+def _plan_distill(stage: Any, arch: Arch, elem: int, profile: DeviceProfile) -> StagePlan:
+    """Student weights + fp32 grads + AdamW moments, the teacher's weights, logits of one micro-batch."""
+    cfg = stage.config
+    student = arch.params()
+    states = student * (elem + 4 + 8)
+    teacher = student * elem if not getattr(cfg, "teacher_cache", None) else 0
+    t, mb = getattr(cfg, "seq_len", 512), getattr(cfg, "micro_batch_size", 1)
+    logits = 3 * mb * t * arch.vocab * 4
+    acts = mb * t * arch.hidden * arch.layers * 16 * elem
+    peak = int((states + teacher + logits + acts) * SLACK)
+    tokens = getattr(cfg, "max_tokens", None) or 0
+    time_s = 8 * student * tokens / profile.flops if tokens else 0.0
+    notes = ["teacher weights approximated by the student's size (same architecture)",
+             "for models beyond one device, run with torchrun (FSDP/sharded teacher): divide by the world size"]
+    return StagePlan(stage.name, "distill", False, peak + BASE_RSS, peak, 2 * student * elem + states,
+                     time_s, notes)
+
+
+def _after_stage(stage: Any, arch: Arch) -> Arch:
+    """The architecture after a prune stage (target sizes), unchanged otherwise."""
+    target = getattr(stage.config, "target", None)
+    if stage.pass_cls.pass_type != "prune" or target is None:
+        return arch
+    t = target.model_dump() if hasattr(target, "model_dump") else dict(target)
+    return replace(arch, inter=t.get("ffn_hidden_size") or arch.inter,
+                   heads=t.get("num_attention_heads") or arch.heads, hidden=t.get("hidden_size") or arch.hidden,
+                   layers=t.get("num_layers") or arch.layers)
+
+
+def plan_to_dict(plans: list[StagePlan]) -> list[dict[str, Any]]:
+    return [asdict(p) for p in plans]
+
+
+def render_plan(plans: list[StagePlan], title: str = "") -> str:
+    """A plain-text table (markdown) of the plan."""
+    lines = [f"### {title}", ""] if title else []
+    lines += ["| stage | pass | streaming | host peak | device peak | disk | time |", "|---|---|---|---|---|---|---|"]
+    for p in plans:
+        lines.append(f"| {p.stage} | {p.pass_name} | {'yes' if p.streaming else 'no'} | {format_bytes(p.host_peak)} | "
+                     f"{format_bytes(p.device_peak)} | {format_bytes(p.disk)} | {_duration(p.time_s)} |")
+    notes = [f"- {p.stage}: {n}" for p in plans for n in p.notes]
+    return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
+
+
+def _duration(seconds: float) -> str:
+    if seconds >= 3600 * 48:
+        return f"{seconds / 86400:.1f} d"
+    if seconds >= 3600:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 60:.1f} min" if seconds >= 60 else f"{seconds:.0f} s"
