@@ -3,7 +3,8 @@
 1. Write a random Llama (bf16) whose weights exceed the cap, shard by shard.
 2. For each pass, a child process caps its own address space with RLIMIT_AS (set before
    anything is imported, so the cap covers the whole process), streams the pass over the
-   model, and reports its peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``). A cgroup is not
+   model, and reports its peak RSS (``VmHWM`` of /proc/self/status; not ``ru_maxrss``, which
+   survives exec and so includes the parent's RSS at fork time). A cgroup is not
    available here; RLIMIT_AS is stricter than an RSS cap (it also counts untouched
    reservations), so "finishes under the cap" is a conservative claim.
 3. The GPTQ output is validated (every shard, every layer's packed tensors) and layer 0 is
@@ -57,7 +58,9 @@ else:
                                           dtype=torch.bfloat16)
     extra = {"layers_scored": len(imp.heads)}
 wall = time.perf_counter() - start
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM belongs to this address space (reset by exec); ru_maxrss would include the parent's
+# RSS at fork time, because rusage survives execve
+peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
 print(json.dumps({"peak_rss_bytes": peak, "wall_s": wall, **extra}))
 """
 

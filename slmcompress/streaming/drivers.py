@@ -28,6 +28,9 @@ from slmcompress.versions import versions
 
 log = logging.getLogger(__name__)
 
+#: config keys that change how a run uses memory, not its result (a resume may change them)
+_RUNTIME_KEYS = {"streaming", "max_memory", "activation_offload", "name"}
+
 
 # ---------------------------------------------------------------- GPTQ
 @torch.no_grad()
@@ -46,7 +49,7 @@ def gptq_streaming(gptq_pass: Any, model_dir: Path, ctx: Context, out_dir: Path,
     if tokens is None:
         tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
     options = replace(options or StreamOptions(), batch_size=cfg.batch_size, pass_name="gptq",
-                      key={"gptq": cfg.model_dump()})
+                      key={"gptq": cfg.model_dump(exclude=_RUNTIME_KEYS)})
     run = StreamingRun(stream, tokens, ctx.device, ctx.work_dir, options, ctx.dtype)
     gptq_pass._groups_cache = {}
     prefix = stream.layer_prefix.rstrip(".")

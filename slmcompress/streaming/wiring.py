@@ -1,0 +1,103 @@
+"""How the GPTQ and prune passes hand their calibration loop to the streaming engine.
+
+A pass streams when its stage config says ``streaming: true``, or (``streaming`` unset)
+when the model it receives is a weightless skeleton: :func:`lazy_model_for` is what a
+runner calls instead of loading a model that exceeds ``max_memory``. Streaming needs the
+stage's input as a safetensors directory, which is where the model was loaded from
+(``model.name_or_path``) or where the skeleton was built from.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from slmcompress.errors import PassError
+from slmcompress.streaming.engine import StreamOptions, should_stream
+
+log = logging.getLogger(__name__)
+
+LAZY_ATTR = "_slm_stream_source"
+
+
+def is_lazy(model: PreTrainedModel) -> bool:
+    """A skeleton whose parameters live on the meta device (never loaded)."""
+    return any(p.device.type == "meta" for p in model.parameters())
+
+
+def source_dir(model: PreTrainedModel) -> Path | None:
+    """The safetensors directory the model was loaded (or its skeleton built) from."""
+    for candidate in (getattr(model, LAZY_ATTR, None), getattr(model, "name_or_path", None)):
+        if candidate and (Path(candidate) / "config.json").is_file():
+            return Path(candidate)
+    return None
+
+
+def wants_streaming(cfg: Any, model: PreTrainedModel) -> bool:
+    """``streaming: true``, or unset and the model is a skeleton."""
+    flag = getattr(cfg, "streaming", None)
+    return bool(flag) or (flag is None and is_lazy(model))
+
+
+def options_for(cfg: Any) -> StreamOptions:
+    return StreamOptions(max_memory=getattr(cfg, "max_memory", None),
+                         activation_offload=getattr(cfg, "activation_offload", "auto"))
+
+
+def _require_source(model: PreTrainedModel, what: str) -> Path:
+    directory = source_dir(model)
+    if directory is None:
+        raise PassError(f"{what}: streaming needs the stage's input model as a local safetensors directory")
+    return directory
+
+
+def streamed_gptq(gptq_pass: Any, model: PreTrainedModel, ctx: Any) -> PreTrainedModel | None:
+    """Run GPTQ through the streaming engine if asked; ``None`` means "use the in-memory loop"."""
+    if not wants_streaming(gptq_pass.config, model):
+        return None
+    from slmcompress.checkpoint import load_checkpoint
+    from slmcompress.streaming.drivers import gptq_streaming
+
+    directory = _require_source(model, "quantize.gptq")
+    out = Path(ctx.work_dir) / "streamed-checkpoint"
+    log.info("gptq: streaming %s layer by layer (budget %s)", directory, gptq_pass.config.max_memory or "auto")
+    gptq_streaming(gptq_pass, directory, ctx, out, options_for(gptq_pass.config))
+    ctx.artifacts["streamed_checkpoint"] = str(out)
+    quantized, _tokenizer = load_checkpoint(out, dtype=ctx.dtype)
+    return quantized.to(ctx.device).eval()
+
+
+def streamed_importance(prune_pass: Any, model: PreTrainedModel, ctx: Any, tokens: torch.Tensor,
+                        block_size: int) -> Any | None:
+    """Minitron activation importance through the streaming engine if asked (bit-identical scores)."""
+    if not wants_streaming(prune_pass.config, model):
+        return None
+    from slmcompress.streaming.drivers import activation_importance_streaming
+
+    directory = _require_source(model, "prune")
+    return activation_importance_streaming(directory, tokens, ctx.device, Path(ctx.work_dir) / "importance",
+                                           options_for(prune_pass.config), ctx.dtype, block_size)
+
+
+def lazy_model_for(model_dir: Path, stage_config: Any, dtype: torch.dtype,
+                   activation_bytes: int = 0) -> PreTrainedModel | None:
+    """For a runner: a weightless skeleton when this stage should stream, else ``None`` (load normally).
+
+    Only GPTQ finishes fully streamed (prune still slices an in-memory model).
+    """
+    flag = getattr(stage_config, "streaming", "absent")
+    if flag == "absent" or flag is False or getattr(stage_config, "method", None) != "gptq":
+        return None
+    decision = should_stream(model_dir, getattr(stage_config, "max_memory", None), dtype, activation_bytes)
+    if not (flag or decision.stream):
+        return None
+    log.info("streaming: %s", decision.reason)
+    from slmcompress.streaming.loader import build_skeleton
+
+    skeleton = build_skeleton(Path(model_dir), dtype)
+    setattr(skeleton, LAZY_ATTR, str(model_dir))
+    return skeleton
