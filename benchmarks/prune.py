@@ -52,7 +52,7 @@ WIDTH_AXES = [
 ]
 REMOVALS = [0.25, 0.50]
 DEPTH_METHOD_KS = [8, 15]  # ~25% and 50% of 30 layers
-DEPTH_CURVE_KS = [2, 4, 8, 12, 15]
+DEPTH_CURVE_KS = [2, 4, 8, 15]
 
 
 def ppl_of(model, importance: Importance, target: dict, tokens: torch.Tensor, seq_len: int,
@@ -140,7 +140,7 @@ def findings(rows: list[dict[str, Any]]) -> list[str]:
 def render_md(result: dict[str, Any]) -> str:
     cfg = result["config"]
     lines = [
-        "# Structured pruning on SmolLM2-135M (no distillation)", "",
+        f"# Structured pruning on {cfg['model']} (no distillation)", "",
         f"WikiText-2 test, first {cfg['eval_tokens']} tokens in {cfg['eval_seq_len']}-token windows; importance "
         f"from {cfg['calib_samples']}x{cfg['calib_seq_len']} C4 tokens; depth LM-loss scores from "
         f"{cfg['depth_samples']}x{cfg['calib_seq_len']} tokens. One run, seed 0, CPU "
@@ -189,8 +189,8 @@ def _ints(text: str) -> list[int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--calib-samples", type=int, default=32)
-    parser.add_argument("--depth-samples", type=int, default=8)
+    parser.add_argument("--calib-samples", type=int, default=16)
+    parser.add_argument("--depth-samples", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--eval-tokens", type=int, default=4096)
     parser.add_argument("--eval-seq-len", type=int, default=512)
