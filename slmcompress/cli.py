@@ -267,6 +267,28 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
         console.print(f"[bold]{alias}[/]: {entry.description}")
 
 
+# ------------------------------------------------------------------------ plan
+@app.command()
+@cli_errors
+def plan(
+    recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
+    device_memory: Annotated[str | None, typer.Option(help="GPU memory, e.g. 80GB (omit: this CPU machine).")] = None,
+    host_memory: Annotated[str | None, typer.Option(help="Host RAM, e.g. 24GiB.")] = None,
+    config: Annotated[str | None, typer.Option(help="Published config (llama-3-70b) or config.json instead of the recipe's model.")] = None,
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: stages.0.bits=3")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Predict peak memory, disk and time per stage from the model's config (no weights load)."""
+    from slmcompress.plan import plan_recipe, plan_to_dict, render_plan
+    from slmcompress.recipe import load_recipe
+
+    plans = plan_recipe(load_recipe(recipe, set_ or []), device_memory, host_memory, config)
+    if as_json:
+        emit_json(plan_to_dict(plans))
+        return
+    sys.stdout.write(render_plan(plans, title=f"plan: {recipe}"))
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -387,8 +387,11 @@ def _plan_distill(stage: Any, arch: Arch, elem: int, profile: DeviceProfile) -> 
     peak = int((states + teacher + logits + acts) * SLACK)
     tokens = getattr(cfg, "max_tokens", None) or 0
     time_s = 8 * student * tokens / profile.flops if tokens else 0.0
-    notes = ["teacher weights approximated by the student's size (same architecture)",
-             "for models beyond one device, run with torchrun (FSDP/sharded teacher): divide by the world size"]
+    notes = ["teacher weights approximated by the student's size (same architecture)"]
+    if peak > profile.device_memory:
+        world = -(-peak // profile.device_memory)
+        notes.append(f"exceeds one device ({format_bytes(profile.device_memory)}): run with torchrun on at least "
+                     f"{world} devices (FSDP student, teacher_sharding: sharded)")
     return StagePlan(stage.name, "distill", False, peak + BASE_RSS, peak, 2 * student * elem + states,
                      time_s, notes)
 

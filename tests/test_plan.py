@@ -70,3 +70,17 @@ def test_plan_recipe_for_70b_on_one_h100_and_on_this_cpu(gptq_recipe):
     assert gpu.device_peak < 80e9 and not any("exceeds" in n for n in gpu.notes)
     assert cpu.time_s > 100 * gpu.time_s
     assert plan_to_dict([gpu])[0]["stage"] == "quantize-gptq"
+
+
+def test_plan_cli_json(gptq_recipe, tmp_path):
+    from typer.testing import CliRunner
+
+    from slmcompress.cli import app
+
+    result = CliRunner().invoke(app, ["plan", str(gptq_recipe.source_path), "--config", "llama-3-70b",
+                                      "--device-memory", "80GB", "--json"])
+    assert result.exit_code == 0, result.output
+    import json
+
+    (row,) = json.loads(result.stdout)
+    assert row["pass_name"] == "quantize.gptq" and row["device_peak"] < 80e9
