@@ -44,7 +44,7 @@ def wants_streaming(cfg: Any, model: PreTrainedModel) -> bool:
 
 
 def options_for(cfg: Any) -> StreamOptions:
-    return StreamOptions(max_memory=getattr(cfg, "max_memory", None),
+    return StreamOptions(max_memory=getattr(cfg, "max_memory", None), batch_size=getattr(cfg, "batch_size", 1),
                          activation_offload=getattr(cfg, "activation_offload", "auto"))
 
 
@@ -66,7 +66,7 @@ def streamed_gptq(gptq_pass: Any, model: PreTrainedModel, ctx: Any) -> PreTraine
     out = Path(ctx.work_dir) / "streamed-checkpoint"
     log.info("gptq: streaming %s layer by layer (budget %s)", directory, gptq_pass.config.max_memory or "auto")
     gptq_streaming(gptq_pass, directory, ctx, out, options_for(gptq_pass.config))
-    ctx.artifacts["streamed_checkpoint"] = str(out)
+    ctx.extra_metrics["streamed_from"] = str(directory)
     quantized, _tokenizer = load_checkpoint(out, dtype=ctx.dtype)
     return quantized.to(ctx.device).eval()
 

@@ -36,7 +36,7 @@ def test_gptq_streaming_true_equals_in_memory(model_dir, make_ctx, tmp_path):
     ctx = make_ctx(work_dir=tmp_path / "b")
     got = GPTQPass(GPTQConfig(**base, streaming=True, activation_offload="disk")).run(_load(model_dir), ctx)
     _assert_same(expected, got)
-    assert "streamed_checkpoint" in ctx.artifacts
+    assert "streamed_from" in ctx.extra_metrics
 
 
 def test_runner_skeleton_streams_automatically(model_dir, make_ctx, tmp_path):
@@ -53,3 +53,21 @@ def test_prune_streamed_importance_gives_the_same_model(model_dir, make_ctx, tmp
     expected = PrunePass(PruneConfig(**base)).run(_load(model_dir), make_ctx(work_dir=tmp_path / "a"))
     got = PrunePass(PruneConfig(**base, streaming=True)).run(_load(model_dir), make_ctx(work_dir=tmp_path / "b"))
     _assert_same(expected, got)
+
+
+def test_recipe_with_streaming_gptq_runs_end_to_end(tmp_path, tiny_model_dir):
+    from conftest import write_recipe
+
+    from slmcompress.checkpoint import load_checkpoint, read_metadata
+    from slmcompress.recipe import load_recipe
+    from slmcompress.runner import run_recipe
+
+    stages = [{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 32, "streaming": True,
+               "activation_offload": "disk", "max_memory": "8GB"}]
+    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), stages, tmp_path / "out"))
+    result = run_recipe(recipe)
+    stage_dir = result.stages[0].directory
+    model, _ = load_checkpoint(stage_dir)
+    assert model.config.quantization_config["bits"] == 4
+    assert read_metadata(stage_dir)["stage"] == "quantize-gptq"
+    assert not (tmp_path / "out" / ".work" / stage_dir.name).exists()
