@@ -52,6 +52,10 @@ class GPTQConfig(PassConfig):
     n_samples: int | None = Field(None, ge=1)
     seq_len: int | None = Field(None, ge=8)
     batch_size: int = Field(8, ge=1)
+    # streaming (slmcompress.streaming): layers read from disk one at a time, resumable per layer
+    streaming: bool | None = None  # None: stream when the runner handed over an unloaded skeleton
+    max_memory: str | None = None  # host budget, e.g. "24GiB" (default: 80% of available RAM)
+    activation_offload: Literal["auto", "cpu", "disk"] = "auto"
 
     @field_validator("group_size")
     @classmethod
@@ -100,6 +104,10 @@ class GPTQPass(Pass):
     def run(self, model: PreTrainedModel, ctx: Context) -> PreTrainedModel:
         cfg: GPTQConfig = self.config
         ensure_not_quantized(model)
+        from slmcompress.streaming.wiring import streamed_gptq
+
+        if (streamed := streamed_gptq(self, model, ctx)) is not None:
+            return streamed
         targets = self._targets(model, ctx)
         tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
         prefix = _layers_prefix(model)

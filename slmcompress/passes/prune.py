@@ -76,6 +76,10 @@ class PruneConfig(PassConfig):
     n_samples: int | None = Field(None, ge=1)
     seq_len: int | None = Field(None, ge=8)
     batch_size: int = Field(4, ge=1)
+    # streamed importance scoring (slmcompress.streaming): bounded activations, per-layer resume
+    streaming: bool = False
+    max_memory: str | None = None
+    activation_offload: Literal["auto", "cpu", "disk"] = "auto"
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
@@ -154,7 +158,11 @@ class PrunePass(Pass):
         if cfg.method == "random":
             return random_importance(model, ctx.seed)
         tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
-        importance = activation_importance(model, tokens, ctx.device, cfg.batch_size, block_size=block)
+        from slmcompress.streaming.wiring import streamed_importance
+
+        importance = streamed_importance(self, model, ctx, tokens, block)
+        if importance is None:
+            importance = activation_importance(model, tokens, ctx.device, cfg.batch_size, block_size=block)
         if n_drop > 0 and cfg.depth_metric == "loss":
             scores, base = loss_depth_scores(model, tokens, block, cfg.batch_size)
             if block == 1:
