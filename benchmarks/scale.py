@@ -66,7 +66,9 @@ print(json.dumps({"peak_rss_bytes": peak, "wall_s": wall, **extra}))
 
 
 def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--layers", type=int, default=160)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=4096)
@@ -83,25 +85,50 @@ def parse_args() -> argparse.Namespace:
 def model_config(args: argparse.Namespace):
     from transformers import LlamaConfig
 
-    return LlamaConfig(vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
-                       num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64,
-                       num_key_value_heads=max(args.hidden // 256, 1), head_dim=64, max_position_embeddings=2048,
-                       tie_word_embeddings=False)
+    return LlamaConfig(
+        vocab_size=args.vocab,
+        hidden_size=args.hidden,
+        intermediate_size=args.intermediate,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.hidden // 64,
+        num_key_value_heads=max(args.hidden // 256, 1),
+        head_dim=64,
+        max_position_embeddings=2048,
+        tie_word_embeddings=False,
+    )
 
 
 def predict(config: dict, pass_name: str, args: argparse.Namespace) -> int:
     from slmcompress.plan import PROFILES, Arch, estimate_calibration_pass, parse_bytes
 
-    estimate = estimate_calibration_pass(Arch.from_config(config), pass_name, args.samples, args.seq_len, 1, 2,
-                                         PROFILES["cpu-2core"], host_budget=parse_bytes(args.max_memory),
-                                         streaming=True)
+    estimate = estimate_calibration_pass(
+        Arch.from_config(config),
+        pass_name,
+        args.samples,
+        args.seq_len,
+        1,
+        2,
+        PROFILES["cpu-2core"],
+        host_budget=parse_bytes(args.max_memory),
+        streaming=True,
+    )
     return estimate.host_peak
 
 
 def run_child(model_dir: Path, work: Path, which: str, cap: int, args: argparse.Namespace) -> dict:
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "2"}
-    argv = [sys.executable, "-c", CHILD, str(model_dir), str(work), which, str(cap), str(args.samples),
-            str(args.seq_len), args.max_memory]
+    argv = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(model_dir),
+        str(work),
+        which,
+        str(cap),
+        str(args.samples),
+        str(args.seq_len),
+        args.max_memory,
+    ]
     start = time.perf_counter()
     child = subprocess.run(argv, capture_output=True, text=True, env=env)
     if child.returncode != 0:
@@ -144,8 +171,15 @@ def bit_exact_small(work: Path) -> bool:
     from slmcompress.streaming.engine import StreamOptions
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1000, hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, head_dim=64)
+    config = LlamaConfig(
+        vocab_size=1000,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=64,
+    )
     LlamaForCausalLM(config).save_pretrained(work / "small")
     tokens = torch.randint(0, 1000, (4, 64), generator=torch.Generator().manual_seed(0))
 
@@ -161,11 +195,18 @@ def bit_exact_small(work: Path) -> bool:
         def calibration_tokens(self, *_args) -> torch.Tensor:
             return tokens
 
-    cfg = GPTQConfig(type="quantize", method="gptq", bits=4, group_size=128, act_order=True, batch_size=2)
+    cfg = GPTQConfig(
+        type="quantize", method="gptq", bits=4, group_size=128, act_order=True, batch_size=2
+    )
     reference = LlamaForCausalLM.from_pretrained(work / "small").eval()
     reference = GPTQPass(cfg).run(reference, Ctx(work / "w1")).state_dict()
-    out = gptq_streaming(GPTQPass(cfg), work / "small", Ctx(work / "w2"), work / "small-q",
-                         StreamOptions(activation_offload="disk", max_memory="4GB"))
+    out = gptq_streaming(
+        GPTQPass(cfg),
+        work / "small",
+        Ctx(work / "w2"),
+        work / "small-q",
+        StreamOptions(activation_offload="disk", max_memory="4GB"),
+    )
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     got = load_gptq_checkpoint(out, qcfg, torch.float32).state_dict()
     return set(got) == set(reference) and all(torch.equal(got[k], reference[k]) for k in reference)
@@ -175,22 +216,30 @@ def render_md(data: dict) -> str:
     from slmcompress.plan import format_bytes
 
     lines = [
-        "# Scale benchmark: streaming calibration under a memory cap", "",
+        "# Scale benchmark: streaming calibration under a memory cap",
+        "",
         f"Random Llama, {data['model']['layers']} layers, hidden {data['model']['hidden']}, "
         f"bf16 weights {format_bytes(data['rows'][0]['weights_bytes'])}; each pass runs in a child process whose "
         f"address space is capped with RLIMIT_AS at {format_bytes(data['rows'][0]['cap_bytes'])} "
         f"(streaming budget max_memory={data['max_memory']}); {data['calibration']} calibration tokens; "
-        f"2-core CPU shared with other jobs.", "",
+        f"2-core CPU shared with other jobs.",
+        "",
         "| pass | weights | cap | peak RSS | predicted peak | error | wall s | ok |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for row in data["rows"]:
         err = (row["predicted_peak_bytes"] - row["peak_rss_bytes"]) / max(row["peak_rss_bytes"], 1)
-        lines.append(f"| {row['pass']} | {format_bytes(row['weights_bytes'])} | {format_bytes(row['cap_bytes'])} | "
-                     f"{format_bytes(row['peak_rss_bytes'])} | {format_bytes(row['predicted_peak_bytes'])} | "
-                     f"{err:+.0%} | {row['wall_s']:.0f} | {row['ok']} |")
-    lines += ["", f"Small model, GPTQ in memory vs streamed (disk-spilled activations): bit-identical = "
-              f"{data.get('bit_exact_small')}.", ""]
+        lines.append(
+            f"| {row['pass']} | {format_bytes(row['weights_bytes'])} | {format_bytes(row['cap_bytes'])} | "
+            f"{format_bytes(row['peak_rss_bytes'])} | {format_bytes(row['predicted_peak_bytes'])} | "
+            f"{err:+.0%} | {row['wall_s']:.0f} | {row['ok']} |"
+        )
+    lines += [
+        "",
+        f"Small model, GPTQ in memory vs streamed (disk-spilled activations): bit-identical = "
+        f"{data.get('bit_exact_small')}.",
+        "",
+    ]
     return "\n".join(lines)
 
 
@@ -213,8 +262,13 @@ def main() -> None:
         config = model_config(args)
         model_dir = work / "model"
         start = time.perf_counter()
-        weights = write_random_checkpoint(config, model_dir, dtype=torch.bfloat16, max_shard_bytes=2 * 10**9)
-        print(f"wrote {weights / 1e9:.2f} GB of random weights in {time.perf_counter() - start:.0f} s", flush=True)
+        weights = write_random_checkpoint(
+            config, model_dir, dtype=torch.bfloat16, max_shard_bytes=2 * 10**9
+        )
+        print(
+            f"wrote {weights / 1e9:.2f} GB of random weights in {time.perf_counter() - start:.0f} s",
+            flush=True,
+        )
         cap = parse_bytes(args.cap)
         rows = []
         for which in ("importance", "gptq"):
@@ -224,17 +278,32 @@ def main() -> None:
                 ok = check_gptq_output(work / "gptq-out", model_dir, args.layers)
             if ok and which == "importance":
                 ok = result.get("layers_scored") == args.layers
-            rows.append({"pass": which, "weights_bytes": weights, "cap_bytes": cap,
-                         "peak_rss_bytes": result["peak_rss_bytes"],
-                         "predicted_peak_bytes": predict(config.to_dict(), which, args),
-                         "wall_s": round(result["wall_s"], 1), "ok": bool(ok)})
+            rows.append(
+                {
+                    "pass": which,
+                    "weights_bytes": weights,
+                    "cap_bytes": cap,
+                    "peak_rss_bytes": result["peak_rss_bytes"],
+                    "predicted_peak_bytes": predict(config.to_dict(), which, args),
+                    "wall_s": round(result["wall_s"], 1),
+                    "ok": bool(ok),
+                }
+            )
             print(json.dumps(rows[-1]), flush=True)
             shutil.rmtree(work / "gptq-out", ignore_errors=True)
         shutil.rmtree(model_dir, ignore_errors=True)  # be kind to the shared disk
-        data = {"rows": rows, "config": config.to_dict(), "max_memory": args.max_memory,
-                "calibration": f"{args.samples}x{args.seq_len}",
-                "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate},
-                "bit_exact_small": bit_exact_small(work)}
+        data = {
+            "rows": rows,
+            "config": config.to_dict(),
+            "max_memory": args.max_memory,
+            "calibration": f"{args.samples}x{args.seq_len}",
+            "model": {
+                "layers": args.layers,
+                "hidden": args.hidden,
+                "intermediate": args.intermediate,
+            },
+            "bit_exact_small": bit_exact_small(work),
+        }
         _write(data)
     finally:
         shutil.rmtree(work, ignore_errors=True)

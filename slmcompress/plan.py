@@ -29,31 +29,81 @@ DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, 
 
 #: a few published configs, for ``slmcompress plan --config llama-3-70b`` without any download
 PUBLISHED_CONFIGS: dict[str, dict[str, Any]] = {
-    "llama-3-70b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=8192,
-                        intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
-                        num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
-                        max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-                        torch_dtype="bfloat16"),
-    "llama-3-8b": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=4096,
-                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=False,
-                       max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5,
-                       torch_dtype="bfloat16"),
-    "qwen2.5-72b": dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_size=8192,
-                        intermediate_size=29568, num_hidden_layers=80, num_attention_heads=64,
-                        num_key_value_heads=8, vocab_size=152064, tie_word_embeddings=False,
-                        max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-6,
-                        torch_dtype="bfloat16"),
-    "mistral-7b": dict(architectures=["MistralForCausalLM"], model_type="mistral", hidden_size=4096,
-                       intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                       num_key_value_heads=8, vocab_size=32768, tie_word_embeddings=False,
-                       max_position_embeddings=32768, rope_theta=1000000.0, rms_norm_eps=1e-5,
-                       torch_dtype="bfloat16"),
-    "smollm2-135m": dict(architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=576,
-                         intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-                         num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True,
-                         max_position_embeddings=8192, rope_theta=100000.0, rms_norm_eps=1e-5,
-                         torch_dtype="bfloat16"),
+    "llama-3-70b": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        torch_dtype="bfloat16",
+    ),
+    "llama-3-8b": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        tie_word_embeddings=False,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        torch_dtype="bfloat16",
+    ),
+    "qwen2.5-72b": dict(
+        architectures=["Qwen2ForCausalLM"],
+        model_type="qwen2",
+        hidden_size=8192,
+        intermediate_size=29568,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=152064,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        torch_dtype="bfloat16",
+    ),
+    "mistral-7b": dict(
+        architectures=["MistralForCausalLM"],
+        model_type="mistral",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=32768,
+        tie_word_embeddings=False,
+        max_position_embeddings=32768,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-5,
+        torch_dtype="bfloat16",
+    ),
+    "smollm2-135m": dict(
+        architectures=["LlamaForCausalLM"],
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        torch_dtype="bfloat16",
+    ),
 }
 
 
@@ -76,8 +126,22 @@ PROFILES: dict[str, DeviceProfile] = {
 
 
 # ---------------------------------------------------------------- sizes
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 10**3,
+    "kb": 10**3,
+    "m": 10**6,
+    "mb": 10**6,
+    "g": 10**9,
+    "gb": 10**9,
+    "t": 10**12,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
 
 
 def parse_bytes(value: str | int | float) -> int:
@@ -86,7 +150,9 @@ def parse_bytes(value: str | int | float) -> int:
         return int(value)
     match = re.fullmatch(r"\s*([0-9.]+)\s*([a-zA-Z]*)\s*", str(value))
     if not match or match.group(2).lower() not in _UNITS:
-        raise RecipeError(f"memory size {value!r}: expected a number with a unit like 80GB, 24GiB, 512MiB")
+        raise RecipeError(
+            f"memory size {value!r}: expected a number with a unit like 80GB, 24GiB, 512MiB"
+        )
     return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
 
 
@@ -116,17 +182,30 @@ class Arch:
     def from_config(cls, cfg: dict[str, Any]) -> Arch:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
-        return cls(hidden=hidden, inter=int(cfg["intermediate_size"]), layers=int(cfg["num_hidden_layers"]),
-                   heads=heads, kv_heads=int(cfg.get("num_key_value_heads") or heads),
-                   head_dim=int(cfg.get("head_dim") or hidden // heads), vocab=int(cfg["vocab_size"]),
-                   tied=bool(cfg.get("tie_word_embeddings", False)))
+        return cls(
+            hidden=hidden,
+            inter=int(cfg["intermediate_size"]),
+            layers=int(cfg["num_hidden_layers"]),
+            heads=heads,
+            kv_heads=int(cfg.get("num_key_value_heads") or heads),
+            head_dim=int(cfg.get("head_dim") or hidden // heads),
+            vocab=int(cfg["vocab_size"]),
+            tied=bool(cfg.get("tie_word_embeddings", False)),
+        )
 
     def linears(self) -> dict[str, tuple[int, int]]:
         """(in, out) of each linear of one decoder layer."""
         q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
         h, i = self.hidden, self.inter
-        return {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+        return {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, i),
+            "up_proj": (h, i),
+            "down_proj": (i, h),
+        }
 
     def layer_params(self) -> int:
         return sum(a * b for a, b in self.linears().values()) + 2 * self.hidden
@@ -152,8 +231,10 @@ def load_config(source: str | Path) -> dict[str, Any]:
     path = Path(source).expanduser()
     path = path / "config.json" if path.is_dir() else path
     if not path.is_file():
-        raise RecipeError(f"config {source!r}: not a published name ({', '.join(PUBLISHED_CONFIGS)}) "
-                          f"nor a model directory / config.json")
+        raise RecipeError(
+            f"config {source!r}: not a published name ({', '.join(PUBLISHED_CONFIGS)}) "
+            f"nor a model directory / config.json"
+        )
     return json.loads(path.read_text())
 
 
@@ -188,8 +269,13 @@ def layer_peak_bytes(arch: Arch, elem: int, batch_tokens: int, seq_len: int, pas
     weights = arch.layer_params() * elem
     # a quantized layer's float weights are replaced one linear at a time: +1 packed copy
     packed = arch.layer_params() // 2 if pass_name == "gptq" else 0
-    return weights + packed + batch_forward_bytes(arch, batch_tokens, seq_len, elem) + pass_state_bytes(
-        arch, pass_name, elem) + 2 * batch_tokens * arch.hidden * elem
+    return (
+        weights
+        + packed
+        + batch_forward_bytes(arch, batch_tokens, seq_len, elem)
+        + pass_state_bytes(arch, pass_name, elem)
+        + 2 * batch_tokens * arch.hidden * elem
+    )
 
 
 def capture_peak_bytes(arch: Arch, elem: int, batch_tokens: int) -> int:
@@ -217,9 +303,17 @@ class PassEstimate:
 
 
 def estimate_calibration_pass(
-    arch: Arch, pass_name: str, n_samples: int, seq_len: int, batch_size: int, elem: int,
-    profile: DeviceProfile, host_budget: int | None = None, streaming: bool | None = None,
-    bits: int = 4, group_size: int = 128,
+    arch: Arch,
+    pass_name: str,
+    n_samples: int,
+    seq_len: int,
+    batch_size: int,
+    elem: int,
+    profile: DeviceProfile,
+    host_budget: int | None = None,
+    streaming: bool | None = None,
+    bits: int = 4,
+    group_size: int = 128,
 ) -> PassEstimate:
     """Peak memory/disk/time of GPTQ or importance scoring, streamed or in memory."""
     host_budget = host_budget or profile.host_memory
@@ -229,7 +323,9 @@ def estimate_calibration_pass(
     capture = capture_peak_bytes(arch, elem, batch_tokens)
     acts = activation_bytes(arch, tokens, elem)
     if streaming is None:
-        streaming = model_bytes * SLACK + 2 * acts + BASE_RSS > DEFAULT_MEMORY_FRACTION * host_budget
+        streaming = (
+            model_bytes * SLACK + 2 * acts + BASE_RSS > DEFAULT_MEMORY_FRACTION * host_budget
+        )
     on_gpu = profile.kind == "cuda"
     notes: list[str] = []
     if streaming:
@@ -237,7 +333,9 @@ def estimate_calibration_pass(
         host_work = (2 * batch_tokens * arch.hidden * elem + capture) if on_gpu else work
         room = max(int(host_budget * DEFAULT_MEMORY_FRACTION / SLACK) - BASE_RSS - host_work, 0)
         in_memory_acts = min(2 * acts, room)
-        offload = "cpu" if in_memory_acts >= 2 * acts else ("disk" if in_memory_acts == 0 else "auto")
+        offload = (
+            "cpu" if in_memory_acts >= 2 * acts else ("disk" if in_memory_acts == 0 else "auto")
+        )
         host_peak = int(BASE_RSS + (host_work + in_memory_acts) * SLACK)
         device_peak = int(layer * SLACK) if on_gpu else host_peak
         disk = output_bytes(arch, pass_name, elem, bits, group_size) * 2 + 2 * acts
@@ -250,25 +348,38 @@ def estimate_calibration_pass(
         disk = output_bytes(arch, pass_name, elem, bits, group_size)
     time_s = calibration_time(arch, pass_name, tokens, seq_len, elem, profile, streaming)
     if host_peak > host_budget:
-        notes.append(f"exceeds host memory {format_bytes(host_budget)}: one layer's working set alone is "
-                     f"{format_bytes(layer)}" + (" (GPTQ Hessians/solver of the widest linear)" if pass_name == "gptq" else ""))
+        notes.append(
+            f"exceeds host memory {format_bytes(host_budget)}: one layer's working set alone is "
+            f"{format_bytes(layer)}"
+            + (" (GPTQ Hessians/solver of the widest linear)" if pass_name == "gptq" else "")
+        )
     if on_gpu and device_peak > profile.device_memory:
         notes.append(f"exceeds device memory {format_bytes(profile.device_memory)}")
     return PassEstimate(pass_name, streaming, host_peak, device_peak, disk, time_s, offload, notes)
 
 
-def output_bytes(arch: Arch, pass_name: str, elem: int, bits: int = 4, group_size: int = 128) -> int:
+def output_bytes(
+    arch: Arch, pass_name: str, elem: int, bits: int = 4, group_size: int = 128
+) -> int:
     """Checkpoint size the pass writes (GPTQ: packed linears + fp16 scales; scores: ~0)."""
     if pass_name != "gptq":
         return 4 * arch.layers * (arch.inter + arch.heads + arch.hidden)
     lin = sum(a * b for a, b in arch.linears().values())
     groups = sum(max(a // group_size, 1) * b for a, b in arch.linears().values())
-    per_layer = lin * bits // 8 + groups * (2 + bits / 8) + sum(a for a, _ in arch.linears().values()) * 4
+    per_layer = (
+        lin * bits // 8 + groups * (2 + bits / 8) + sum(a for a, _ in arch.linears().values()) * 4
+    )
     return int(arch.layers * (per_layer + 2 * arch.hidden * elem) + arch.non_layer_params() * elem)
 
 
 def calibration_time(
-    arch: Arch, pass_name: str, tokens: int, seq_len: int, elem: int, profile: DeviceProfile, streaming: bool,
+    arch: Arch,
+    pass_name: str,
+    tokens: int,
+    seq_len: int,
+    elem: int,
+    profile: DeviceProfile,
+    streaming: bool,
 ) -> float:
     """Seconds: layer forwards (x2 for GPTQ: statistics + quantized outputs), GPTQ solves, weight reads."""
     forward = 2 * arch.layer_params() * tokens + 4 * tokens * seq_len * arch.heads * arch.head_dim
@@ -276,7 +387,9 @@ def calibration_time(
     flops = arch.layers * forward * passes
     if pass_name == "gptq":
         # stacked solve per input group: ~2·out·in² for the OBS updates + in³ for the Cholesky steps
-        solve = sum(2 * b * a * a for a, b in arch.linears().values()) + sum(2 * n**3 for n in arch.input_groups())
+        solve = sum(2 * b * a * a for a, b in arch.linears().values()) + sum(
+            2 * n**3 for n in arch.input_groups()
+        )
         flops += arch.layers * solve
     io = arch.params() * elem / profile.disk_bw if streaming else 0.0
     # GPTQ's column loop is sequential: a few small kernels per column, latency-bound on GPUs
@@ -304,8 +417,12 @@ class StagePlan:
     notes: list[str] = field(default_factory=list)
 
 
-def plan_recipe(resolved: Any, device_memory: int | str | None = None, host_memory: int | str | None = None,
-                config: dict[str, Any] | str | None = None) -> list[StagePlan]:
+def plan_recipe(
+    resolved: Any,
+    device_memory: int | str | None = None,
+    host_memory: int | str | None = None,
+    config: dict[str, Any] | str | None = None,
+) -> list[StagePlan]:
     """Predict every stage of a resolved recipe from the model's config alone (no weights).
 
     Args:
@@ -315,7 +432,11 @@ def plan_recipe(resolved: Any, device_memory: int | str | None = None, host_memo
         config: a published config name / config dict to use instead of the recipe's model.
     """
     profile = _profile(device_memory, host_memory)
-    cfg = config if isinstance(config, dict) else load_config(config or _model_config_source(resolved.recipe.model))
+    cfg = (
+        config
+        if isinstance(config, dict)
+        else load_config(config or _model_config_source(resolved.recipe.model))
+    )
     arch = Arch.from_config(cfg)
     elem = _elem(resolved.recipe.dtype, profile)
     calib = resolved.recipe.data.calibration
@@ -330,8 +451,14 @@ def _profile(device_memory: int | str | None, host_memory: int | str | None) -> 
     base = PROFILES["h100" if device_memory else "cpu-2core"]
     device = parse_bytes(device_memory) if device_memory else base.device_memory
     host = parse_bytes(host_memory) if host_memory else base.host_memory
-    name = f"1 GPU, {format_bytes(device)} + host {format_bytes(host)}" if device_memory else f"CPU, {format_bytes(host)}"
-    return replace(base, name=name, device_memory=device if device_memory else host, host_memory=host)
+    name = (
+        f"1 GPU, {format_bytes(device)} + host {format_bytes(host)}"
+        if device_memory
+        else f"CPU, {format_bytes(host)}"
+    )
+    return replace(
+        base, name=name, device_memory=device if device_memory else host, host_memory=host
+    )
 
 
 def _elem(dtype: str, profile: DeviceProfile) -> int:
@@ -348,31 +475,62 @@ def _model_config_source(model: str) -> str:
 
     directory = resolve_model_dir(model)
     if directory is None:
-        raise RecipeError(f"model: {model!r} has no local config.json; pass --config NAME or a model directory")
+        raise RecipeError(
+            f"model: {model!r} has no local config.json; pass --config NAME or a model directory"
+        )
     return str(directory)
 
 
 def _plan_stage(stage: Any, arch: Arch, elem: int, calib: Any, profile: DeviceProfile) -> StagePlan:
     cfg = stage.config
-    kind = stage.pass_cls.pass_type + (f".{stage.pass_cls.pass_method}" if stage.pass_cls.pass_method else "")
+    kind = stage.pass_cls.pass_type + (
+        f".{stage.pass_cls.pass_method}" if stage.pass_cls.pass_method else ""
+    )
     n = getattr(cfg, "n_samples", None) or calib.n_samples
     t = getattr(cfg, "seq_len", None) or calib.seq_len
     batch = getattr(cfg, "batch_size", 1)
     streaming = getattr(cfg, "streaming", None)
     if kind in ("quantize.gptq", "prune"):
         pass_name = "gptq" if kind == "quantize.gptq" else "importance"
-        est = estimate_calibration_pass(arch, pass_name, n, t, batch, elem, profile, streaming=streaming,
-                                        bits=getattr(cfg, "bits", 4), group_size=getattr(cfg, "group_size", 128))
+        est = estimate_calibration_pass(
+            arch,
+            pass_name,
+            n,
+            t,
+            batch,
+            elem,
+            profile,
+            streaming=streaming,
+            bits=getattr(cfg, "bits", 4),
+            group_size=getattr(cfg, "group_size", 128),
+        )
         notes = list(est.notes)
         if kind == "prune":
             notes.append("slicing to the target holds the model in memory (importance can stream)")
-        return StagePlan(stage.name, kind, est.streaming, est.host_peak, est.device_peak, est.disk, est.time_s, notes)
+        return StagePlan(
+            stage.name,
+            kind,
+            est.streaming,
+            est.host_peak,
+            est.device_peak,
+            est.disk,
+            est.time_s,
+            notes,
+        )
     if kind == "distill":
         return _plan_distill(stage, arch, elem, profile)
     model = int(arch.params() * elem * SLACK) + BASE_RSS
     disk = arch.params() * (elem if kind != "quantize.rtn" else 1)
-    return StagePlan(stage.name, kind, False, model, model, disk, arch.params() * elem / profile.disk_bw,
-                     ["holds the whole model in memory"])
+    return StagePlan(
+        stage.name,
+        kind,
+        False,
+        model,
+        model,
+        disk,
+        arch.params() * elem / profile.disk_bw,
+        ["holds the whole model in memory"],
+    )
 
 
 def _plan_distill(stage: Any, arch: Arch, elem: int, profile: DeviceProfile) -> StagePlan:
@@ -390,10 +548,20 @@ def _plan_distill(stage: Any, arch: Arch, elem: int, profile: DeviceProfile) -> 
     notes = ["teacher weights approximated by the student's size (same architecture)"]
     if peak > profile.device_memory:
         world = -(-peak // profile.device_memory)
-        notes.append(f"exceeds one device ({format_bytes(profile.device_memory)}): run with torchrun on at least "
-                     f"{world} devices (FSDP student, teacher_sharding: sharded)")
-    return StagePlan(stage.name, "distill", False, peak + BASE_RSS, peak, 2 * student * elem + states,
-                     time_s, notes)
+        notes.append(
+            f"exceeds one device ({format_bytes(profile.device_memory)}): run with torchrun on at least "
+            f"{world} devices (FSDP student, teacher_sharding: sharded)"
+        )
+    return StagePlan(
+        stage.name,
+        "distill",
+        False,
+        peak + BASE_RSS,
+        peak,
+        2 * student * elem + states,
+        time_s,
+        notes,
+    )
 
 
 def _after_stage(stage: Any, arch: Arch) -> Arch:
@@ -402,9 +570,13 @@ def _after_stage(stage: Any, arch: Arch) -> Arch:
     if stage.pass_cls.pass_type != "prune" or target is None:
         return arch
     t = target.model_dump() if hasattr(target, "model_dump") else dict(target)
-    return replace(arch, inter=t.get("ffn_hidden_size") or arch.inter,
-                   heads=t.get("num_attention_heads") or arch.heads, hidden=t.get("hidden_size") or arch.hidden,
-                   layers=t.get("num_layers") or arch.layers)
+    return replace(
+        arch,
+        inter=t.get("ffn_hidden_size") or arch.inter,
+        heads=t.get("num_attention_heads") or arch.heads,
+        hidden=t.get("hidden_size") or arch.hidden,
+        layers=t.get("num_layers") or arch.layers,
+    )
 
 
 def plan_to_dict(plans: list[StagePlan]) -> list[dict[str, Any]]:
@@ -414,10 +586,15 @@ def plan_to_dict(plans: list[StagePlan]) -> list[dict[str, Any]]:
 def render_plan(plans: list[StagePlan], title: str = "") -> str:
     """A plain-text table (markdown) of the plan."""
     lines = [f"### {title}", ""] if title else []
-    lines += ["| stage | pass | streaming | host peak | device peak | disk | time |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "| stage | pass | streaming | host peak | device peak | disk | time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for p in plans:
-        lines.append(f"| {p.stage} | {p.pass_name} | {'yes' if p.streaming else 'no'} | {format_bytes(p.host_peak)} | "
-                     f"{format_bytes(p.device_peak)} | {format_bytes(p.disk)} | {_duration(p.time_s)} |")
+        lines.append(
+            f"| {p.stage} | {p.pass_name} | {'yes' if p.streaming else 'no'} | {format_bytes(p.host_peak)} | "
+            f"{format_bytes(p.device_peak)} | {format_bytes(p.disk)} | {_duration(p.time_s)} |"
+        )
     notes = [f"- {p.stage}: {n}" for p in plans for n in p.notes]
     return "\n".join(lines + ([""] + notes if notes else [])) + "\n"
 

@@ -21,8 +21,16 @@ from slmcompress.recipe import load_recipe
 GiB = 2**30
 
 
-@pytest.mark.parametrize("text, expected", [("80GB", 80 * 10**9), ("24GiB", 24 * GiB), ("512MiB", 512 * 2**20),
-                                            ("1.5G", 1_500_000_000), (1000, 1000)])
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("80GB", 80 * 10**9),
+        ("24GiB", 24 * GiB),
+        ("512MiB", 512 * 2**20),
+        ("1.5G", 1_500_000_000),
+        (1000, 1000),
+    ],
+)
 def test_parse_bytes(text, expected):
     assert parse_bytes(text) == expected
 
@@ -33,27 +41,39 @@ def test_parse_bytes_rejects_garbage():
 
 
 def test_published_parameter_counts():
-    assert Arch.from_config(PUBLISHED_CONFIGS["llama-3-70b"]).params() == pytest.approx(70.55e9, rel=0.01)
-    assert Arch.from_config(PUBLISHED_CONFIGS["llama-3-8b"]).params() == pytest.approx(8.03e9, rel=0.01)
-    assert Arch.from_config(PUBLISHED_CONFIGS["smollm2-135m"]).params() == pytest.approx(134.5e6, rel=0.01)
+    assert Arch.from_config(PUBLISHED_CONFIGS["llama-3-70b"]).params() == pytest.approx(
+        70.55e9, rel=0.01
+    )
+    assert Arch.from_config(PUBLISHED_CONFIGS["llama-3-8b"]).params() == pytest.approx(
+        8.03e9, rel=0.01
+    )
+    assert Arch.from_config(PUBLISHED_CONFIGS["smollm2-135m"]).params() == pytest.approx(
+        134.5e6, rel=0.01
+    )
 
 
 def test_70b_on_this_machine_importance_fits_gptq_is_flagged():
     arch = Arch.from_config(PUBLISHED_CONFIGS["llama-3-70b"])
-    importance = estimate_calibration_pass(arch, "importance", 128, 2048, 1, 2, PROFILES["cpu-2core"])
+    importance = estimate_calibration_pass(
+        arch, "importance", 128, 2048, 1, 2, PROFILES["cpu-2core"]
+    )
     assert importance.streaming and importance.host_peak < 24 * GiB
     cpu = estimate_calibration_pass(arch, "gptq", 128, 2048, 1, 2, PROFILES["cpu-2core"])
     # the fp32 Hessian work of a 28672-wide down_proj alone is ~10+ GiB: honest "does not fit"
     assert cpu.streaming and any("exceeds host memory" in n for n in cpu.notes)
     assert cpu.disk > 35e9  # 4-bit output (x2 while assembling) + spilled activations
-    gpu = estimate_calibration_pass(arch, "gptq", 128, 2048, 1, 2, PROFILES["h100"], host_budget=120 * GiB)
+    gpu = estimate_calibration_pass(
+        arch, "gptq", 128, 2048, 1, 2, PROFILES["h100"], host_budget=120 * GiB
+    )
     assert gpu.streaming and gpu.device_peak < 80e9 and gpu.time_s < cpu.time_s / 100
 
 
 @pytest.fixture
 def gptq_recipe(tmp_path, tiny_model_dir):
     stages = [{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 32}]
-    return load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), stages, tmp_path / "out"))
+    return load_recipe(
+        write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), stages, tmp_path / "out")
+    )
 
 
 def test_plan_recipe_for_its_own_model(gptq_recipe):
@@ -64,7 +84,9 @@ def test_plan_recipe_for_its_own_model(gptq_recipe):
 
 
 def test_plan_recipe_for_70b_on_one_h100_and_on_this_cpu(gptq_recipe):
-    gpu = plan_recipe(gptq_recipe, device_memory="80GB", host_memory="128GiB", config="llama-3-70b")[0]
+    gpu = plan_recipe(
+        gptq_recipe, device_memory="80GB", host_memory="128GiB", config="llama-3-70b"
+    )[0]
     cpu = plan_recipe(gptq_recipe, host_memory="24GiB", config="llama-3-70b")[0]
     assert gpu.streaming and cpu.streaming
     assert gpu.device_peak < 80e9 and not any("exceeds" in n for n in gpu.notes)
@@ -77,8 +99,18 @@ def test_plan_cli_json(gptq_recipe, tmp_path):
 
     from slmcompress.cli import app
 
-    result = CliRunner().invoke(app, ["plan", str(gptq_recipe.source_path), "--config", "llama-3-70b",
-                                      "--device-memory", "80GB", "--json"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "plan",
+            str(gptq_recipe.source_path),
+            "--config",
+            "llama-3-70b",
+            "--device-memory",
+            "80GB",
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     import json
 

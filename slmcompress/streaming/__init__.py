@@ -16,4 +16,10 @@ from slmcompress.streaming.engine import (
     streaming_layerwise,
 )
 
-__all__ = ["StreamDecision", "StreamOptions", "StreamingRun", "should_stream", "streaming_layerwise"]
+__all__ = [
+    "StreamDecision",
+    "StreamOptions",
+    "StreamingRun",
+    "should_stream",
+    "streaming_layerwise",
+]

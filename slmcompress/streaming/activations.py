@@ -38,7 +38,10 @@ class ActivationStore(Sequence[torch.Tensor]):
     """The hidden states ``(B, T, H)`` of every calibration batch at one layer boundary."""
 
     def __init__(
-        self, directory: Path | None, mode: OffloadMode = "auto", budget_bytes: int | None = None,
+        self,
+        directory: Path | None,
+        mode: OffloadMode = "auto",
+        budget_bytes: int | None = None,
         persist: bool = False,
     ) -> None:
         if mode != "cpu" and directory is None:
@@ -71,7 +74,9 @@ class ActivationStore(Sequence[torch.Tensor]):
         except OSError as exc:
             self.discard()
             what = "disk full" if exc.errno == errno.ENOSPC else "cannot write"
-            raise PassError(f"{what} while spilling calibration activations to {tmp}: {exc.strerror or exc}") from exc
+            raise PassError(
+                f"{what} while spilling calibration activations to {tmp}: {exc.strerror or exc}"
+            ) from exc
 
     def commit(self) -> None:
         """Publish the on-disk copy under its final name (the resume point of this boundary)."""
@@ -96,7 +101,9 @@ class ActivationStore(Sequence[torch.Tensor]):
 
     # ------------------------------------------------------------ reading
     @classmethod
-    def open(cls, directory: Path, mode: OffloadMode = "auto", budget_bytes: int | None = None) -> ActivationStore:
+    def open(
+        cls, directory: Path, mode: OffloadMode = "auto", budget_bytes: int | None = None
+    ) -> ActivationStore:
         """A committed store on disk (resume); batches are read lazily."""
         store = cls(directory, mode, budget_bytes, persist=True)
         store._count = len(list(directory.glob("b*.safetensors")))
@@ -138,7 +145,9 @@ class BatchView(Sequence[LayerBatch]):
 
     def __init__(self, store: Sequence[torch.Tensor], kwargs: list[dict[str, Any]]) -> None:
         if len(store) != len(kwargs):
-            raise PassError(f"activations: {len(store)} stored batches but {len(kwargs)} batch kwargs")
+            raise PassError(
+                f"activations: {len(store)} stored batches but {len(kwargs)} batch kwargs"
+            )
         self.store, self.kwargs = store, kwargs
 
     def __len__(self) -> int:

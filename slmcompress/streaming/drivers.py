@@ -34,9 +34,16 @@ _RUNTIME_KEYS = {"streaming", "max_memory", "activation_offload", "name"}
 
 # ---------------------------------------------------------------- GPTQ
 @torch.no_grad()
-def gptq_streaming(gptq_pass: Any, model_dir: Path, ctx: Context, out_dir: Path,
-                   options: StreamOptions | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                   metadata: dict[str, Any] | None = None, tokens: torch.Tensor | None = None) -> Path:
+def gptq_streaming(
+    gptq_pass: Any,
+    model_dir: Path,
+    ctx: Context,
+    out_dir: Path,
+    options: StreamOptions | None = None,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    metadata: dict[str, Any] | None = None,
+    tokens: torch.Tensor | None = None,
+) -> Path:
     """Quantize ``model_dir`` with a :class:`~slmcompress.passes.gptq.GPTQPass`'s settings, streamed.
 
     Writes a sharded GPTQ v1 checkpoint to ``out_dir`` (atomically) and returns it.
@@ -48,8 +55,12 @@ def gptq_streaming(gptq_pass: Any, model_dir: Path, ctx: Context, out_dir: Path,
     targets = gptq_pass._targets(stream.model, ctx)
     if tokens is None:
         tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
-    options = replace(options or StreamOptions(), batch_size=cfg.batch_size, pass_name="gptq",
-                      key={"gptq": cfg.model_dump(exclude=_RUNTIME_KEYS)})
+    options = replace(
+        options or StreamOptions(),
+        batch_size=cfg.batch_size,
+        pass_name="gptq",
+        key={"gptq": cfg.model_dump(exclude=_RUNTIME_KEYS)},
+    )
     run = StreamingRun(stream, tokens, ctx.device, ctx.work_dir, options, ctx.dtype)
     gptq_pass._groups_cache = {}
     prefix = stream.layer_prefix.rstrip(".")
@@ -58,17 +69,36 @@ def gptq_streaming(gptq_pass: Any, model_dir: Path, ctx: Context, out_dir: Path,
         local = {n: m for n, m in step.layer.named_modules() if f"{name}.{n}" in targets}
         results = gptq_pass._quantize_layer(step, name, local, ctx) if local else {}
         for lname, res in results.items():
-            install_quant_linear(stream.model, f"{name}.{lname}", res.codes, res.scales, res.zeros,
-                                 res.g_idx, cfg.bits, cfg.group_size)
+            install_quant_linear(
+                stream.model,
+                f"{name}.{lname}",
+                res.codes,
+                res.scales,
+                res.zeros,
+                res.g_idx,
+                cfg.bits,
+                cfg.group_size,
+            )
         errors = {lname: round(res.stats["rel_output_err"], 6) for lname, res in results.items()}
         run.save_result(step.index, _prefixed(step.layer, name), {"errors": errors})
-    qcfg = gptq_quantization_config(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp_percent,
-                                    method="gptq", true_sequential=cfg.true_sequential,
-                                    static_groups=cfg.static_groups)
-    errors = {f"{prefix}.{i}": run.load_result(i)[1].get("errors", {}) for i in range(stream.num_layers())}
+    qcfg = gptq_quantization_config(
+        cfg.bits,
+        cfg.group_size,
+        cfg.sym,
+        cfg.act_order,
+        cfg.damp_percent,
+        method="gptq",
+        true_sequential=cfg.true_sequential,
+        static_groups=cfg.static_groups,
+    )
+    errors = {
+        f"{prefix}.{i}": run.load_result(i)[1].get("errors", {}) for i in range(stream.num_layers())
+    }
     ctx.extra_metrics["gptq_layer_errors"] = errors
     ctx.extra_metrics["quantized_linears"] = sum(len(e) for e in errors.values())
-    out = assemble_checkpoint(run, out_dir, {"quantization_config": qcfg}, max_shard_bytes, metadata)
+    out = assemble_checkpoint(
+        run, out_dir, {"quantization_config": qcfg}, max_shard_bytes, metadata
+    )
     run.cleanup()
     return out
 
@@ -77,8 +107,13 @@ def _prefixed(layer: nn.Module, name: str) -> dict[str, torch.Tensor]:
     return {f"{name}.{k}": v for k, v in layer.state_dict().items()}
 
 
-def assemble_checkpoint(run: StreamingRun, out_dir: Path, config_updates: dict[str, Any],
-                        max_shard_bytes: int = DEFAULT_SHARD_BYTES, metadata: dict[str, Any] | None = None) -> Path:
+def assemble_checkpoint(
+    run: StreamingRun,
+    out_dir: Path,
+    config_updates: dict[str, Any],
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
     """Non-layer tensors from the source + every layer's saved result -> sharded HF checkpoint."""
     stream = run.stream
     config = stream.config.to_dict()
@@ -91,12 +126,18 @@ def assemble_checkpoint(run: StreamingRun, out_dir: Path, config_updates: dict[s
             writer.add_many(tensors)
             del tensors
         copy_side_files(stream.model_dir, writer.directory)
-        (writer.directory / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (writer.directory / "config.json").write_text(
+            json.dumps(config, indent=2, sort_keys=True) + "\n"
+        )
         qcfg = config_updates.get("quantization_config")
         if qcfg:
-            (writer.directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
+            (writer.directory / "quantize_config.json").write_text(
+                json.dumps(qcfg, indent=2) + "\n"
+            )
         meta = {"format_version": 1, "versions": versions(), "streamed": True, **(metadata or {})}
-        (writer.directory / "slmcompress.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        (writer.directory / "slmcompress.json").write_text(
+            json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+        )
     return Path(out_dir)
 
 
@@ -154,7 +195,9 @@ def score_step(step: Any, num_heads: int) -> dict[str, torch.Tensor]:
     scores = observer.scores()
     cos_sum, n = 0.0, 0
     for batch, out in zip(step.inputs, outputs, strict=True):
-        cos = torch.nn.functional.cosine_similarity(batch.hidden.float(), out.float(), dim=-1)  # (B, T)
+        cos = torch.nn.functional.cosine_similarity(
+            batch.hidden.float(), out.float(), dim=-1
+        )  # (B, T)
         cos_sum, n = cos_sum + cos.sum().item(), n + cos.numel()
     scores["depth"] = torch.tensor([1.0 - cos_sum / max(n, 1)])
     step.set_outputs(outputs)
@@ -162,13 +205,22 @@ def score_step(step: Any, num_heads: int) -> dict[str, torch.Tensor]:
 
 
 @torch.no_grad()
-def importance_streaming(model_dir: Path, tokens: torch.Tensor, device: torch.device, work_dir: Path,
-                         options: StreamOptions | None = None, dtype: torch.dtype = torch.float32,
-                         scorer: Any = score_step) -> dict[str, torch.Tensor]:
+def importance_streaming(
+    model_dir: Path,
+    tokens: torch.Tensor,
+    device: torch.device,
+    work_dir: Path,
+    options: StreamOptions | None = None,
+    dtype: torch.dtype = torch.float32,
+    scorer: Any = score_step,
+) -> dict[str, torch.Tensor]:
     """Per-layer importance scores of a streamed model: ``{"<layer>.<module>": scores}``."""
     stream = StreamingModel(Path(model_dir), dtype)
-    options = replace(options or StreamOptions(), pass_name="importance",
-                      key={"importance": getattr(scorer, "__qualname__", "scorer")})
+    options = replace(
+        options or StreamOptions(),
+        pass_name="importance",
+        key={"importance": getattr(scorer, "__qualname__", "scorer")},
+    )
     run = StreamingRun(stream, tokens, device, work_dir, options, dtype)
     heads = stream.config.num_attention_heads
     prefix = stream.layer_prefix.rstrip(".")
@@ -183,7 +235,9 @@ def importance_streaming(model_dir: Path, tokens: torch.Tensor, device: torch.de
 
 # ---------------------------------------------------------------- Minitron importance (prune pass)
 @torch.no_grad()
-def minitron_layer_scores(step: Any, n_heads: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def minitron_layer_scores(
+    step: Any, n_heads: int
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One layer of :func:`slmcompress.prune.importance.activation_importance`, as a saved result.
 
     Uses the prune module's own hooks and statistics, so the scores are bit-identical; the
@@ -206,25 +260,40 @@ def minitron_layer_scores(step: Any, n_heads: int) -> tuple[dict[str, torch.Tens
     for batch, out in zip(step.inputs, outputs, strict=True):
         s, n = cosine_importance(batch.hidden, out)
         total, count = total + s, count + n
-    tensors = {"heads": head_scores(hooks.heads.value(), n_heads), "neurons": hooks.neurons.value(),
-               "hidden": hooks.hidden.value()}
+    tensors = {
+        "heads": head_scores(hooks.heads.value(), n_heads),
+        "neurons": hooks.neurons.value(),
+        "hidden": hooks.hidden.value(),
+    }
     return tensors, {"cos_total": total, "cos_count": count}
 
 
 @torch.no_grad()
-def activation_importance_streaming(model_dir: Path, tokens: torch.Tensor, device: torch.device, work_dir: Path,
-                                    options: StreamOptions | None = None, dtype: torch.dtype = torch.float32,
-                                    block_size: int = 1) -> Any:
+def activation_importance_streaming(
+    model_dir: Path,
+    tokens: torch.Tensor,
+    device: torch.device,
+    work_dir: Path,
+    options: StreamOptions | None = None,
+    dtype: torch.dtype = torch.float32,
+    block_size: int = 1,
+) -> Any:
     """:func:`~slmcompress.prune.importance.activation_importance` over a streamed model (resumable)."""
     from slmcompress.errors import PassError
     from slmcompress.prune.importance import Importance, check_supported
 
     if block_size != 1:
-        raise PassError("importance: streaming scores single layers only (block_size 1); "
-                        "use depth_mode/ block scoring in memory")
+        raise PassError(
+            "importance: streaming scores single layers only (block_size 1); "
+            "use depth_mode/ block scoring in memory"
+        )
     stream = StreamingModel(Path(model_dir), dtype)
     check_supported(stream.model)
-    options = replace(options or StreamOptions(), pass_name="importance", key={"importance": "minitron-activation"})
+    options = replace(
+        options or StreamOptions(),
+        pass_name="importance",
+        key={"importance": "minitron-activation"},
+    )
     run = StreamingRun(stream, tokens, device, work_dir, options, dtype)
     n_heads = stream.config.num_attention_heads
     for step in run.steps():
@@ -238,6 +307,13 @@ def activation_importance_streaming(model_dir: Path, tokens: torch.Tensor, devic
         hidden = tensors["hidden"] if hidden is None else hidden + tensors["hidden"]
         cos.append(meta["cos_total"] / meta["cos_count"])
     run.cleanup()
-    return Importance(heads=heads, neurons=neurons, hidden=hidden, layers=torch.tensor(cos),
-                      blocks=torch.tensor(cos), block_size=1, method="activation",
-                      extra={"depth_metric": "cosine", "streamed": True})
+    return Importance(
+        heads=heads,
+        neurons=neurons,
+        hidden=hidden,
+        layers=torch.tensor(cos),
+        blocks=torch.tensor(cos),
+        block_size=1,
+        method="activation",
+        extra={"depth_metric": "cosine", "streamed": True},
+    )

@@ -101,8 +101,12 @@ class StreamDecision:
     reason: str
 
 
-def should_stream(model_source: str | Path, max_memory: int | str | None = None,
-                  dtype: torch.dtype = torch.float32, activation_bytes: int = 0) -> StreamDecision:
+def should_stream(
+    model_source: str | Path,
+    max_memory: int | str | None = None,
+    dtype: torch.dtype = torch.float32,
+    activation_bytes: int = 0,
+) -> StreamDecision:
     """Stream when the model (at the compute dtype) plus activations exceed the host budget."""
     from slmcompress.models import resolve_model_dir
     from slmcompress.plan import load_config
@@ -116,14 +120,26 @@ def should_stream(model_source: str | Path, max_memory: int | str | None = None,
     budget = resolve_budget(max_memory)
     stream = need > budget
     verb = "exceeds" if stream else "fits in"
-    return StreamDecision(stream, need, budget, f"model needs ~{format_bytes(need)}, {verb} the budget {format_bytes(budget)}")
+    return StreamDecision(
+        stream,
+        need,
+        budget,
+        f"model needs ~{format_bytes(need)}, {verb} the budget {format_bytes(budget)}",
+    )
 
 
 # ---------------------------------------------------------------- steps
 class StreamingLayerStep(LayerStep):
     """A :class:`LayerStep` whose kept outputs go to an :class:`ActivationStore`, not a list."""
 
-    def __init__(self, index: int, layer: nn.Module, inputs: BatchView, device: torch.device, run: StreamingRun):
+    def __init__(
+        self,
+        index: int,
+        layer: nn.Module,
+        inputs: BatchView,
+        device: torch.device,
+        run: StreamingRun,
+    ):
         super().__init__(index, layer, inputs, device)  # type: ignore[arg-type]
         self._run = run
         self.next_store: ActivationStore | None = None
@@ -136,7 +152,9 @@ class StreamingLayerStep(LayerStep):
             return super().forward(keep_outputs=False)
         store = self._new_store()
         for batch in self.inputs:
-            out = _layer_output(self.layer(batch.hidden.to(self.device), **_to(batch.kwargs, self.device)))
+            out = _layer_output(
+                self.layer(batch.hidden.to(self.device), **_to(batch.kwargs, self.device))
+            )
             if not torch.isfinite(out).all():
                 store.discard()
                 raise PassError(f"layer {self.index}: NaN/Inf in activations")
@@ -173,11 +191,20 @@ class StreamingLayerStep(LayerStep):
 class StreamingRun:
     """One streaming pass over a model directory; see the module docstring."""
 
-    def __init__(self, model: Path | StreamingModel, tokens: torch.Tensor, device: torch.device,
-                 work_dir: Path, options: StreamOptions | None = None, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        model: Path | StreamingModel,
+        tokens: torch.Tensor,
+        device: torch.device,
+        work_dir: Path,
+        options: StreamOptions | None = None,
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.options = options or StreamOptions()
         release_freed_memory_eagerly()
-        self.stream = model if isinstance(model, StreamingModel) else StreamingModel(Path(model), dtype)
+        self.stream = (
+            model if isinstance(model, StreamingModel) else StreamingModel(Path(model), dtype)
+        )
         self.tokens, self.device = tokens, torch.device(device)
         self.root = Path(work_dir) / "stream"
         self.budget = resolve_budget(self.options.max_memory)
@@ -206,22 +233,31 @@ class StreamingRun:
             )
         free = device_budget(self.device)
         if free is not None and free < layer:
-            raise PassError(f"device {self.device}: {format_bytes(free)} free, one layer needs {format_bytes(layer)}")
+            raise PassError(
+                f"device {self.device}: {format_bytes(free)} free, one layer needs {format_bytes(layer)}"
+            )
         return max(int(self.budget / SLACK) - needed, 0)
 
     def _key(self) -> dict[str, Any]:
         return {
-            "model_dir": str(self.stream.model_dir.resolve()), "config": self.stream.config.to_json_string(),
-            "dtype": str(self.stream.dtype), "tokens": tokens_digest(self.tokens),
-            "batch_size": self.options.batch_size, "pass": self.options.key,
+            "model_dir": str(self.stream.model_dir.resolve()),
+            "config": self.stream.config.to_json_string(),
+            "dtype": str(self.stream.dtype),
+            "tokens": tokens_digest(self.tokens),
+            "batch_size": self.options.batch_size,
+            "pass": self.options.key,
         }
 
     # ------------------------------------------------------------ stores
     def new_store(self, layer: int) -> ActivationStore:
         """The store for the inputs of ``layer`` (two boundaries live at once: half the budget each)."""
         directory = self.state.activations_dir(layer)
-        store = ActivationStore(directory, self.options.activation_offload, self.activation_budget // 2,
-                                persist=self.options.resume)
+        store = ActivationStore(
+            directory,
+            self.options.activation_offload,
+            self.activation_budget // 2,
+            persist=self.options.resume,
+        )
         store.discard()  # leftovers of an interrupted attempt at this boundary
         return store
 
@@ -256,10 +292,15 @@ class StreamingRun:
         if start == 0:
             store.commit()
             return kwargs, store
-        saved = ActivationStore.open(self.state.activations_dir(start), self.options.activation_offload,
-                                     self.activation_budget // 2)
+        saved = ActivationStore.open(
+            self.state.activations_dir(start),
+            self.options.activation_offload,
+            self.activation_budget // 2,
+        )
         if len(saved) != len(kwargs):
-            raise PassError(f"resume: {saved.directory} has {len(saved)} batches, expected {len(kwargs)}")
+            raise PassError(
+                f"resume: {saved.directory} has {len(saved)} batches, expected {len(kwargs)}"
+            )
         return kwargs, saved
 
     @torch.no_grad()
@@ -271,7 +312,9 @@ class StreamingRun:
         bs = self.options.batch_size
         try:
             for start in range(0, self.tokens.shape[0], bs):
-                (batch,) = capture_layer_inputs(self.stream.model, self.tokens[start : start + bs], self.device, bs)
+                (batch,) = capture_layer_inputs(
+                    self.stream.model, self.tokens[start : start + bs], self.device, bs
+                )
                 kwargs.append(batch.kwargs)
                 if keep_hidden:
                     store.append(batch.hidden)
@@ -280,7 +323,9 @@ class StreamingRun:
         return kwargs, store
 
     # ------------------------------------------------------------ results
-    def save_result(self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+    def save_result(
+        self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
+    ) -> None:
         """Persist a layer's pass result before the loop moves on (it is the resume point)."""
         self.state.save_result(index, tensors, meta)
 
@@ -293,8 +338,13 @@ class StreamingRun:
 
 
 def streaming_layerwise(
-    model_dir: Path, tokens: torch.Tensor, device: torch.device, work_dir: Path,
-    options: StreamOptions | None = None, dtype: torch.dtype = torch.float32, layer_indices: list[int] | None = None,
+    model_dir: Path,
+    tokens: torch.Tensor,
+    device: torch.device,
+    work_dir: Path,
+    options: StreamOptions | None = None,
+    dtype: torch.dtype = torch.float32,
+    layer_indices: list[int] | None = None,
 ) -> Iterator[StreamingLayerStep]:
     """Drop-in for :func:`slmcompress.calib.layerwise` reading layers from ``model_dir``.
 

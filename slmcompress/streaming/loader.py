@@ -35,9 +35,18 @@ log = logging.getLogger(__name__)
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
 }
 
 
@@ -75,7 +84,9 @@ def shard_entries(path: Path) -> dict[str, TensorEntry]:
         if name == "__metadata__":
             continue
         begin, end = info["data_offsets"]
-        entries[name] = TensorEntry(path, base + begin, end - begin, info["dtype"], tuple(info["shape"]))
+        entries[name] = TensorEntry(
+            path, base + begin, end - begin, info["dtype"], tuple(info["shape"])
+        )
     needed = base + max((e.start - base + e.nbytes for e in entries.values()), default=0)
     size = path.stat().st_size
     if size < needed:
@@ -126,7 +137,9 @@ class WeightSource:
         except FileNotFoundError:
             raise CheckpointError(f"checkpoint: weight shard {entry.path} is missing") from None
         if got != entry.nbytes:
-            raise CheckpointError(f"checkpoint: weight shard {entry.path} is truncated (reading {name})")
+            raise CheckpointError(
+                f"checkpoint: weight shard {entry.path} is truncated (reading {name})"
+            )
         tensor = raw.view(DTYPES[entry.dtype]).reshape(entry.shape)
         return tensor if dtype is None or not tensor.is_floating_point() else tensor.to(dtype)
 
@@ -153,7 +166,9 @@ def build_skeleton(model_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
     """
     config = AutoConfig.from_pretrained(model_dir)
     if getattr(config, "quantization_config", None):
-        raise CheckpointError(f"checkpoint: {model_dir} is already quantized; streaming reads float checkpoints")
+        raise CheckpointError(
+            f"checkpoint: {model_dir} is already quantized; streaming reads float checkpoints"
+        )
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     for name, module in list(model.named_modules()):
@@ -168,16 +183,26 @@ def _rebuild_on_cpu(model: nn.Module, name: str, module: nn.Module, config: Any)
         with torch.device("cpu"):
             rebuilt = type(module)(config=getattr(config, "text_config", None) or config)
     except Exception as exc:  # noqa: BLE001 - any constructor failure means we cannot stream it
-        raise CheckpointError(f"model: cannot compute the buffers of {name} ({type(module).__name__}) "
-                              f"without weights: {exc}") from exc
+        raise CheckpointError(
+            f"model: cannot compute the buffers of {name} ({type(module).__name__}) "
+            f"without weights: {exc}"
+        ) from exc
     if any(p.device.type != "meta" for p in module.parameters(recurse=False)):
-        raise CheckpointError(f"model: {name} has both weights and computed buffers; streaming cannot load it")
+        raise CheckpointError(
+            f"model: {name} has both weights and computed buffers; streaming cannot load it"
+        )
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)
 
 
-def materialise(module: nn.Module, prefix: str, source: WeightSource, dtype: torch.dtype,
-                device: torch.device, fallback: dict[str, str] | None = None) -> nn.Module:
+def materialise(
+    module: nn.Module,
+    prefix: str,
+    source: WeightSource,
+    dtype: torch.dtype,
+    device: torch.device,
+    fallback: dict[str, str] | None = None,
+) -> nn.Module:
     """Fill a meta module's parameters (and persistent buffers) from the checkpoint, in place.
 
     ``fallback`` maps a missing tensor name to another one (tied ``lm_head`` -> embeddings).
@@ -186,11 +211,17 @@ def materialise(module: nn.Module, prefix: str, source: WeightSource, dtype: tor
         key = _resolve(prefix + name, source, fallback)
         tensor = source.get(key, dtype).to(device)
         if tuple(tensor.shape) != tuple(param.shape):
-            raise CheckpointError(f"checkpoint: {key} has shape {tuple(tensor.shape)}, config expects {tuple(param.shape)}")
+            raise CheckpointError(
+                f"checkpoint: {key} has shape {tuple(tensor.shape)}, config expects {tuple(param.shape)}"
+            )
         _set_tensor(module, name, nn.Parameter(tensor, requires_grad=False))
     for name, buf in list(module.named_buffers(recurse=True)):
         if buf.device.type == "meta":  # only persistent buffers can be on meta here
-            _set_tensor(module, name, source.get(_resolve(prefix + name, source, fallback), dtype).to(device))
+            _set_tensor(
+                module,
+                name,
+                source.get(_resolve(prefix + name, source, fallback), dtype).to(device),
+            )
         elif buf.device != device:
             _set_tensor(module, name, buf.to(device))
     return module
@@ -208,7 +239,9 @@ def _resolve(key: str, source: WeightSource, fallback: dict[str, str] | None) ->
         return key
     if fallback and key in fallback and fallback[key] in source:
         return fallback[key]
-    raise CheckpointError(f"checkpoint: {source.model_dir} has no tensor {key!r} (shards or index incomplete?)")
+    raise CheckpointError(
+        f"checkpoint: {source.model_dir} has no tensor {key!r} (shards or index incomplete?)"
+    )
 
 
 def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:

@@ -14,8 +14,14 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 from slmcompress.streaming.sharded_writer import DEFAULT_SHARD_BYTES, sharded_checkpoint
 
 
-def write_random_checkpoint(config: PretrainedConfig, target: Path, dtype: torch.dtype = torch.bfloat16,
-                            max_shard_bytes: int = DEFAULT_SHARD_BYTES, seed: int = 0, std: float = 0.02) -> int:
+def write_random_checkpoint(
+    config: PretrainedConfig,
+    target: Path,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    seed: int = 0,
+    std: float = 0.02,
+) -> int:
     """Write N(0, std) weights (norms = 1) for ``config`` to ``target``; return the weight bytes."""
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(config, dtype=dtype)

@@ -61,22 +61,42 @@ class ResumeState:
             return
         state = json.loads(path.read_text())
         if state.get("key_hash") != self.hash:
-            diff = sorted(k for k in set(state.get("key", {})) | set(self.key)
-                          if state.get("key", {}).get(k) != self.key.get(k))
+            diff = sorted(
+                k
+                for k in set(state.get("key", {})) | set(self.key)
+                if state.get("key", {}).get(k) != self.key.get(k)
+            )
             raise PassError(
                 f"resume: {self.root} holds a run with a different configuration "
                 f"(differs in: {', '.join(diff) or 'key'}); delete that directory to start over"
             )
         self.finished = int(state["finished"])
-        if self.finished and not self.activations_dir(self.finished).is_dir() and self.finished < self.num_layers:
-            raise PassError(f"resume: {self.root}: inputs of layer {self.finished} are missing; delete it to start over")
+        if (
+            self.finished
+            and not self.activations_dir(self.finished).is_dir()
+            and self.finished < self.num_layers
+        ):
+            raise PassError(
+                f"resume: {self.root}: inputs of layer {self.finished} are missing; delete it to start over"
+            )
         if self.finished:
-            log.info("resuming after %d/%d finished layers from %s", self.finished, self.num_layers, self.root)
+            log.info(
+                "resuming after %d/%d finished layers from %s",
+                self.finished,
+                self.num_layers,
+                self.root,
+            )
 
     def _save(self) -> None:
-        atomic_write_json(self.root / STATE_FILE, {
-            "key": self.key, "key_hash": self.hash, "finished": self.finished, "num_layers": self.num_layers,
-        })
+        atomic_write_json(
+            self.root / STATE_FILE,
+            {
+                "key": self.key,
+                "key_hash": self.hash,
+                "finished": self.finished,
+                "num_layers": self.num_layers,
+            },
+        )
 
     # ------------------------------------------------------------ paths
     def activations_dir(self, layer: int) -> Path:
@@ -86,7 +106,9 @@ class ResumeState:
         return self.root / "layers" / f"{layer:05d}.safetensors"
 
     # ------------------------------------------------------------ results
-    def save_result(self, layer: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None) -> None:
+    def save_result(
+        self, layer: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
+    ) -> None:
         """Write one layer's pass result atomically (temp file + rename)."""
         path = self.result_path(layer)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +122,9 @@ class ResumeState:
         except OSError as exc:
             tmp.unlink(missing_ok=True)
             what = "disk full" if exc.errno == errno.ENOSPC else "cannot write"
-            raise PassError(f"{what} while saving the result of layer {layer} to {path}: {exc.strerror or exc}") from exc
+            raise PassError(
+                f"{what} while saving the result of layer {layer} to {path}: {exc.strerror or exc}"
+            ) from exc
 
     def has_result(self, layer: int) -> bool:
         return self.result_path(layer).is_file()
@@ -118,7 +142,9 @@ class ResumeState:
     def mark_finished(self, layer: int) -> None:
         """Layer ``layer`` is done: its result and the next layer's inputs are on disk."""
         if layer != self.finished:
-            raise PassError(f"resume: layer {layer} finished out of order (expected {self.finished})")
+            raise PassError(
+                f"resume: layer {layer} finished out of order (expected {self.finished})"
+            )
         self.finished = layer + 1
         self._save()
         old = self.activations_dir(layer)

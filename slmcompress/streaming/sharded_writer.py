@@ -35,8 +35,15 @@ INDEX_FILE = "model.safetensors.index.json"
 DEFAULT_SHARD_BYTES = 5 * 10**9
 HEADER_RESERVE = 256 * 1024  # bytes; ~1500 tensor entries per shard
 _DTYPE_NAMES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 
@@ -63,11 +70,15 @@ class _Shard:
 
     def finish(self) -> None:
         """Write the header into the reserved space (space-padded) and close the file."""
-        text = json.dumps({"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")).encode()
+        text = json.dumps(
+            {"__metadata__": {"format": "pt"}, **self.header}, separators=(",", ":")
+        ).encode()
         if len(text) > self.reserve:
             raise CheckpointError(f"checkpoint: header of {self.path.name} outgrew its reserve")
         self.handle.seek(0)
-        self.handle.write(self.reserve.to_bytes(8, "little") + text + b" " * (self.reserve - len(text)))
+        self.handle.write(
+            self.reserve.to_bytes(8, "little") + text + b" " * (self.reserve - len(text))
+        )
         self.handle.flush()
         os.fsync(self.handle.fileno())
         self.handle.close()
@@ -76,15 +87,27 @@ class _Shard:
 def _entry(tensor: torch.Tensor, begin: int, end: int) -> dict[str, Any]:
     if tensor.dtype not in _DTYPE_NAMES:
         raise CheckpointError(f"checkpoint: cannot store dtype {tensor.dtype} in safetensors")
-    return {"dtype": _DTYPE_NAMES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [begin, end]}
+    return {
+        "dtype": _DTYPE_NAMES[tensor.dtype],
+        "shape": list(tensor.shape),
+        "data_offsets": [begin, end],
+    }
 
 
 class ShardedWriter:
     """Append tensors; shards roll over at ``max_shard_bytes``; ``close()`` writes the index."""
 
-    def __init__(self, directory: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 header_reserve: int = HEADER_RESERVE) -> None:
-        self.directory, self.max_shard_bytes, self.reserve = Path(directory), max_shard_bytes, header_reserve
+    def __init__(
+        self,
+        directory: Path,
+        max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+        header_reserve: int = HEADER_RESERVE,
+    ) -> None:
+        self.directory, self.max_shard_bytes, self.reserve = (
+            Path(directory),
+            max_shard_bytes,
+            header_reserve,
+        )
         self._shards: list[_Shard] = []
         self._names: set[str] = set()
         self.total_bytes = 0
@@ -95,8 +118,11 @@ class ShardedWriter:
             raise CheckpointError(f"checkpoint: tensor {name!r} written twice")
         nbytes = tensor.numel() * tensor.element_size()
         shard = self._shards[-1] if self._shards else None
-        if shard is None or (shard.nbytes and shard.nbytes + nbytes > self.max_shard_bytes) or (
-                shard.header_size_with(name, tensor) > self.reserve):
+        if (
+            shard is None
+            or (shard.nbytes and shard.nbytes + nbytes > self.max_shard_bytes)
+            or (shard.header_size_with(name, tensor) > self.reserve)
+        ):
             shard = self._open_shard()
         try:
             shard.append(name, tensor)
@@ -130,13 +156,20 @@ class ShardedWriter:
             self._open_shard()
         self._finish(self._shards[-1])
         n = len(self._shards)
-        names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        names = (
+            ["model.safetensors"]
+            if n == 1
+            else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        )
         weight_map = {}
         for shard, name in zip(self._shards, names, strict=True):
             os.replace(shard.path, self.directory / name)
             weight_map.update({key: name for key in shard.header})
         if n > 1:
-            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            index = {
+                "metadata": {"total_size": self.total_bytes},
+                "weight_map": dict(sorted(weight_map.items())),
+            }
             (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
         return [self.directory / name for name in names]
 
@@ -148,11 +181,15 @@ class ShardedWriter:
 
 def _write_error(exc: OSError, path: Path) -> CheckpointError:
     what = "disk full" if exc.errno == errno.ENOSPC else "cannot write"
-    return CheckpointError(f"checkpoint: {what} while writing {path.name} in {path.parent}: {exc.strerror or exc}")
+    return CheckpointError(
+        f"checkpoint: {what} while writing {path.name} in {path.parent}: {exc.strerror or exc}"
+    )
 
 
 @contextlib.contextmanager
-def sharded_checkpoint(target: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES) -> Iterator[ShardedWriter]:
+def sharded_checkpoint(
+    target: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES
+) -> Iterator[ShardedWriter]:
     """Yield a writer into a temp dir that becomes ``target`` only if the block completes."""
     with atomic_dir(Path(target)) as tmp:
         writer = ShardedWriter(tmp, max_shard_bytes)
@@ -168,12 +205,20 @@ def copy_side_files(source_dir: Path, target_dir: Path) -> None:
     """Tokenizer and generation files of the source model (everything but weights/config)."""
     skip = {"config.json", INDEX_FILE}
     for path in Path(source_dir).iterdir():
-        if path.is_file() and path.name not in skip and not path.name.endswith((".safetensors", ".bin", ".pt")):
+        if (
+            path.is_file()
+            and path.name not in skip
+            and not path.name.endswith((".safetensors", ".bin", ".pt"))
+        ):
             shutil.copy2(path, Path(target_dir) / path.name)
 
 
-def save_state_sharded(state: dict[str, torch.Tensor], target: Path, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                       extra_files: dict[str, str] | None = None) -> Path:
+def save_state_sharded(
+    state: dict[str, torch.Tensor],
+    target: Path,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    extra_files: dict[str, str] | None = None,
+) -> Path:
     """Write an in-memory state dict as a sharded checkpoint (plus text files such as config.json)."""
     with sharded_checkpoint(target, max_shard_bytes) as writer:
         writer.add_many(state)

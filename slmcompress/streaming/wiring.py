@@ -44,14 +44,19 @@ def wants_streaming(cfg: Any, model: PreTrainedModel) -> bool:
 
 
 def options_for(cfg: Any) -> StreamOptions:
-    return StreamOptions(max_memory=getattr(cfg, "max_memory", None), batch_size=getattr(cfg, "batch_size", 1),
-                         activation_offload=getattr(cfg, "activation_offload", "auto"))
+    return StreamOptions(
+        max_memory=getattr(cfg, "max_memory", None),
+        batch_size=getattr(cfg, "batch_size", 1),
+        activation_offload=getattr(cfg, "activation_offload", "auto"),
+    )
 
 
 def _require_source(model: PreTrainedModel, what: str) -> Path:
     directory = source_dir(model)
     if directory is None:
-        raise PassError(f"{what}: streaming needs the stage's input model as a local safetensors directory")
+        raise PassError(
+            f"{what}: streaming needs the stage's input model as a local safetensors directory"
+        )
     return directory
 
 
@@ -64,27 +69,40 @@ def streamed_gptq(gptq_pass: Any, model: PreTrainedModel, ctx: Any) -> PreTraine
 
     directory = _require_source(model, "quantize.gptq")
     out = Path(ctx.work_dir) / "streamed-checkpoint"
-    log.info("gptq: streaming %s layer by layer (budget %s)", directory, gptq_pass.config.max_memory or "auto")
+    log.info(
+        "gptq: streaming %s layer by layer (budget %s)",
+        directory,
+        gptq_pass.config.max_memory or "auto",
+    )
     gptq_streaming(gptq_pass, directory, ctx, out, options_for(gptq_pass.config))
     ctx.extra_metrics["streamed_from"] = str(directory)
     quantized, _tokenizer = load_checkpoint(out, dtype=ctx.dtype)
     return quantized.to(ctx.device).eval()
 
 
-def streamed_importance(prune_pass: Any, model: PreTrainedModel, ctx: Any, tokens: torch.Tensor,
-                        block_size: int) -> Any | None:
+def streamed_importance(
+    prune_pass: Any, model: PreTrainedModel, ctx: Any, tokens: torch.Tensor, block_size: int
+) -> Any | None:
     """Minitron activation importance through the streaming engine if asked (bit-identical scores)."""
     if not wants_streaming(prune_pass.config, model):
         return None
     from slmcompress.streaming.drivers import activation_importance_streaming
 
     directory = _require_source(model, "prune")
-    return activation_importance_streaming(directory, tokens, ctx.device, Path(ctx.work_dir) / "importance",
-                                           options_for(prune_pass.config), ctx.dtype, block_size)
+    return activation_importance_streaming(
+        directory,
+        tokens,
+        ctx.device,
+        Path(ctx.work_dir) / "importance",
+        options_for(prune_pass.config),
+        ctx.dtype,
+        block_size,
+    )
 
 
-def lazy_model_for(model_dir: Path, stage_config: Any, dtype: torch.dtype,
-                   activation_bytes: int = 0) -> PreTrainedModel | None:
+def lazy_model_for(
+    model_dir: Path, stage_config: Any, dtype: torch.dtype, activation_bytes: int = 0
+) -> PreTrainedModel | None:
     """For a runner: a weightless skeleton when this stage should stream, else ``None`` (load normally).
 
     Only GPTQ finishes fully streamed (prune still slices an in-memory model).
@@ -92,7 +110,9 @@ def lazy_model_for(model_dir: Path, stage_config: Any, dtype: torch.dtype,
     flag = getattr(stage_config, "streaming", "absent")
     if flag == "absent" or flag is False or getattr(stage_config, "method", None) != "gptq":
         return None
-    decision = should_stream(model_dir, getattr(stage_config, "max_memory", None), dtype, activation_bytes)
+    decision = should_stream(
+        model_dir, getattr(stage_config, "max_memory", None), dtype, activation_bytes
+    )
     if not (flag or decision.stream):
         return None
     log.info("streaming: %s", decision.reason)

@@ -38,8 +38,13 @@ def test_streamed_importance_is_bit_exact(tmp_path, offload):
 
 def test_auto_offload_spills_beyond_the_budget(tmp_path):
     write_sharded_model(tmp_path / "m", small_config())
-    run = StreamingRun(tmp_path / "m", random_tokens(), CPU, tmp_path / "w",
-                       StreamOptions(max_memory="8GB", resume=False))
+    run = StreamingRun(
+        tmp_path / "m",
+        random_tokens(),
+        CPU,
+        tmp_path / "w",
+        StreamOptions(max_memory="8GB", resume=False),
+    )
     run.activation_budget = 2 * 16 * 64 * 4 * 2  # two (1, 16, 64) fp32 batches per store
     store = run.new_store(1)
     for _ in range(5):
@@ -51,13 +56,25 @@ def test_auto_offload_spills_beyond_the_budget(tmp_path):
 
 def test_streamed_gptq_is_bit_exact_and_reloads(tmp_path, make_ctx, tokenizer):
     gptq = pytest.importorskip("slmcompress.passes.gptq")
-    write_sharded_model(tmp_path / "m", small_config(vocab_size=49152, num_hidden_layers=2), tokenizer=tokenizer,
-                        max_shard_bytes=4_000_000)
-    config = gptq.GPTQConfig(type="quantize", method="gptq", bits=4, group_size=32, act_order=True, batch_size=2)
+    write_sharded_model(
+        tmp_path / "m",
+        small_config(vocab_size=49152, num_hidden_layers=2),
+        tokenizer=tokenizer,
+        max_shard_bytes=4_000_000,
+    )
+    config = gptq.GPTQConfig(
+        type="quantize", method="gptq", bits=4, group_size=32, act_order=True, batch_size=2
+    )
     reference, _ = load_checkpoint(tmp_path / "m")
     reference = gptq.GPTQPass(config).run(reference, make_ctx(work_dir=tmp_path / "w1"))
-    out = gptq_streaming(gptq.GPTQPass(config), tmp_path / "m", make_ctx(work_dir=tmp_path / "w2"), tmp_path / "q",
-                         StreamOptions(activation_offload="disk", max_memory="8GB"), max_shard_bytes=300_000)
+    out = gptq_streaming(
+        gptq.GPTQPass(config),
+        tmp_path / "m",
+        make_ctx(work_dir=tmp_path / "w2"),
+        tmp_path / "q",
+        StreamOptions(activation_offload="disk", max_memory="8GB"),
+        max_shard_bytes=300_000,
+    )
     assert len(list(out.glob("model-*.safetensors"))) > 1
     got, _ = load_checkpoint(out)
     expected = reference.state_dict()
@@ -82,8 +99,13 @@ def test_disk_full_while_spilling_fails_cleanly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(activations, "save_file", save_file)
     with pytest.raises(PassError, match="disk full while spilling"):
-        importance_streaming(tmp_path / "m", random_tokens(), CPU, tmp_path / "w",
-                             StreamOptions(batch_size=1, activation_offload="disk", max_memory="8GB"))
+        importance_streaming(
+            tmp_path / "m",
+            random_tokens(),
+            CPU,
+            tmp_path / "w",
+            StreamOptions(batch_size=1, activation_offload="disk", max_memory="8GB"),
+        )
     stream_dir = tmp_path / "w" / "stream"
     assert not list(stream_dir.glob("*.partial"))
     committed = sorted(p.name for p in stream_dir.glob("act-*"))
@@ -106,8 +128,13 @@ def test_streamed_minitron_importance_matches_the_prune_module(tmp_path):
     model = write_sharded_model(tmp_path / "m", small_config())
     tokens = random_tokens()
     expected = importance.activation_importance(model, tokens, CPU, batch_size=2)
-    got = activation_importance_streaming(tmp_path / "m", tokens, CPU, tmp_path / "w",
-                                          StreamOptions(batch_size=2, activation_offload="disk", max_memory="8GB"))
+    got = activation_importance_streaming(
+        tmp_path / "m",
+        tokens,
+        CPU,
+        tmp_path / "w",
+        StreamOptions(batch_size=2, activation_offload="disk", max_memory="8GB"),
+    )
     for a, b in zip(expected.heads + expected.neurons, got.heads + got.neurons, strict=True):
         assert torch.equal(a, b)
     assert torch.equal(expected.hidden, got.hidden)

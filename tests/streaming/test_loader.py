@@ -72,4 +72,10 @@ def test_shard_missing_from_index_is_reported(model_dir):
 def test_budget_too_small_for_one_layer_says_how_much(model_dir, tmp_path):
     tokens = torch.zeros(2, 16, dtype=torch.long)
     with pytest.raises(PassError, match=r"too small.*needs about [0-9.]+ MiB"):
-        StreamingRun(model_dir, tokens, torch.device("cpu"), tmp_path / "w", StreamOptions(max_memory="100MB"))
+        StreamingRun(
+            model_dir,
+            tokens,
+            torch.device("cpu"),
+            tmp_path / "w",
+            StreamOptions(max_memory="100MB"),
+        )

@@ -55,14 +55,33 @@ CHILD = textwrap.dedent("""
 def _run_capped(tmp_path, headroom: int, with_gptq: bool) -> tuple[dict, int]:
     import torch
 
-    config = small_config(hidden_size=512, intermediate_size=1536, num_hidden_layers=24, num_attention_heads=8,
-                          num_key_value_heads=4, head_dim=64, tie_word_embeddings=False)
-    weights = write_random_checkpoint(config, tmp_path / "m", dtype=torch.float32, max_shard_bytes=50_000_000)
-    write_random_checkpoint(small_config(num_hidden_layers=1), tmp_path / "warm", dtype=torch.float32)
+    config = small_config(
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=24,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=64,
+        tie_word_embeddings=False,
+    )
+    weights = write_random_checkpoint(
+        config, tmp_path / "m", dtype=torch.float32, max_shard_bytes=50_000_000
+    )
+    write_random_checkpoint(
+        small_config(num_hidden_layers=1), tmp_path / "warm", dtype=torch.float32
+    )
     assert headroom < weights  # the process cannot even map the whole model
     env = {**os.environ, "MALLOC_ARENA_MAX": "2"}
-    argv = [sys.executable, "-c", CHILD, str(tmp_path / "m"), str(tmp_path / "warm"), str(tmp_path / "w"),
-            str(headroom), "1" if with_gptq else "0"]
+    argv = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(tmp_path / "m"),
+        str(tmp_path / "warm"),
+        str(tmp_path / "w"),
+        str(headroom),
+        "1" if with_gptq else "0",
+    ]
     child = subprocess.run(argv, capture_output=True, text=True, env=env, timeout=580)
     assert child.returncode == 0, child.stderr[-3000:]
     return json.loads(child.stdout.strip().splitlines()[-1]), weights

@@ -35,7 +35,9 @@ def test_restart_continues_from_the_last_finished_layer(tmp_path):
 
     crash_at_2.__qualname__ = "score_step"  # same pass identity as the rerun
     with pytest.raises(Crash):
-        importance_streaming(tmp_path / "m", tokens, CPU, tmp_path / "w", OPTIONS, scorer=crash_at_2)
+        importance_streaming(
+            tmp_path / "m", tokens, CPU, tmp_path / "w", OPTIONS, scorer=crash_at_2
+        )
     seen = []
 
     def counting(step, heads):
@@ -43,11 +45,14 @@ def test_restart_continues_from_the_last_finished_layer(tmp_path):
         return score_step(step, heads)
 
     counting.__qualname__ = "score_step"
-    got = importance_streaming(tmp_path / "m", tokens, CPU, tmp_path / "w", OPTIONS, scorer=counting)
+    got = importance_streaming(
+        tmp_path / "m", tokens, CPU, tmp_path / "w", OPTIONS, scorer=counting
+    )
     assert seen == [2, 3]
     assert all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+@pytest.mark.slow
 def test_sigkill_mid_run_resumes(tmp_path):
     write_sharded_model(tmp_path / "m", small_config())
     script = textwrap.dedent(f"""
@@ -64,7 +69,9 @@ def test_sigkill_mid_run_resumes(tmp_path):
                              StreamOptions(batch_size=2, max_memory="8GB"), scorer=scorer)
         print("DONE")
     """)
-    killed = subprocess.run([sys.executable, "-c", script], env={**os.environ, "KILL": "1"}, capture_output=True)
+    killed = subprocess.run(
+        [sys.executable, "-c", script], env={**os.environ, "KILL": "1"}, capture_output=True
+    )
     assert killed.returncode == -9
     state = (tmp_path / "w" / "stream" / "state.json").read_text()
     assert '"finished": 3' in state
@@ -82,7 +89,9 @@ def test_mismatched_config_is_a_one_line_error(tmp_path):
 
     crash_at_1.__qualname__ = "score_step"
     with pytest.raises(Crash):
-        importance_streaming(tmp_path / "m", random_tokens(), CPU, tmp_path / "w", OPTIONS, scorer=crash_at_1)
+        importance_streaming(
+            tmp_path / "m", random_tokens(), CPU, tmp_path / "w", OPTIONS, scorer=crash_at_1
+        )
     with pytest.raises(PassError, match=r"different configuration \(differs in: tokens\)") as info:
         importance_streaming(tmp_path / "m", random_tokens(seed=1), CPU, tmp_path / "w", OPTIONS)
     assert "\n" not in str(info.value)

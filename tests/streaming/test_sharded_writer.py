@@ -37,7 +37,10 @@ def test_single_shard_is_model_safetensors(tmp_path):
 
 
 def test_failure_leaves_nothing_that_looks_complete(tmp_path):
-    with pytest.raises(RuntimeError), sharded_checkpoint(tmp_path / "c", max_shard_bytes=10) as writer:
+    with (
+        pytest.raises(RuntimeError),
+        sharded_checkpoint(tmp_path / "c", max_shard_bytes=10) as writer,
+    ):
         writer.add("a", torch.zeros(100))
         raise RuntimeError("killed")
     assert not (tmp_path / "c").exists()
@@ -51,6 +54,9 @@ def test_disk_full_is_a_clean_checkpoint_error(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(sharded_writer._Shard, "append", full)
-    with pytest.raises(CheckpointError, match="disk full"), sharded_checkpoint(tmp_path / "c") as writer:
+    with (
+        pytest.raises(CheckpointError, match="disk full"),
+        sharded_checkpoint(tmp_path / "c") as writer,
+    ):
         writer.add("a", torch.zeros(4))
     assert not (tmp_path / "c").exists()

@@ -14,8 +14,12 @@ from slmcompress.streaming.wiring import is_lazy, lazy_model_for
 
 @pytest.fixture
 def model_dir(tmp_path, tokenizer):
-    write_sharded_model(tmp_path / "m", small_config(vocab_size=49152, num_hidden_layers=2), tokenizer=tokenizer,
-                        max_shard_bytes=4_000_000)
+    write_sharded_model(
+        tmp_path / "m",
+        small_config(vocab_size=49152, num_hidden_layers=2),
+        tokenizer=tokenizer,
+        max_shard_bytes=4_000_000,
+    )
     return tmp_path / "m"
 
 
@@ -34,15 +38,22 @@ def test_gptq_streaming_true_equals_in_memory(model_dir, make_ctx, tmp_path):
     base = dict(type="quantize", method="gptq", bits=4, group_size=32, batch_size=2)
     expected = GPTQPass(GPTQConfig(**base)).run(_load(model_dir), make_ctx(work_dir=tmp_path / "a"))
     ctx = make_ctx(work_dir=tmp_path / "b")
-    got = GPTQPass(GPTQConfig(**base, streaming=True, activation_offload="disk")).run(_load(model_dir), ctx)
+    got = GPTQPass(GPTQConfig(**base, streaming=True, activation_offload="disk")).run(
+        _load(model_dir), ctx
+    )
     _assert_same(expected, got)
     assert "streamed_from" in ctx.extra_metrics
 
 
 def test_runner_skeleton_streams_automatically(model_dir, make_ctx, tmp_path):
     config = GPTQConfig(type="quantize", method="gptq", bits=4, group_size=32, batch_size=2)
-    assert lazy_model_for(model_dir, config.model_copy(update={"max_memory": "64GB"}), torch.float32) is None
-    skeleton = lazy_model_for(model_dir, config.model_copy(update={"max_memory": "1KB"}), torch.float32)
+    assert (
+        lazy_model_for(model_dir, config.model_copy(update={"max_memory": "64GB"}), torch.float32)
+        is None
+    )
+    skeleton = lazy_model_for(
+        model_dir, config.model_copy(update={"max_memory": "1KB"}), torch.float32
+    )
     assert skeleton is not None and is_lazy(skeleton)
     expected = GPTQPass(config).run(_load(model_dir), make_ctx(work_dir=tmp_path / "a"))
     _assert_same(expected, GPTQPass(config).run(skeleton, make_ctx(work_dir=tmp_path / "b")))
@@ -50,8 +61,12 @@ def test_runner_skeleton_streams_automatically(model_dir, make_ctx, tmp_path):
 
 def test_prune_streamed_importance_gives_the_same_model(model_dir, make_ctx, tmp_path):
     base = dict(type="prune", target={"ffn_hidden_size": 64}, depth_metric="cosine", batch_size=2)
-    expected = PrunePass(PruneConfig(**base)).run(_load(model_dir), make_ctx(work_dir=tmp_path / "a"))
-    got = PrunePass(PruneConfig(**base, streaming=True)).run(_load(model_dir), make_ctx(work_dir=tmp_path / "b"))
+    expected = PrunePass(PruneConfig(**base)).run(
+        _load(model_dir), make_ctx(work_dir=tmp_path / "a")
+    )
+    got = PrunePass(PruneConfig(**base, streaming=True)).run(
+        _load(model_dir), make_ctx(work_dir=tmp_path / "b")
+    )
     _assert_same(expected, got)
 
 
@@ -62,9 +77,20 @@ def test_recipe_with_streaming_gptq_runs_end_to_end(tmp_path, tiny_model_dir):
     from slmcompress.recipe import load_recipe
     from slmcompress.runner import run_recipe
 
-    stages = [{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 32, "streaming": True,
-               "activation_offload": "disk", "max_memory": "8GB"}]
-    recipe = load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), stages, tmp_path / "out"))
+    stages = [
+        {
+            "type": "quantize",
+            "method": "gptq",
+            "bits": 4,
+            "group_size": 32,
+            "streaming": True,
+            "activation_offload": "disk",
+            "max_memory": "8GB",
+        }
+    ]
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), stages, tmp_path / "out")
+    )
     result = run_recipe(recipe)
     stage_dir = result.stages[0].directory
     model, _ = load_checkpoint(stage_dir)
