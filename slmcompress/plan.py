@@ -251,14 +251,28 @@ def batch_forward_bytes(arch: Arch, batch_tokens: int, seq_len: int, elem: int) 
     return batch_tokens * per_token * elem + scores
 
 
+#: fp32 copies of a stacked weight the GPTQ solve holds at once (W, clone, permuted, Q, codes,
+#: reordered Q/codes, error and dequant temporaries); calibrated on benchmarks/scale.py
+GPTQ_WEIGHT_COPIES = 10
+#: fp32 (in, in) matrices alive during the solve (H, damped copy, Cholesky factors, H^-1)
+GPTQ_HESSIAN_COPIES = 4
+
+
+def gptq_groups(arch: Arch) -> list[tuple[int, int]]:
+    """(in, stacked out) of each GPTQ solve: q/k/v, o, gate/up, down."""
+    q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    return [(arch.hidden, q + 2 * kv), (q, arch.hidden), (arch.hidden, 2 * arch.inter), (arch.inter, arch.hidden)]
+
+
 def pass_state_bytes(arch: Arch, pass_name: str, elem: int) -> int:
     """Per-layer state of the pass: GPTQ Hessians + its solver's largest working set."""
     if pass_name == "gptq":
         hessians = sum(4 * n * n for n in arch.input_groups())
-        widest_in = max(arch.input_groups())
-        solve = 6 * 4 * max(a * b for a, b in arch.linears().values()) + 3 * 4 * widest_in**2
-        stacked = 4 * arch.hidden * (arch.heads + 2 * arch.kv_heads) * arch.head_dim * 6
-        return hessians + max(solve, stacked)
+        solve = max(
+            GPTQ_WEIGHT_COPIES * 4 * n_in * n_out + GPTQ_HESSIAN_COPIES * 4 * n_in * n_in
+            for n_in, n_out in gptq_groups(arch)
+        )
+        return hessians + solve
     if pass_name == "importance":
         return 4 * (arch.inter + arch.heads + arch.hidden) * 16
     return 0

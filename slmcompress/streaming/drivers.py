@@ -43,7 +43,8 @@ def gptq_streaming(
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     metadata: dict[str, Any] | None = None,
     tokens: torch.Tensor | None = None,
-) -> Path:
+    max_layers: int | None = None,
+) -> Path | None:
     """Quantize ``model_dir`` with a :class:`~slmcompress.passes.gptq.GPTQPass`'s settings, streamed.
 
     Writes a sharded GPTQ v1 checkpoint to ``out_dir`` (atomically) and returns it.
@@ -64,7 +65,8 @@ def gptq_streaming(
     run = StreamingRun(stream, tokens, ctx.device, ctx.work_dir, options, ctx.dtype)
     gptq_pass._groups_cache = {}
     prefix = stream.layer_prefix.rstrip(".")
-    for step in run.steps():
+    layer_indices = [max_layers - 1] if max_layers else None
+    for step in run.steps(layer_indices):
         name = f"{prefix}.{step.index}"
         local = {n: m for n, m in step.layer.named_modules() if f"{name}.{n}" in targets}
         results = gptq_pass._quantize_layer(step, name, local, ctx) if local else {}
@@ -81,6 +83,8 @@ def gptq_streaming(
             )
         errors = {lname: round(res.stats["rel_output_err"], 6) for lname, res in results.items()}
         run.save_result(step.index, _prefixed(step.layer, name), {"errors": errors})
+    if max_layers and max_layers < stream.num_layers():
+        return None  # partial run (benchmarks): results stay in the work dir for a later resume
     qcfg = gptq_quantization_config(
         cfg.bits,
         cfg.group_size,
