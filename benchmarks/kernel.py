@@ -34,15 +34,38 @@ from slmcompress.kernels.reference import random_quant_linear  # noqa: E402
 from slmcompress.quant.qparams import rtn_quantize_weight  # noqa: E402
 from slmcompress.quant.quant_linear import QuantLinear  # noqa: E402
 
-SHAPES = [(4096, 4096), (4096, 11008), (11008, 4096), (8192, 8192), (8192, 28672), (28672, 8192)]  # (K, N)
+SHAPES = [
+    (4096, 4096),
+    (4096, 11008),
+    (11008, 4096),
+    (8192, 8192),
+    (8192, 28672),
+    (28672, 8192),
+]  # (K, N)
 MS = [1, 4, 16, 64, 256]
 DRY_SHAPES, DRY_MS = [(256, 128)], [1, 32]
 GROUP_SIZE = 128
 ROTATE_BYTES = 256 * 2**20  # rotate weight copies until this many bytes: far beyond any L2
-SMOLLM2 = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
-               num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, head_dim=64)
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, vocab_size=256, tie_word_embeddings=True, head_dim=16)
+SMOLLM2 = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    head_dim=64,
+)
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=256,
+    tie_word_embeddings=True,
+    head_dim=16,
+)
 
 
 # ---------------------------------------------------------------- timing
@@ -51,11 +74,13 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
 def make_timer(device: str) -> Callable[[Callable[[], object]], float]:
     """Microseconds per call: CUDA-graph timing on a GPU (no launch gaps), wall clock on CPU."""
     if device != "cuda":
+
         def wall(fn: Callable[[], object]) -> float:
             fn()
             start = time.perf_counter()
             fn()
             return (time.perf_counter() - start) * 1e6
+
         return wall
     import triton.testing as tt
 
@@ -67,21 +92,27 @@ def make_timer(device: str) -> Callable[[Callable[[], object]], float]:
                 return tt.do_bench_cudagraph(fn, rep=100) * 1e3
         except Exception:  # noqa: BLE001 - some ops refuse capture: plain do_bench then
             return tt.do_bench(fn, warmup=25, rep=100) * 1e3
+
     return gpu
 
 
 def rotated(fns: list[Callable[[], object]]) -> Callable[[], None]:
     """One call runs every weight copy once; time / len(fns) is a cold-L2 time per call."""
+
     def run() -> None:
         for fn in fns:
             fn()
+
     return run
 
 
 def copy_bandwidth(timer: Callable, device: str) -> float:
     """Measured device-memory copy bandwidth in GB/s (read + write): the roofline we report against."""
     n = (1 << 30 if device == "cuda" else 1 << 24) // 2
-    src, dst = torch.empty(n, dtype=torch.float16, device=device), torch.empty(n, dtype=torch.float16, device=device)
+    src, dst = (
+        torch.empty(n, dtype=torch.float16, device=device),
+        torch.empty(n, dtype=torch.float16, device=device),
+    )
     us = timer(lambda: dst.copy_(src))
     return 2 * n * 2 / us / 1e3
 
@@ -126,17 +157,31 @@ def tinygemm(x: torch.Tensor, weight: tuple[torch.Tensor, torch.Tensor]) -> torc
     return torch.ops.aten._weight_int4pack_mm(x, weight[0], GROUP_SIZE, weight[1])
 
 
-def bench_shape(k: int, n: int, ms: list[int], timer: Callable, device: str, dry: bool, bw: float,
-                notes: list[str]) -> list[dict]:
+def bench_shape(
+    k: int,
+    n: int,
+    ms: list[int],
+    timer: Callable,
+    device: str,
+    dry: bool,
+    bw: float,
+    notes: list[str],
+) -> list[dict]:
     """Rows for one (K, N): every M x every implementation."""
     from slmcompress.kernels import int4_matmul as km
 
-    layers = [random_quant_linear(k, n, 4, GROUP_SIZE, seed=i).to(device)
-              for i in range(n_copies(int4_bytes(k, n, 1), dry))]
+    layers = [
+        random_quant_linear(k, n, 4, GROUP_SIZE, seed=i).to(device)
+        for i in range(n_copies(int4_bytes(k, n, 1), dry))
+    ]
     packed = [dispatch.packed_weight(layer) for layer in layers]
-    dense = {dt: [torch.randn(n, k, dtype=dt, device=device) * 0.02
-                  for _ in range(n_copies(dense_bytes(k, n, 1), dry))]
-             for dt in (torch.float16, torch.bfloat16)}
+    dense = {
+        dt: [
+            torch.randn(n, k, dtype=dt, device=device) * 0.02
+            for _ in range(n_copies(dense_bytes(k, n, 1), dry))
+        ]
+        for dt in (torch.float16, torch.bfloat16)
+    }
     tiny, why = tinygemm_ops(k, n, n_copies(int4_bytes(k, n, 1), dry), device)
     if why and why not in notes:
         notes.append(why)
@@ -145,22 +190,44 @@ def bench_shape(k: int, n: int, ms: list[int], timer: Callable, device: str, dry
         x = torch.randn(m, k, dtype=torch.float16, device=device)
         xb = x.to(torch.bfloat16)
         impls = {
-            "fp16 cuBLAS": ([lambda w=w, x=x: F.linear(x, w) for w in dense[torch.float16]], dense_bytes(k, n, m)),
-            "bf16 cuBLAS": ([lambda w=w, x=xb: F.linear(x, w) for w in dense[torch.bfloat16]], dense_bytes(k, n, m)),
-            "int4 triton fused": ([lambda w=w, x=x: km.fused_matmul(x, w) for w in packed], int4_bytes(k, n, m)),
-            "int4 dequant+cuBLAS": ([lambda w=w, x=x: km.quant_matmul(x, w, dense_min_m=0) for w in packed],
-                                    int4_bytes(k, n, m)),
+            "fp16 cuBLAS": (
+                [lambda w=w, x=x: F.linear(x, w) for w in dense[torch.float16]],
+                dense_bytes(k, n, m),
+            ),
+            "bf16 cuBLAS": (
+                [lambda w=w, x=xb: F.linear(x, w) for w in dense[torch.bfloat16]],
+                dense_bytes(k, n, m),
+            ),
+            "int4 triton fused": (
+                [lambda w=w, x=x: km.fused_matmul(x, w) for w in packed],
+                int4_bytes(k, n, m),
+            ),
+            "int4 dequant+cuBLAS": (
+                [lambda w=w, x=x: km.quant_matmul(x, w, dense_min_m=0) for w in packed],
+                int4_bytes(k, n, m),
+            ),
         }
         if tiny:
-            impls["int4 tinygemm (bf16)"] = ([lambda w=w, x=xb: tinygemm(x, w) for w in tiny],
-                                             int4_bytes(k, n, m))
+            impls["int4 tinygemm (bf16)"] = (
+                [lambda w=w, x=xb: tinygemm(x, w) for w in tiny],
+                int4_bytes(k, n, m),
+            )
         times = {name: timer(rotated(fns)) / len(fns) for name, (fns, _) in impls.items()}
         for name, (_, nbytes) in impls.items():
             us = times[name]
-            rows.append(dict(K=k, N=n, M=m, impl=name, us=round(us, 2),
-                             speedup_vs_fp16=round(times["fp16 cuBLAS"] / us, 3),
-                             speedup_vs_bf16=round(times["bf16 cuBLAS"] / us, 3),
-                             GBps=round(nbytes / us / 1e3, 1), roofline_pct=round(100 * nbytes / us / 1e3 / bw, 1)))
+            rows.append(
+                dict(
+                    K=k,
+                    N=n,
+                    M=m,
+                    impl=name,
+                    us=round(us, 2),
+                    speedup_vs_fp16=round(times["fp16 cuBLAS"] / us, 3),
+                    speedup_vs_bf16=round(times["bf16 cuBLAS"] / us, 3),
+                    GBps=round(nbytes / us / 1e3, 1),
+                    roofline_pct=round(100 * nbytes / us / 1e3 / bw, 1),
+                )
+            )
     return rows
 
 
@@ -172,7 +239,9 @@ def quantize_model(model: nn.Module, bits: int = 4) -> nn.Module:
     for parent in list(model.model.layers.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                codes, scales, zeros, g_idx = rtn_quantize_weight(child.weight.data.float().cpu(), bits, GROUP_SIZE, False)
+                codes, scales, zeros, g_idx = rtn_quantize_weight(
+                    child.weight.data.float().cpu(), bits, GROUP_SIZE, False
+                )
                 layer = QuantLinear.from_codes(codes, scales, zeros, g_idx, bits, GROUP_SIZE)
                 setattr(parent, name, layer.to(child.weight.device))
     return model
@@ -207,13 +276,24 @@ def bench_e2e(device: str, dry: bool) -> list[dict]:
     model = LlamaForCausalLM(config).to(device, dtype).eval()
     new_tokens, rows = (3 if dry else 128), []
     with torch.no_grad():
-        for batch in ((1,) if dry else (1, 8)):
-            rows.append(dict(model="fp16" if not dry else "fp32", batch=batch,
-                             tokens_per_s=round(decode_tokens_per_s(model, batch, new_tokens, device), 1)))
+        for batch in (1,) if dry else (1, 8):
+            rows.append(
+                dict(
+                    model="fp16" if not dry else "fp32",
+                    batch=batch,
+                    tokens_per_s=round(decode_tokens_per_s(model, batch, new_tokens, device), 1),
+                )
+            )
         backends = dispatch.set_backends(quantize_model(model))
-        for batch in ((1,) if dry else (1, 8)):
-            rows.append(dict(model=f"gptq-4bit g{GROUP_SIZE}", batch=batch, backends=backends,
-                             tokens_per_s=round(decode_tokens_per_s(model, batch, new_tokens, device), 1)))
+        for batch in (1,) if dry else (1, 8):
+            rows.append(
+                dict(
+                    model=f"gptq-4bit g{GROUP_SIZE}",
+                    batch=batch,
+                    backends=backends,
+                    tokens_per_s=round(decode_tokens_per_s(model, batch, new_tokens, device), 1),
+                )
+            )
     return rows
 
 
@@ -232,7 +312,10 @@ def compile_check(arch: int, smem_limit: int) -> int:
                     smem = km.compile_for(arch, bits, g_mode, gs, cfg, "bf16").metadata.shared
                     over += smem > smem_limit
                     flag = "  OVER" if smem > smem_limit else ""
-                    print(f"int{bits} {bucket:6} g_mode={g_mode} {cfg}: {smem / 1024:.1f} KiB{flag}", flush=True)
+                    print(
+                        f"int{bits} {bucket:6} g_mode={g_mode} {cfg}: {smem / 1024:.1f} KiB{flag}",
+                        flush=True,
+                    )
     print(f"{over} config(s) over {smem_limit / 1024:.0f} KiB (autotune skips them on that GPU)")
     return 1 if over else 0
 
@@ -246,13 +329,27 @@ def gpu_name(device: str) -> str:
 
 
 def render_md(report: dict) -> str:
-    lines = [f"# Int4 dequant-matmul benchmark: {report['device']}", "",
-             f"torch {report['torch']}, triton {report['triton']}; group size {GROUP_SIZE}; "
-             f"copy bandwidth (roofline) {report['copy_GBps']:.0f} GB/s; times are cold-L2 (rotated weights).",
-             "", "| K | N | M | impl | µs | vs fp16 | vs bf16 | GB/s | % roofline |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['K']} | {r['N']} | {r['M']} | {r['impl']} | {r['us']} | {r['speedup_vs_fp16']}x | "
-              f"{r['speedup_vs_bf16']}x | {r['GBps']} | {r['roofline_pct']} |" for r in report["rows"]]
-    lines += ["", "## End-to-end greedy decode", "", "| model | batch | tokens/s |", "|---|---|---|"]
+    lines = [
+        f"# Int4 dequant-matmul benchmark: {report['device']}",
+        "",
+        f"torch {report['torch']}, triton {report['triton']}; group size {GROUP_SIZE}; "
+        f"copy bandwidth (roofline) {report['copy_GBps']:.0f} GB/s; times are cold-L2 (rotated weights).",
+        "",
+        "| K | N | M | impl | µs | vs fp16 | vs bf16 | GB/s | % roofline |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['K']} | {r['N']} | {r['M']} | {r['impl']} | {r['us']} | {r['speedup_vs_fp16']}x | "
+        f"{r['speedup_vs_bf16']}x | {r['GBps']} | {r['roofline_pct']} |"
+        for r in report["rows"]
+    ]
+    lines += [
+        "",
+        "## End-to-end greedy decode",
+        "",
+        "| model | batch | tokens/s |",
+        "|---|---|---|",
+    ]
     lines += [f"| {r['model']} | {r['batch']} | {r['tokens_per_s']} |" for r in report["e2e"]]
     if report["notes"]:
         lines += ["", "Notes:", *[f"- {note}" for note in report["notes"]]]
@@ -260,11 +357,17 @@ def render_md(report: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dry-run", action="store_true", help="tiny shapes on CPU under the Triton interpreter")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="tiny shapes on CPU under the Triton interpreter"
+    )
     parser.add_argument("--out-dir", type=Path, default=None)
     parser.add_argument("--skip-e2e", action="store_true")
-    parser.add_argument("--compile-check", type=int, metavar="ARCH", help="e.g. 90 (H100) or 80 (A100)")
+    parser.add_argument(
+        "--compile-check", type=int, metavar="ARCH", help="e.g. 90 (H100) or 80 (A100)"
+    )
     parser.add_argument("--smem-limit", type=int, default=227 * 1024)
     args = parser.parse_args(argv)
     if args.compile_check:
@@ -274,19 +377,32 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("no CUDA GPU: use --dry-run (CPU interpreter) or --compile-check")
     import triton
 
-    out_dir = args.out_dir or (Path(tempfile.mkdtemp(prefix="kernel-bench-")) if args.dry_run
-                               else Path(__file__).parent / "results")
+    out_dir = args.out_dir or (
+        Path(tempfile.mkdtemp(prefix="kernel-bench-"))
+        if args.dry_run
+        else Path(__file__).parent / "results"
+    )
     timer, notes = make_timer(device), []
     bw = copy_bandwidth(timer, device)
     rows = []
     for k, n in DRY_SHAPES if args.dry_run else SHAPES:
-        rows += bench_shape(k, n, DRY_MS if args.dry_run else MS, timer, device, args.dry_run, bw, notes)
+        rows += bench_shape(
+            k, n, DRY_MS if args.dry_run else MS, timer, device, args.dry_run, bw, notes
+        )
         print(f"K={k} N={n} done", flush=True)
     if args.dry_run:
-        notes.append("dry run: CPU interpreter timings are meaningless; this only proves the script runs")
-    report = dict(device=torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
-                  torch=torch.__version__, triton=triton.__version__, copy_GBps=round(bw, 1), rows=rows,
-                  e2e=[] if args.skip_e2e else bench_e2e(device, args.dry_run), notes=notes)
+        notes.append(
+            "dry run: CPU interpreter timings are meaningless; this only proves the script runs"
+        )
+    report = dict(
+        device=torch.cuda.get_device_name() if device == "cuda" else "cpu (Triton interpreter)",
+        torch=torch.__version__,
+        triton=triton.__version__,
+        copy_GBps=round(bw, 1),
+        rows=rows,
+        e2e=[] if args.skip_e2e else bench_e2e(device, args.dry_run),
+        notes=notes,
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
     stem = out_dir / f"kernel-{gpu_name(device)}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2))

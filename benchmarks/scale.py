@@ -84,9 +84,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--repredict", action="store_true")
     parser.add_argument("--passes", default="importance,gptq")
-    parser.add_argument("--reuse", type=Path, default=None, help="work dir of an earlier run (model + resume state)")
-    parser.add_argument("--gptq-layers", type=int, default=None,
-                        help="stop GPTQ after this many layers (resumable; peak memory is per layer)")
+    parser.add_argument(
+        "--reuse", type=Path, default=None, help="work dir of an earlier run (model + resume state)"
+    )
+    parser.add_argument(
+        "--gptq-layers",
+        type=int,
+        default=None,
+        help="stop GPTQ after this many layers (resumable; peak memory is per layer)",
+    )
     return parser.parse_args()
 
 
@@ -245,11 +251,14 @@ def render_md(data: dict) -> str:
         )
     if data.get("gptq_layers"):
         gptq = next((r for r in data["rows"] if r["pass"] == "gptq"), {})
-        lines += ["", f"GPTQ ran {data['gptq_layers']} of {data['model']['layers']} layers (it resumed after "
-                  f"{gptq.get('resumed_after_layers')} from an interrupted run, exercising per-layer resume): on this "
-                  "shared 2-core CPU one 4096-wide layer takes ~10 min, so the full model would take hours. Peak "
-                  "memory is per layer (constant over layers, measured), so the cap result holds for the full run; "
-                  "full-model GPTQ output validity and bit-exactness are checked on smaller models (tests, below)."]
+        lines += [
+            "",
+            f"GPTQ ran {data['gptq_layers']} of {data['model']['layers']} layers (it resumed after "
+            f"{gptq.get('resumed_after_layers')} from an interrupted run, exercising per-layer resume): on this "
+            "shared 2-core CPU one 4096-wide layer takes ~10 min, so the full model would take hours. Peak "
+            "memory is per layer (constant over layers, measured), so the cap result holds for the full run; "
+            "full-model GPTQ output validity and bit-exactness are checked on smaller models (tests, below).",
+        ]
     lines += [
         "",
         f"Small model, GPTQ in memory vs streamed (disk-spilled activations): bit-identical = "
@@ -302,18 +311,28 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             ok = check_gptq_output(work / "gptq-out", model_dir, args.layers)
         if ok and which == "importance":
             ok = result.get("layers_scored") == args.layers
-        row = {"pass": which, "weights_bytes": weights, "cap_bytes": cap,
-               "peak_rss_bytes": result["peak_rss_bytes"],
-               "predicted_peak_bytes": predict(config.to_dict(), which, args),
-               "wall_s": round(result["wall_s"], 1), "ok": bool(ok)}
+        row = {
+            "pass": which,
+            "weights_bytes": weights,
+            "cap_bytes": cap,
+            "peak_rss_bytes": result["peak_rss_bytes"],
+            "predicted_peak_bytes": predict(config.to_dict(), which, args),
+            "wall_s": round(result["wall_s"], 1),
+            "ok": bool(ok),
+        }
         row.update({k: v for k, v in result.items() if k not in row and k != "ok"})
         rows.append(row)
         print(json.dumps(row), flush=True)
         shutil.rmtree(work / "gptq-out", ignore_errors=True)
-    return {"rows": rows, "config": config.to_dict(), "max_memory": args.max_memory,
-            "calibration": f"{args.samples}x{args.seq_len}",
-            "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate},
-            "gptq_layers": args.gptq_layers, "bit_exact_small": bit_exact_small(work)}
+    return {
+        "rows": rows,
+        "config": config.to_dict(),
+        "max_memory": args.max_memory,
+        "calibration": f"{args.samples}x{args.seq_len}",
+        "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate},
+        "gptq_layers": args.gptq_layers,
+        "bit_exact_small": bit_exact_small(work),
+    }
 
 
 def _write(data: dict) -> None:

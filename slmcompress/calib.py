@@ -90,7 +90,11 @@ def capture_layer_inputs(
 
     def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
-        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+        kwargs = {
+            k: v
+            for k, v in kwargs.items()
+            if k not in ("hidden_states", "past_key_values", "past_key_value")
+        }
         kwargs["use_cache"] = False
         batches.append(LayerBatch(hidden.detach().to(offload), _to(kwargs, offload)))
         raise _StopForward
@@ -110,7 +114,9 @@ def capture_layer_inputs(
     return batches
 
 
-def _move_non_layer_modules(model: PreTrainedModel, layers: nn.ModuleList, device: torch.device) -> list:
+def _move_non_layer_modules(
+    model: PreTrainedModel, layers: nn.ModuleList, device: torch.device
+) -> list:
     """Move every top-level submodule of the base model except the layer stack to ``device``."""
     base = getattr(model, "model", None) or getattr(model, "transformer", None)
     moved = []
@@ -129,7 +135,9 @@ def _move_non_layer_modules(model: PreTrainedModel, layers: nn.ModuleList, devic
 class LayerStep:
     """One decoder layer during a layer-wise pass, resident on the compute device."""
 
-    def __init__(self, index: int, layer: nn.Module, inputs: list[LayerBatch], device: torch.device):
+    def __init__(
+        self, index: int, layer: nn.Module, inputs: list[LayerBatch], device: torch.device
+    ):
         self.index, self.layer, self.inputs, self.device = index, layer, inputs, device
         self._outputs: list[torch.Tensor] | None = None
 
@@ -138,7 +146,9 @@ class LayerStep:
         """Run every calibration batch through the layer (hooks observe it)."""
         outputs = []
         for batch in self.inputs:
-            out = _layer_output(self.layer(batch.hidden.to(self.device), **_to(batch.kwargs, self.device)))
+            out = _layer_output(
+                self.layer(batch.hidden.to(self.device), **_to(batch.kwargs, self.device))
+            )
             if not torch.isfinite(out).all():
                 raise PassError(f"layer {self.index}: NaN/Inf in activations")
             if keep_outputs:
@@ -152,7 +162,9 @@ class LayerStep:
     def next_inputs(self) -> list[LayerBatch]:
         """Inputs of the next layer: given outputs, or a fresh forward of the modified layer."""
         outputs = self._outputs if self._outputs is not None else self.forward(keep_outputs=True)
-        return [LayerBatch(out, batch.kwargs) for out, batch in zip(outputs, self.inputs, strict=True)]
+        return [
+            LayerBatch(out, batch.kwargs) for out, batch in zip(outputs, self.inputs, strict=True)
+        ]
 
 
 def layerwise(

@@ -61,7 +61,9 @@ def write_checkpoint_into(
     if isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq":
         (directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
     meta = {"format_version": 1, "versions": versions(), **(metadata or {})}
-    (directory / METADATA_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+    (directory / METADATA_FILE).write_text(
+        json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+    )
     for name, text in (extra_files or {}).items():
         (directory / name).write_text(text)
 
@@ -79,7 +81,9 @@ def safetensors_files(directory: Path) -> list[Path]:
     if single.is_file():
         return [single]
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
-        raise CheckpointError(f"checkpoint: {directory} has only pickle weights; slmcompress loads safetensors only")
+        raise CheckpointError(
+            f"checkpoint: {directory} has only pickle weights; slmcompress loads safetensors only"
+        )
     raise CheckpointError(f"checkpoint: {directory} has no model.safetensors")
 
 
@@ -109,7 +113,9 @@ def _check_safetensors(path: Path) -> None:
                 handle.get_slice(keys[-1])
         header_len = int.from_bytes(path.open("rb").read(8), "little")
         header = json.loads(path.open("rb").read(8 + header_len)[8:])
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        end = max(
+            (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
+        )
         if path.stat().st_size < 8 + header_len + end:
             raise ValueError("file is shorter than its header says (truncated)")
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
@@ -125,21 +131,29 @@ def load_checkpoint(
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint: cannot load the tokenizer in {directory}: {exc}") from exc
+        raise CheckpointError(
+            f"checkpoint: cannot load the tokenizer in {directory}: {exc}"
+        ) from exc
     qcfg = config.get("quantization_config") or {}
     if qcfg.get("quant_method") == "gptq":
         return load_gptq_checkpoint(directory, qcfg, dtype), tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(f"checkpoint: cannot load {directory}: {str(exc).splitlines()[0]}") from exc
+        raise CheckpointError(
+            f"checkpoint: cannot load {directory}: {str(exc).splitlines()[0]}"
+        ) from exc
     return model, tokenizer
 
 
-def load_gptq_checkpoint(directory: Path, qcfg: dict[str, Any], dtype: torch.dtype) -> PreTrainedModel:
+def load_gptq_checkpoint(
+    directory: Path, qcfg: dict[str, Any], dtype: torch.dtype
+) -> PreTrainedModel:
     """Build the float skeleton, swap in QuantLinear where the checkpoint has ``qweight``, load."""
     if qcfg.get("checkpoint_format", "gptq") != "gptq":
-        raise CheckpointError(f"checkpoint: {directory}: only checkpoint_format 'gptq' (v1) is supported")
+        raise CheckpointError(
+            f"checkpoint: {directory}: only checkpoint_format 'gptq' (v1) is supported"
+        )
     config = AutoConfig.from_pretrained(directory)
     config.quantization_config = None
     del config.quantization_config
@@ -176,7 +190,9 @@ def _quant_linear_for(
     linear = model.get_submodule(prefix)
     if not isinstance(linear, nn.Linear):
         raise CheckpointError(f"checkpoint: {prefix} has qweight but is not a Linear in the config")
-    return QuantLinear(linear.in_features, linear.out_features, bits, group_size, bias=f"{prefix}.bias" in state)
+    return QuantLinear(
+        linear.in_features, linear.out_features, bits, group_size, bias=f"{prefix}.bias" in state
+    )
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -21,8 +21,12 @@ from rich.table import Table
 
 from slmcompress.errors import SlmError
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Shrink a large language model into a small deployable one.")
+app = typer.Typer(
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    no_args_is_help=True,
+    help="Shrink a large language model into a small deployable one.",
+)
 recipe_app = typer.Typer(no_args_is_help=True, help="Validate and inspect recipes.")
 app.add_typer(recipe_app, name="recipe")
 
@@ -42,7 +46,9 @@ def cli_errors(func: F) -> F:
             err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
-            err_console.print("[bold red]interrupted[/]: completed stages are kept; rerun to resume")
+            err_console.print(
+                "[bold red]interrupted[/]: completed stages are kept; rerun to resume"
+            )
             raise typer.Exit(130) from None
 
     return wrapper  # type: ignore[return-value]
@@ -60,8 +66,13 @@ def main_callback(
 ) -> None:
     """Configure logging once for every command."""
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=err_console, show_path=False)], force=True)
+    logging.basicConfig(
+        level=level,
+        format="%(message)s",
+        datefmt="[%X]",
+        handlers=[RichHandler(console=err_console, show_path=False)],
+        force=True,
+    )
     for noisy in ("httpx", "urllib3", "datasets", "lm_eval", "transformers", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
@@ -75,10 +86,18 @@ def main_callback(
 @cli_errors
 def run(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    output_dir: Annotated[Path | None, typer.Option(help="Override the recipe's output_dir.")] = None,
-    force: Annotated[bool, typer.Option(help="Rerun every stage (and replace another recipe's run).")] = False,
-    from_stage: Annotated[int | None, typer.Option(help="Rerun from this stage number (1-based).")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: stages.0.bits=3")] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option(help="Override the recipe's output_dir.")
+    ] = None,
+    force: Annotated[
+        bool, typer.Option(help="Rerun every stage (and replace another recipe's run).")
+    ] = False,
+    from_stage: Annotated[
+        int | None, typer.Option(help="Rerun from this stage number (1-based).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: stages.0.bits=3")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
 ) -> None:
     """Run a recipe: every stage writes a checkpoint and an eval report; reruns resume."""
@@ -88,9 +107,22 @@ def run(
     resolved = load_recipe(recipe, set_ or [])
     result = run_recipe(resolved, output_dir=output_dir, force=force, from_stage=from_stage)
     if as_json:
-        emit_json({"output_dir": result.output_dir, "wall_s": result.wall_s, "summary": result.summary_path,
-                   "stages": [{"name": s.name, "dir": s.directory, "status": s.status,
-                               "metrics": (s.report or {}).get("metrics")} for s in result.stages]})
+        emit_json(
+            {
+                "output_dir": result.output_dir,
+                "wall_s": result.wall_s,
+                "summary": result.summary_path,
+                "stages": [
+                    {
+                        "name": s.name,
+                        "dir": s.directory,
+                        "status": s.status,
+                        "metrics": (s.report or {}).get("metrics"),
+                    }
+                    for s in result.stages
+                ],
+            }
+        )
         return
     sys.stdout.write(result.summary_path.read_text() + "\n")
     for stage in result.stages:
@@ -120,8 +152,9 @@ def eval_cmd(
 
     options = EvalOptions(tasks=[t for t in tasks.split(",") if t], limit=limit, speed=speed)
     loaded = load_model(model, dtype=dtype, device=device)
-    metrics, timings = evaluate(loaded.model, loaded.tokenizer, EvalSpec(max_tokens=ppl_tokens, seq_len=seq_len),
-                                options)
+    metrics, timings = evaluate(
+        loaded.model, loaded.tokenizer, EvalSpec(max_tokens=ppl_tokens, seq_len=seq_len), options
+    )
     summary = model_summary(loaded.model, loaded.local_dir)
     if as_json:
         emit_json({"model": model, "summary": summary, "metrics": metrics, "timings": timings})
@@ -129,7 +162,11 @@ def eval_cmd(
     table = Table(title=f"eval: {model}")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for key, value in {**metrics, "params": summary["params"], "bytes_on_disk": summary["bytes_on_disk"]}.items():
+    for key, value in {
+        **metrics,
+        "params": summary["params"],
+        "bytes_on_disk": summary["bytes_on_disk"],
+    }.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
 
@@ -138,7 +175,9 @@ def eval_cmd(
 @app.command()
 @cli_errors
 def inspect(
-    checkpoint: Annotated[Path, typer.Argument(help="A checkpoint directory (a stage dir of a run).")],
+    checkpoint: Annotated[
+        Path, typer.Argument(help="A checkpoint directory (a stage dir of a run).")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Architecture, sizes, parameters, quantization and report summary of a checkpoint."""
@@ -167,7 +206,9 @@ def inspect(
 @app.command()
 @cli_errors
 def generate(
-    model: Annotated[str, typer.Argument(help="Checkpoint dir (float or GPTQ), built-in alias, .gguf or hub id.")],
+    model: Annotated[
+        str, typer.Argument(help="Checkpoint dir (float or GPTQ), built-in alias, .gguf or hub id.")
+    ],
     prompt: Annotated[str, typer.Option(help="Prompt text.")] = "The capital of France is",
     max_new_tokens: Annotated[int, typer.Option(help="Tokens to generate.")] = 64,
     temperature: Annotated[float, typer.Option(help="0 = greedy.")] = 0.0,
@@ -188,8 +229,10 @@ def generate(
         emit_json({"prompt": prompt, **result.__dict__, "backends": backends})
         return
     sys.stdout.write(prompt + result.text + "\n")
-    err_console.print(f"[dim]{result.new_tokens} tokens, {result.tokens_per_s:.1f} tokens/s decode, "
-                      f"prefill {result.prefill_s * 1000:.0f} ms, backends {backends or 'float'}[/]")
+    err_console.print(
+        f"[dim]{result.new_tokens} tokens, {result.tokens_per_s:.1f} tokens/s decode, "
+        f"prefill {result.prefill_s * 1000:.0f} ms, backends {backends or 'float'}[/]"
+    )
 
 
 # ------------------------------------------------------------------------ pruning sensitivity
@@ -206,12 +249,18 @@ _register_sensitivity()
 @app.command("teacher-cache")
 @cli_errors
 def teacher_cache(
-    model: Annotated[str, typer.Argument(help="Teacher: built-in alias, checkpoint dir, .gguf or hub id.")],
+    model: Annotated[
+        str, typer.Argument(help="Teacher: built-in alias, checkpoint dir, .gguf or hub id.")
+    ],
     out: Annotated[Path, typer.Option(help="Cache directory (resumable).")],
-    data: Annotated[str, typer.Option(help="c4 | wikitext2:validation | file.jsonl | hub/id:split")] = "c4",
+    data: Annotated[
+        str, typer.Option(help="c4 | wikitext2:validation | file.jsonl | hub/id:split")
+    ] = "c4",
     top_k: Annotated[int, typer.Option(help="Teacher logits kept per token.")] = 64,
     seq_len: Annotated[int, typer.Option(help="Sequence length.")] = 512,
-    n_sequences: Annotated[int | None, typer.Option(help="Sequences to cache (default: all).")] = None,
+    n_sequences: Annotated[
+        int | None, typer.Option(help="Sequences to cache (default: all).")
+    ] = None,
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 4,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
@@ -219,8 +268,17 @@ def teacher_cache(
     """Cache a teacher's top-k logits (sharded safetensors) for distillation without the teacher."""
     from slmcompress.distill.cli_teacher_cache import teacher_cache_command
 
-    cache = teacher_cache_command(model, data, top_k, out, seq_len=seq_len, n_sequences=n_sequences,
-                                  batch_size=batch_size, device=device, dtype=dtype)
+    cache = teacher_cache_command(
+        model,
+        data,
+        top_k,
+        out,
+        seq_len=seq_len,
+        n_sequences=n_sequences,
+        batch_size=batch_size,
+        device=device,
+        dtype=dtype,
+    )
     console.print(f"teacher cache ready: {out} ({cache!r})")
 
 
@@ -229,16 +287,26 @@ def teacher_cache(
 @cli_errors
 def recipe_validate(
     file: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: stages.0.bits=3")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the resolved recipe as JSON.")] = False,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: stages.0.bits=3")
+    ] = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print the resolved recipe as JSON.")
+    ] = False,
 ) -> None:
     """Validate a recipe without loading any weights."""
     from slmcompress.recipe import load_recipe
 
     resolved = load_recipe(file, set_ or [])
     if as_json:
-        emit_json({"recipe": resolved.recipe.model_dump(),
-                   "stages": [{"dir": s.dirname, "config": s.config.model_dump()} for s in resolved.stages]})
+        emit_json(
+            {
+                "recipe": resolved.recipe.model_dump(),
+                "stages": [
+                    {"dir": s.dirname, "config": s.config.model_dump()} for s in resolved.stages
+                ],
+            }
+        )
         return
     console.print(f"[green]ok[/]: {file} ({len(resolved.stages)} stages → {resolved.output_dir})")
     for stage, stage_hash in zip(resolved.stages, resolved.stage_hashes(), strict=True):
@@ -272,10 +340,19 @@ def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] 
 @cli_errors
 def plan(
     recipe: Annotated[Path, typer.Argument(help="Recipe YAML file.")],
-    device_memory: Annotated[str | None, typer.Option(help="GPU memory, e.g. 80GB (omit: this CPU machine).")] = None,
+    device_memory: Annotated[
+        str | None, typer.Option(help="GPU memory, e.g. 80GB (omit: this CPU machine).")
+    ] = None,
     host_memory: Annotated[str | None, typer.Option(help="Host RAM, e.g. 24GiB.")] = None,
-    config: Annotated[str | None, typer.Option(help="Published config (llama-3-70b) or config.json instead of the recipe's model.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a key: stages.0.bits=3")] = None,
+    config: Annotated[
+        str | None,
+        typer.Option(
+            help="Published config (llama-3-70b) or config.json instead of the recipe's model."
+        ),
+    ] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override a key: stages.0.bits=3")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Predict peak memory, disk and time per stage from the model's config (no weights load)."""

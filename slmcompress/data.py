@@ -105,7 +105,11 @@ def check_spec(spec: DataSpec, where: str) -> None:
             raise DataError(f"{where}.split: {spec.source} has no split {split!r}; valid: {valid}")
         return
     path = Path(spec.source).expanduser()
-    if path.suffix in (".txt", ".jsonl", ".json") or path.exists() or spec.source.startswith((".", "/", "~")):
+    if (
+        path.suffix in (".txt", ".jsonl", ".json")
+        or path.exists()
+        or spec.source.startswith((".", "/", "~"))
+    ):
         if not path.is_file():
             raise DataError(f"{where}.source: data file {spec.source} does not exist")
         if path.stat().st_size == 0:
@@ -185,7 +189,9 @@ def token_stream(tokenizer: PreTrainedTokenizerBase, spec: DataSpec) -> torch.Te
 _STREAM_CACHE: dict[tuple, torch.Tensor] = {}
 
 
-def _token_stream_cached(tokenizer, source: str, split: str | None, text_field: str) -> torch.Tensor:
+def _token_stream_cached(
+    tokenizer, source: str, split: str | None, text_field: str
+) -> torch.Tensor:
     key = (tokenizer.name_or_path, len(tokenizer), source, split, text_field)
     if key not in _STREAM_CACHE:
         texts = list(_load_texts_cached(source, split, text_field))
@@ -199,7 +205,9 @@ def _token_stream_cached(tokenizer, source: str, split: str | None, text_field: 
     return _STREAM_CACHE[key]
 
 
-def packed_sequences(tokenizer: PreTrainedTokenizerBase, spec: DataSpec, seq_len: int) -> torch.Tensor:
+def packed_sequences(
+    tokenizer: PreTrainedTokenizerBase, spec: DataSpec, seq_len: int
+) -> torch.Tensor:
     """The token stream cut into non-overlapping ``(n_chunks, seq_len)`` sequences (tail dropped)."""
     stream = token_stream(tokenizer, spec)
     n_chunks = stream.numel() // seq_len
@@ -228,5 +236,3 @@ def eval_tokens(tokenizer: PreTrainedTokenizerBase, spec: EvalSpec) -> torch.Ten
     if usable == 0:
         raise DataError(f"data.eval: {spec.source} has fewer than {spec.seq_len} tokens")
     return stream[:usable].clone()
-
-

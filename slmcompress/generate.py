@@ -36,16 +36,23 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def generate(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt: str, max_new_tokens: int = 64,
-    temperature: float = 0.0, chat: bool = False,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    max_new_tokens: int = 64,
+    temperature: float = 0.0,
+    chat: bool = False,
 ) -> Generation:
     """Generate a continuation; ``chat`` wraps the prompt in the tokenizer's chat template."""
     device = next(model.parameters()).device
     if chat and getattr(tokenizer, "chat_template", None):
-        prompt = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                               add_generation_prompt=True)
+        prompt = tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+        )
     ids = tokenizer(prompt, return_tensors="pt").to(device)
-    sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    sampling = (
+        {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+    )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     _sync(device)
     start = time.perf_counter()
@@ -56,7 +63,13 @@ def generate(
     out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
     _sync(device)
     total = time.perf_counter() - start
-    new = out[0, ids["input_ids"].shape[1]:]
+    new = out[0, ids["input_ids"].shape[1] :]
     decode = max(total - prefill, 1e-9)
     steps = max(new.numel() - 1, 1)
-    return Generation(tokenizer.decode(new, skip_special_tokens=True), new.numel(), steps / decode, prefill, decode)
+    return Generation(
+        tokenizer.decode(new, skip_special_tokens=True),
+        new.numel(),
+        steps / decode,
+        prefill,
+        decode,
+    )

@@ -51,8 +51,10 @@ def _describe_quant(qcfg: dict[str, Any]) -> str:
         return "none (float)"
     method = (qcfg.get("meta") or {}).get("method", qcfg.get("quant_method"))
     group = qcfg.get("group_size")
-    return (f"{method} {qcfg.get('bits')}-bit, group {group}, sym={qcfg.get('sym')}, "
-            f"act_order={qcfg.get('desc_act')} ({qcfg.get('checkpoint_format', 'gptq')} format)")
+    return (
+        f"{method} {qcfg.get('bits')}-bit, group {group}, sym={qcfg.get('sym')}, "
+        f"act_order={qcfg.get('desc_act')} ({qcfg.get('checkpoint_format', 'gptq')} format)"
+    )
 
 
 def _scan_tensors(directory: Path, qcfg: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
@@ -67,8 +69,14 @@ def _scan_tensors(directory: Path, qcfg: dict[str, Any]) -> tuple[int, list[dict
                 shape = handle.get_slice(key).get_shape()
                 if key.endswith(".qweight"):
                     params += shape[0] * 32 // bits * shape[1]
-                    layers.append({"name": key[: -len(".qweight")], "bits": bits, "group_size": qcfg.get("group_size"),
-                                   "backend": backend_for_bits(bits)})
+                    layers.append(
+                        {
+                            "name": key[: -len(".qweight")],
+                            "bits": bits,
+                            "group_size": qcfg.get("group_size"),
+                            "backend": backend_for_bits(bits),
+                        }
+                    )
                 elif not key.endswith((".qzeros", ".scales", ".g_idx")):
                     count = 1
                     for dim in shape:

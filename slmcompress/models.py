@@ -84,10 +84,18 @@ def resolve_dtype(dtype: str = "auto", device: torch.device | None = None) -> to
     if dtype == "auto":
         device = device or resolve_device("auto")
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    table = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in table:
-        raise ModelSourceError(f"dtype: unknown dtype {dtype!r}; use one of auto, {', '.join(table)}")
+        raise ModelSourceError(
+            f"dtype: unknown dtype {dtype!r}; use one of auto, {', '.join(table)}"
+        )
     return table[dtype]
 
 

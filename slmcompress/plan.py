@@ -261,7 +261,12 @@ GPTQ_HESSIAN_COPIES = 4
 def gptq_groups(arch: Arch) -> list[tuple[int, int]]:
     """(in, stacked out) of each GPTQ solve: q/k/v, o, gate/up, down."""
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
-    return [(arch.hidden, q + 2 * kv), (q, arch.hidden), (arch.hidden, 2 * arch.inter), (arch.inter, arch.hidden)]
+    return [
+        (arch.hidden, q + 2 * kv),
+        (q, arch.hidden),
+        (arch.hidden, 2 * arch.inter),
+        (arch.inter, arch.hidden),
+    ]
 
 
 def pass_state_bytes(arch: Arch, pass_name: str, elem: int) -> int:

@@ -18,8 +18,12 @@ from rich.progress import (
 def make_progress(transient: bool = True) -> Progress:
     """A progress display with count, elapsed and ETA columns."""
     return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
         transient=transient,
     )
 

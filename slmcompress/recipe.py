@@ -108,19 +108,26 @@ class ResolvedRecipe:
     def stage_hashes(self) -> list[str]:
         """Chained config hashes: a stage's hash covers every earlier stage and the inputs."""
         base = {
-            "model": self.recipe.model, "teacher": self.recipe.teacher, "seed": self.recipe.seed,
-            "dtype": self.recipe.dtype, "data": self.recipe.data.model_dump(),
+            "model": self.recipe.model,
+            "teacher": self.recipe.teacher,
+            "seed": self.recipe.seed,
+            "dtype": self.recipe.dtype,
+            "data": self.recipe.data.model_dump(),
         }
         previous = _hash(base)
         hashes = []
         for stage in self.stages:
-            previous = _hash({"previous": previous, "name": stage.name, "config": stage.config.model_dump()})
+            previous = _hash(
+                {"previous": previous, "name": stage.name, "config": stage.config.model_dump()}
+            )
             hashes.append(previous)
         return hashes
 
     def eval_hash(self) -> str:
         """Hash of what the reports measure (a change re-evaluates without re-running passes)."""
-        return _hash({"eval": self.recipe.eval.model_dump(), "data": self.recipe.data.eval.model_dump()})
+        return _hash(
+            {"eval": self.recipe.eval.model_dump(), "data": self.recipe.data.eval.model_dump()}
+        )
 
 
 def _hash(obj: Any) -> str:
@@ -183,7 +190,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _index(node: list, part: str, path: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise RecipeError(f"--set {path}: {part!r} is not a valid index (list has {len(node)} items)")
+        raise RecipeError(
+            f"--set {path}: {part!r} is not a valid index (list has {len(node)} items)"
+        )
     return int(part)
 
 
@@ -214,7 +223,9 @@ def _parse_stage(index: int, raw: Any) -> Stage:
     if not isinstance(raw, dict):
         raise RecipeError(f"{where}: must be a mapping with a 'type' key")
     if "type" not in raw:
-        raise RecipeError(f"{where}.type: missing (valid types are listed by `slmcompress recipe passes`)")
+        raise RecipeError(
+            f"{where}.type: missing (valid types are listed by `slmcompress recipe passes`)"
+        )
     pass_cls = get_pass(str(raw["type"]), raw.get("method"), where)
     try:
         config = pass_cls.Config.model_validate(raw)
@@ -230,7 +241,9 @@ def _validate_cross_stage(resolved: ResolvedRecipe) -> None:
     names = [s.name for s in resolved.stages]
     for i, name in enumerate(names):
         if names.index(name) != i:
-            raise RecipeError(f"stages[{i}].name: {name!r} is used by an earlier stage; names must be unique")
+            raise RecipeError(
+                f"stages[{i}].name: {name!r} is used by an earlier stage; names must be unique"
+            )
         if "/" in name or name.startswith("."):
             raise RecipeError(f"stages[{i}].name: must not contain '/' or start with '.'")
     resolve_dtype(recipe.dtype)
@@ -243,9 +256,15 @@ def _validate_cross_stage(resolved: ResolvedRecipe) -> None:
     check_spec(recipe.data.calibration, "data.calibration")
     check_spec(recipe.data.eval, "data.eval")
     check_disjoint(recipe.data.calibration, recipe.data.eval)
-    quantized_at = next((s.index for s in resolved.stages if s.pass_cls.pass_type == "quantize"), None)
+    quantized_at = next(
+        (s.index for s in resolved.stages if s.pass_cls.pass_type == "quantize"), None
+    )
     for stage in resolved.stages:
-        if quantized_at is not None and stage.index > quantized_at and stage.pass_cls.pass_type != "eval":
+        if (
+            quantized_at is not None
+            and stage.index > quantized_at
+            and stage.pass_cls.pass_type != "eval"
+        ):
             raise RecipeError(
                 f"stages[{stage.index}].type: a {stage.pass_cls.pass_type} stage cannot follow the quantize stage "
                 f"stages[{quantized_at}]; quantize last (only eval stages may follow)"

@@ -53,9 +53,13 @@ def get_pass(type_: str, method: str | None, where: str = "stage") -> type[Pass]
         return _REGISTRY[(type_, None)]
     methods = methods_of(type_)
     if not methods:
-        raise RecipeError(f"{where}.type: unknown pass type {type_!r}; valid: {', '.join(pass_types())}")
+        raise RecipeError(
+            f"{where}.type: unknown pass type {type_!r}; valid: {', '.join(pass_types())}"
+        )
     if method is None:
         raise RecipeError(f"{where}.method: {type_} needs a method; one of {', '.join(methods)}")
     if (type_, method) not in _REGISTRY:
-        raise RecipeError(f"{where}.method: unknown {type_} method {method!r}; valid: {', '.join(methods)}")
+        raise RecipeError(
+            f"{where}.method: unknown {type_} method {method!r}; valid: {', '.join(methods)}"
+        )
     return _REGISTRY[(type_, method)]

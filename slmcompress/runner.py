@@ -83,7 +83,10 @@ class Runner:
     """Runs a resolved recipe; see the module docstring for the on-disk contract."""
 
     def __init__(
-        self, resolved: ResolvedRecipe, output_dir: Path | None = None, force: bool = False,
+        self,
+        resolved: ResolvedRecipe,
+        output_dir: Path | None = None,
+        force: bool = False,
         from_stage: int | None = None,
     ) -> None:
         self.resolved = resolved
@@ -97,7 +100,9 @@ class Runner:
         self.hashes = resolved.stage_hashes()
         self._model: PreTrainedModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
-        self._model_dir: Path | None = None  # checkpoint the next stage starts from (None = original)
+        self._model_dir: Path | None = (
+            None  # checkpoint the next stage starts from (None = original)
+        )
 
     # ---------------------------------------------------------------- public
     def run(self) -> RunResult:
@@ -131,7 +136,9 @@ class Runner:
         if self.out.exists() and any(self.out.iterdir()):
             if not manifest_path.is_file():
                 if not self.force:
-                    raise RecipeError(f"output_dir: {self.out} exists and is not an slmcompress run (use --force)")
+                    raise RecipeError(
+                        f"output_dir: {self.out} exists and is not an slmcompress run (use --force)"
+                    )
             else:
                 old = json.loads(manifest_path.read_text())
                 if old.get("recipe") != self.resolved.identity() and not self.force:
@@ -154,7 +161,13 @@ class Runner:
             "versions": versions(),
             "status": "running",
             "stages": [
-                {"index": s.index + 1, "name": s.name, "dir": s.dirname, "hash": h, "status": "pending"}
+                {
+                    "index": s.index + 1,
+                    "name": s.name,
+                    "dir": s.dirname,
+                    "hash": h,
+                    "status": "pending",
+                }
                 for s, h in zip(self.resolved.stages, self.hashes, strict=True)
             ],
         }
@@ -166,7 +179,9 @@ class Runner:
         """Load the current model lazily: skipped stages never load weights."""
         if self._model is None:
             if self._model_dir is None:
-                loaded = load_model(self.recipe.model, dtype=self.recipe.dtype, device=str(self.device))
+                loaded = load_model(
+                    self.recipe.model, dtype=self.recipe.dtype, device=str(self.device)
+                )
                 self._model, self._tokenizer = loaded.model, loaded.tokenizer
             else:
                 self._model, self._tokenizer = load_checkpoint(self._model_dir, dtype=self.dtype)
@@ -177,7 +192,11 @@ class Runner:
     def _input_report(self) -> dict[str, Any]:
         """Evaluate the recipe's original model once (cached in 00-input/)."""
         directory = self.out / INPUT_DIR
-        key = {"model": self.recipe.model, "dtype": self.recipe.dtype, "eval": self.resolved.eval_hash()}
+        key = {
+            "model": self.recipe.model,
+            "dtype": self.recipe.dtype,
+            "eval": self.resolved.eval_hash(),
+        }
         report_path = directory / "report.json"
         if report_path.is_file() and read_metadata(directory).get("input_key") == key:
             return json.loads(report_path.read_text())["metrics"]
@@ -185,11 +204,23 @@ class Runner:
         log.info("evaluating the input model %s", self.recipe.model)
         metrics, timings = evaluate(model, tokenizer, self.recipe.data.eval, self.recipe.eval)
         summary = model_summary(model, self._source_dir())
-        report = build_report("input", "input", {"model": self.recipe.model}, summary, metrics, None, None, timings, [])
+        report = build_report(
+            "input",
+            "input",
+            {"model": self.recipe.model},
+            summary,
+            metrics,
+            None,
+            None,
+            timings,
+            [],
+        )
         with atomic_dir(directory) as tmp:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
             (tmp / "report.md").write_text(render_report_md(report))
-            (tmp / "slmcompress.json").write_text(json.dumps({"input_key": key, "versions": versions()}, indent=2))
+            (tmp / "slmcompress.json").write_text(
+                json.dumps({"input_key": key, "versions": versions()}, indent=2)
+            )
         return metrics
 
     def _source_dir(self) -> Path | None:
@@ -210,7 +241,11 @@ class Runner:
         return self.force or (self.from_stage is not None and stage.index + 1 >= self.from_stage)
 
     def _run_or_skip(
-        self, stage: Stage, stage_hash: str, previous: dict[str, Any], original: dict[str, Any],
+        self,
+        stage: Stage,
+        stage_hash: str,
+        previous: dict[str, Any],
+        original: dict[str, Any],
         manifest: dict[str, Any],
     ) -> StageOutcome:
         entry = manifest["stages"][stage.index]
@@ -249,9 +284,16 @@ class Runner:
         work_dir = self.out / ".work" / stage.dirname
         work_dir.mkdir(parents=True, exist_ok=True)
         return Context(
-            tokenizer=tokenizer, data=self.recipe.data, device=self.device, dtype=self.dtype,
-            original_model=self.recipe.model, teacher=self.recipe.teacher, stage_dir=self.out / stage.dirname,
-            work_dir=work_dir, seed=self.recipe.seed, stage_index=stage.index,
+            tokenizer=tokenizer,
+            data=self.recipe.data,
+            device=self.device,
+            dtype=self.dtype,
+            original_model=self.recipe.model,
+            teacher=self.recipe.teacher,
+            stage_dir=self.out / stage.dirname,
+            work_dir=work_dir,
+            seed=self.recipe.seed,
+            stage_index=stage.index,
         )
 
     def _follow(self, stage: Stage, stage_hash: str) -> StageOutcome:
@@ -263,10 +305,15 @@ class Runner:
             seed_everything(self.recipe.seed)
             stage.pass_cls(stage.config).run(model, self._context(stage, tokenizer))
         if stage.pass_cls.changes_model:
-            self._model, self._model_dir = None, directory  # rank 0 writes it before the next barrier
+            self._model, self._model_dir = (
+                None,
+                directory,
+            )  # rank 0 writes it before the next barrier
         return StageOutcome(stage.name, directory, "skipped" if skip else "followed")
 
-    def _execute(self, stage: Stage, stage_hash: str, previous: dict, original: dict) -> dict[str, Any]:
+    def _execute(
+        self, stage: Stage, stage_hash: str, previous: dict, original: dict
+    ) -> dict[str, Any]:
         """Run the pass, write checkpoint + report into a temp dir, evaluate the saved artifact."""
         model, tokenizer = self._ensure_model()
         directory = self.out / stage.dirname
@@ -280,10 +327,20 @@ class Runner:
         self._model = None  # the input model may have been modified in place
         with atomic_dir(directory) as tmp:
             evaluated = self._write_stage(stage, stage_hash, new_model, tokenizer, ctx, tmp)
-            metrics, timings = evaluate(evaluated, tokenizer, self.recipe.data.eval, self.recipe.eval)
+            metrics, timings = evaluate(
+                evaluated, tokenizer, self.recipe.data.eval, self.recipe.eval
+            )
             timings = {"pass_s": pass_s, **timings}
-            report = self._report(stage, evaluated, tmp if stage.pass_cls.changes_model else None,
-                                  metrics, previous, original, timings, ctx)
+            report = self._report(
+                stage,
+                evaluated,
+                tmp if stage.pass_cls.changes_model else None,
+                metrics,
+                previous,
+                original,
+                timings,
+                ctx,
+            )
             self._write_report(tmp, report, stage_hash, timings)
         if stage.pass_cls.changes_model:
             self._model_dir = directory
@@ -292,16 +349,25 @@ class Runner:
         return report
 
     def _write_stage(
-        self, stage: Stage, stage_hash: str, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase,
-        ctx: Context, tmp: Path,
+        self,
+        stage: Stage,
+        stage_hash: str,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        ctx: Context,
+        tmp: Path,
     ) -> PreTrainedModel:
         """Write the checkpoint and reload it, so reports (and later stages) see exactly the artifact."""
         if not stage.pass_cls.changes_model:
             return model
         metadata = {
-            "stage": stage.name, "stage_index": stage.index + 1, "pass": _pass_name(stage),
-            "stage_hash": stage_hash, "recipe": self.resolved.identity(),
-            "parent": str(self._model_dir or self.recipe.model), "seed": self.recipe.seed,
+            "stage": stage.name,
+            "stage_index": stage.index + 1,
+            "pass": _pass_name(stage),
+            "stage_hash": stage_hash,
+            "recipe": self.resolved.identity(),
+            "parent": str(self._model_dir or self.recipe.model),
+            "seed": self.recipe.seed,
             "config": stage.config.model_dump(),
         }
         write_checkpoint_into(model.to("cpu"), tokenizer, tmp, metadata)
@@ -311,19 +377,37 @@ class Runner:
         reloaded, _ = load_checkpoint(tmp, dtype=self.dtype)
         return reloaded.to(self.device).eval()
 
-    def _report(self, stage, model, checkpoint_dir, metrics, previous, original, timings, ctx) -> dict:
+    def _report(
+        self, stage, model, checkpoint_dir, metrics, previous, original, timings, ctx
+    ) -> dict:
         summary = model_summary(model, checkpoint_dir)
-        return build_report(stage.name, _pass_name(stage), stage.config.model_dump(), summary, metrics,
-                            previous, original, timings, ctx.warnings, ctx.extra_metrics)
+        return build_report(
+            stage.name,
+            _pass_name(stage),
+            stage.config.model_dump(),
+            summary,
+            metrics,
+            previous,
+            original,
+            timings,
+            ctx.warnings,
+            ctx.extra_metrics,
+        )
 
     def _write_report(self, directory: Path, report: dict, stage_hash: str, timings: dict) -> None:
         (directory / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         (directory / "report.md").write_text(render_report_md(report))
         meta = read_metadata(directory) or {"stage": report["stage"], "versions": versions()}
-        meta.update(stage_hash=stage_hash, eval_hash=self.resolved.eval_hash(), wall_s=sum(timings.values()))
-        (directory / "slmcompress.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        meta.update(
+            stage_hash=stage_hash, eval_hash=self.resolved.eval_hash(), wall_s=sum(timings.values())
+        )
+        (directory / "slmcompress.json").write_text(
+            json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+        )
 
-    def _reevaluate(self, stage: Stage, directory: Path, previous: dict, original: dict) -> dict[str, Any]:
+    def _reevaluate(
+        self, stage: Stage, directory: Path, previous: dict, original: dict
+    ) -> dict[str, Any]:
         """The eval options changed but the stage did not: re-measure, keep the checkpoint."""
         if stage.pass_cls.changes_model:
             model, tokenizer = load_checkpoint(directory, dtype=self.dtype)
@@ -333,8 +417,18 @@ class Runner:
         metrics, timings = evaluate(model, tokenizer, self.recipe.data.eval, self.recipe.eval)
         old = json.loads((directory / "report.json").read_text())
         summary = model_summary(model, directory if stage.pass_cls.changes_model else None)
-        report = build_report(stage.name, _pass_name(stage), old["config"], summary, metrics, previous, original,
-                              {**old["timings"], **timings}, old["warnings"], old.get("extra"))
+        report = build_report(
+            stage.name,
+            _pass_name(stage),
+            old["config"],
+            summary,
+            metrics,
+            previous,
+            original,
+            {**old["timings"], **timings},
+            old["warnings"],
+            old.get("extra"),
+        )
         atomic_write_json(directory / "report.json", report)
         atomic_write_text(directory / "report.md", render_report_md(report))
         meta = read_metadata(directory)
@@ -344,7 +438,9 @@ class Runner:
 
     def _write_summary(self) -> None:
         rows = []
-        for directory in [self.out / INPUT_DIR] + [self.out / s.dirname for s in self.resolved.stages]:
+        for directory in [self.out / INPUT_DIR] + [
+            self.out / s.dirname for s in self.resolved.stages
+        ]:
             report_path = directory / "report.json"
             if report_path.is_file():
                 rows.append(json.loads(report_path.read_text()))

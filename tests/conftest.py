@@ -35,9 +35,19 @@ def tokenizer(real_model):
 def tiny_llama_config(**overrides) -> LlamaConfig:
     """A small Llama with the real tokenizer's vocabulary and GQA, fast on CPU."""
     params = dict(
-        vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
-        tie_word_embeddings=True, rms_norm_eps=1e-5, bos_token_id=1, eos_token_id=2, pad_token_id=2,
+        vocab_size=49152,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        rms_norm_eps=1e-5,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=2,
     )
     params.update(overrides)
     return LlamaConfig(**params)
@@ -60,9 +70,15 @@ def make_ctx(tmp_path: Path, tokenizer):
             eval=EvalSpec(max_tokens=512, seq_len=128),
         )
         params = dict(
-            tokenizer=tokenizer, data=data, device=torch.device("cpu"), dtype=torch.float32,
-            original_model="smollm2-135m", teacher=None, stage_dir=tmp_path / "stage",
-            work_dir=tmp_path / "work", seed=0,
+            tokenizer=tokenizer,
+            data=data,
+            device=torch.device("cpu"),
+            dtype=torch.float32,
+            original_model="smollm2-135m",
+            teacher=None,
+            stage_dir=tmp_path / "stage",
+            work_dir=tmp_path / "work",
+            seed=0,
         )
         params.update(overrides)
         return Context(**params)
@@ -85,9 +101,14 @@ def write_recipe(path: Path, model: str, stages: list[dict], output_dir: Path, *
     import yaml
 
     data = {
-        "name": extra.pop("name", "tiny"), "model": model, "output_dir": str(output_dir), "stages": stages,
-        "data": {"calibration": {"source": "c4", "n_samples": 4, "seq_len": 64},
-                 "eval": {"max_tokens": 512, "seq_len": 128}},
+        "name": extra.pop("name", "tiny"),
+        "model": model,
+        "output_dir": str(output_dir),
+        "stages": stages,
+        "data": {
+            "calibration": {"source": "c4", "n_samples": 4, "seq_len": 64},
+            "eval": {"max_tokens": 512, "seq_len": 128},
+        },
         "eval": {"tasks": [], "speed": False},
     }
     data.update(extra)

@@ -41,7 +41,9 @@ def test_missing_weights_and_pickle_only(saved):
 
 
 def test_gptq_checkpoint_round_trip_is_exact(tiny_llama, tokenizer, make_ctx, tmp_path):
-    reference = RTNPass(RTNConfig(type="quantize", bits=4, group_size=32)).run(tiny_llama, make_ctx())
+    reference = RTNPass(RTNConfig(type="quantize", bits=4, group_size=32)).run(
+        tiny_llama, make_ctx()
+    )
     save_checkpoint(reference, tokenizer, tmp_path / "q")
     config = json.loads((tmp_path / "q" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "gptq"

@@ -45,8 +45,18 @@ def test_validate_run_inspect_eval(tmp_path, tiny_model_dir):
     assert info["summary"]["quantization"].startswith("rtn 4-bit, group 32")
     assert len(info["layers"]) == 14 and info["layers"][0]["backend"].startswith("torch")
 
-    result = invoke("eval", str(tmp_path / "out" / "01-w4"), "--tasks", "", "--ppl-tokens", "256",
-                    "--seq-len", "128", "--no-speed", "--json")
+    result = invoke(
+        "eval",
+        str(tmp_path / "out" / "01-w4"),
+        "--tasks",
+        "",
+        "--ppl-tokens",
+        "256",
+        "--seq-len",
+        "128",
+        "--no-speed",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["metrics"]["wikitext2_ppl"] > 1
 

@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from slmcompress.data import CalibrationSpec, DataSpec, EvalSpec, calibration_tokens, check_disjoint, eval_tokens
+from slmcompress.data import (
+    CalibrationSpec,
+    DataSpec,
+    EvalSpec,
+    calibration_tokens,
+    check_disjoint,
+    eval_tokens,
+)
 from slmcompress.errors import SlmError
 
 
@@ -20,7 +27,9 @@ def test_calibration_tokens_are_deterministic_per_seed(tokenizer):
 
 def test_wikitext_validation_and_test_do_not_overlap(tokenizer):
     test = eval_tokens(tokenizer, EvalSpec(max_tokens=2048, seq_len=512))
-    valid = calibration_tokens(tokenizer, CalibrationSpec(source="wikitext2", split="validation"), 64, 32, 0)
+    valid = calibration_tokens(
+        tokenizer, CalibrationSpec(source="wikitext2", split="validation"), 64, 32, 0
+    )
     test_windows = {tuple(w.tolist()) for w in test.view(-1, 32)}
     assert not test_windows & {tuple(w.tolist()) for w in valid}
     with pytest.raises(SlmError, match="evaluation data"):

@@ -13,7 +13,12 @@ from slmcompress.models import BUILTIN_MODELS, builtin_gguf_path, load_model, re
 
 def test_builtin_model_is_the_real_smollm2(real_model):
     cfg = real_model.model.config
-    assert (cfg.num_hidden_layers, cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads) == (30, 576, 9, 3)
+    assert (
+        cfg.num_hidden_layers,
+        cfg.hidden_size,
+        cfg.num_attention_heads,
+        cfg.num_key_value_heads,
+    ) == (30, 576, 9, 3)
     assert cfg.tie_word_embeddings
     assert sum(p.numel() for p in real_model.model.parameters()) == 134_515_008
     assert getattr(cfg, "quantization_config", None) is None
@@ -24,7 +29,7 @@ def test_builtin_model_answers_a_factual_prompt(real_model):
     tok = real_model.tokenizer
     ids = tok("The capital of France is", return_tensors="pt")
     out = real_model.model.generate(**ids, max_new_tokens=8, do_sample=False)
-    assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1]:])
+    assert "Paris" in tok.decode(out[0][ids["input_ids"].shape[1] :])
 
 
 def test_saved_checkpoint_reloads_with_plain_transformers(real_model, tmp_path):
@@ -49,7 +54,10 @@ def test_local_dir_and_gguf_sources(tiny_model_dir):
     [
         ("./no/such/model", "model: path ./no/such/model does not exist"),
         ("/tmp/does-not-exist.gguf", "does not exist"),
-        ("someorg/some-model-that-is-not-cached", "cannot load hub id 'someorg/some-model-that-is-not-cached'"),
+        (
+            "someorg/some-model-that-is-not-cached",
+            "cannot load hub id 'someorg/some-model-that-is-not-cached'",
+        ),
     ],
 )
 def test_bad_sources_give_one_line_errors(source, message):

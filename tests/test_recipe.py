@@ -31,23 +31,57 @@ def write(tmp_path: Path, data: dict | str) -> Path:
         (base(foo=1), "foo: unknown key"),
         (base(stages=[{"type": "shrink"}]), "stages[0].type: unknown pass type 'shrink'"),
         (base(stages=[{"type": "quantize"}]), "stages[0].method: quantize needs a method"),
-        (base(stages=[{"type": "quantize", "method": "magic"}]), "stages[0].method: unknown quantize method"),
-        (base(stages=[{"type": "quantize", "method": "rtn", "bits": 5}]), "stages[0].bits: must be one of 2, 3, 4, 8"),
-        (base(stages=[{"type": "quantize", "method": "rtn", "group_size": 0}]), "stages[0].group_size:"),
-        (base(stages=[{"type": "quantize", "method": "rtn", "group_size": -2}]), "stages[0].group_size:"),
-        (base(stages=[{"type": "quantize", "method": "rtn", "bitz": 4}]), "stages[0].bitz: unknown key"),
+        (
+            base(stages=[{"type": "quantize", "method": "magic"}]),
+            "stages[0].method: unknown quantize method",
+        ),
+        (
+            base(stages=[{"type": "quantize", "method": "rtn", "bits": 5}]),
+            "stages[0].bits: must be one of 2, 3, 4, 8",
+        ),
+        (
+            base(stages=[{"type": "quantize", "method": "rtn", "group_size": 0}]),
+            "stages[0].group_size:",
+        ),
+        (
+            base(stages=[{"type": "quantize", "method": "rtn", "group_size": -2}]),
+            "stages[0].group_size:",
+        ),
+        (
+            base(stages=[{"type": "quantize", "method": "rtn", "bitz": 4}]),
+            "stages[0].bitz: unknown key",
+        ),
         (base(stages=[]), "stages:"),
         (base(seed="x"), "seed:"),
         (base(model="./does/not/exist"), "model: path ./does/not/exist does not exist"),
         (base(teacher="/nope/teacher"), "teacher: path /nope/teacher does not exist"),
         (base(dtype="float128"), "dtype: unknown dtype"),
-        (base(data={"calibration": {"source": "wikitext2", "split": "test"}}), "data.calibration: uses the evaluation data"),
-        (base(data={"calibration": {"source": "c4", "split": "train"}}), "data.calibration.split: c4 has no split 'train'"),
-        (base(data={"calibration": {"source": "/nope/calib.jsonl"}}), "data.calibration.source: data file"),
+        (
+            base(data={"calibration": {"source": "wikitext2", "split": "test"}}),
+            "data.calibration: uses the evaluation data",
+        ),
+        (
+            base(data={"calibration": {"source": "c4", "split": "train"}}),
+            "data.calibration.split: c4 has no split 'train'",
+        ),
+        (
+            base(data={"calibration": {"source": "/nope/calib.jsonl"}}),
+            "data.calibration.source: data file",
+        ),
         (base(eval={"tasks": ["mmlu"]}), "eval.tasks: unknown task 'mmlu'"),
-        (base(stages=[{"type": "eval", "name": "a"}, {"type": "eval", "name": "a"}]), "stages[1].name:"),
-        (base(stages=[{"type": "quantize", "method": "rtn"}, {"type": "quantize", "method": "rtn", "name": "b"}]),
-         "stages[1].type: a quantize stage cannot follow the quantize stage"),
+        (
+            base(stages=[{"type": "eval", "name": "a"}, {"type": "eval", "name": "a"}]),
+            "stages[1].name:",
+        ),
+        (
+            base(
+                stages=[
+                    {"type": "quantize", "method": "rtn"},
+                    {"type": "quantize", "method": "rtn", "name": "b"},
+                ]
+            ),
+            "stages[1].type: a quantize stage cannot follow the quantize stage",
+        ),
     ],
 )
 def test_bad_recipes_fail_with_one_line_naming_the_field(data, expected):
@@ -60,7 +94,9 @@ def test_bad_recipes_fail_with_one_line_naming_the_field(data, expected):
 
 def test_group_size_minus_one_and_ragged_groups_are_valid():
     for group_size in (-1, 128, 100000):
-        resolved = parse_recipe(base(stages=[{"type": "quantize", "method": "rtn", "group_size": group_size}]))
+        resolved = parse_recipe(
+            base(stages=[{"type": "quantize", "method": "rtn", "group_size": group_size}])
+        )
         assert resolved.stages[0].config.group_size == group_size
 
 
@@ -84,8 +120,15 @@ def test_empty_data_file_and_dir_without_config(tmp_path):
 
 
 def test_overrides_and_stage_hash_chain(tmp_path):
-    path = write(tmp_path, base(stages=[{"type": "quantize", "method": "rtn", "bits": 4},
-                                       {"type": "eval", "name": "after"}]))
+    path = write(
+        tmp_path,
+        base(
+            stages=[
+                {"type": "quantize", "method": "rtn", "bits": 4},
+                {"type": "eval", "name": "after"},
+            ]
+        ),
+    )
     a = load_recipe(path)
     b = load_recipe(path, ["stages.0.bits=3"])
     assert b.stages[0].config.bits == 3

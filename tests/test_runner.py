@@ -38,7 +38,16 @@ def test_each_stage_writes_checkpoint_report_and_manifest(tmp_path, tiny_model_d
         for file in files:
             assert (stage / file).is_file(), f"{name}/{file}"
         report = json.loads((stage / "report.json").read_text())
-        assert set(report) >= {"stage", "pass", "config", "model", "metrics", "deltas", "timings", "warnings"}
+        assert set(report) >= {
+            "stage",
+            "pass",
+            "config",
+            "model",
+            "metrics",
+            "deltas",
+            "timings",
+            "warnings",
+        }
         assert report["metrics"]["wikitext2_ppl"] > 1
         assert report["deltas"]["vs_original"]["wikitext2_ppl"] is not None
     manifest = json.loads((out / "run.json").read_text())
@@ -48,7 +57,9 @@ def test_each_stage_writes_checkpoint_report_and_manifest(tmp_path, tiny_model_d
     assert "| input |" in summary and "| w4 |" in summary and "| after |" in summary
 
 
-def test_resume_after_crash_in_stage_two_matches_uninterrupted_run(tmp_path, tiny_model_dir, monkeypatch):
+def test_resume_after_crash_in_stage_two_matches_uninterrupted_run(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     reference = tmp_path / "reference"
     run(tmp_path, tiny_model_dir, reference)
 
@@ -103,14 +114,18 @@ def test_changed_stage_invalidates_later_stages(tmp_path, tiny_model_dir):
 def test_refuses_output_dir_of_a_different_recipe(tmp_path, tiny_model_dir):
     out = tmp_path / "run"
     run(tmp_path, tiny_model_dir, out, stages=STAGES[:1])
-    other = write_recipe(tmp_path / "other.yaml", str(tiny_model_dir), STAGES[:1], out, name="other")
+    other = write_recipe(
+        tmp_path / "other.yaml", str(tiny_model_dir), STAGES[:1], out, name="other"
+    )
     with pytest.raises(SlmError, match="output_dir: .* holds a run of a different recipe"):
         run_recipe(load_recipe(other))
     result = run_recipe(load_recipe(other), force=True)
     assert result.stages[0].status == "ran"
 
 
-def test_write_failure_mid_stage_leaves_no_complete_looking_stage(tmp_path, tiny_model_dir, monkeypatch):
+def test_write_failure_mid_stage_leaves_no_complete_looking_stage(
+    tmp_path, tiny_model_dir, monkeypatch
+):
     import slmcompress.runner as runner_module
 
     real_write = runner_module.write_checkpoint_into

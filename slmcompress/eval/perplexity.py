@@ -29,7 +29,11 @@ class PerplexityResult:
 
 @torch.no_grad()
 def perplexity(
-    model: PreTrainedModel, tokens: torch.Tensor, seq_len: int, batch_size: int = 1, show_progress: bool = False
+    model: PreTrainedModel,
+    tokens: torch.Tensor,
+    seq_len: int,
+    batch_size: int = 1,
+    show_progress: bool = False,
 ) -> PerplexityResult:
     """Perplexity of ``model`` on ``tokens`` (N,), cut into ``N // seq_len`` windows."""
     device = next(model.parameters()).device
@@ -42,7 +46,9 @@ def perplexity(
             batch = windows[start : start + batch_size].to(device)  # (B, T)
             logits = model(input_ids=batch, use_cache=False).logits.float()  # (B, T, V)
             nll = F.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1), reduction="sum"
+                logits[:, :-1].reshape(-1, logits.shape[-1]),
+                batch[:, 1:].reshape(-1),
+                reduction="sum",
             )
             total_nll += nll.item()
             count += batch[:, 1:].numel()

@@ -65,7 +65,12 @@ def model_summary(model: PreTrainedModel, checkpoint_dir: Path | None) -> dict[s
         "quantization": quant,
     }
     size = bytes_on_disk(checkpoint_dir) if checkpoint_dir else None
-    return {"params": params, "non_embedding_params": non_embedding, "bytes_on_disk": size, "arch": arch}
+    return {
+        "params": params,
+        "non_embedding_params": non_embedding,
+        "bytes_on_disk": size,
+        "arch": arch,
+    }
 
 
 def evaluate(
@@ -95,7 +100,9 @@ def evaluate(
         from slmcompress.eval.tasks import run_tasks
 
         start = time.perf_counter()
-        results = run_tasks(model, tokenizer, options.tasks, limit=options.limit, batch_size=options.batch_size)
+        results = run_tasks(
+            model, tokenizer, options.tasks, limit=options.limit, batch_size=options.batch_size
+        )
         for task, values in results.items():
             for key, value in values.items():
                 metrics[f"{task}_{key}"] = value
@@ -123,9 +130,16 @@ def deltas(metrics: dict[str, Any], reference: dict[str, Any] | None) -> dict[st
 
 
 def build_report(
-    stage: str, pass_name: str, config: dict[str, Any], model: dict[str, Any], metrics: dict[str, Any],
-    input_metrics: dict[str, Any] | None, original_metrics: dict[str, Any] | None,
-    timings: dict[str, float], warnings: list[str], extra: dict[str, Any] | None = None,
+    stage: str,
+    pass_name: str,
+    config: dict[str, Any],
+    model: dict[str, Any],
+    metrics: dict[str, Any],
+    input_metrics: dict[str, Any] | None,
+    original_metrics: dict[str, Any] | None,
+    timings: dict[str, float],
+    warnings: list[str],
+    extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Assemble ``report.json`` (fixed schema; see DESIGN.md section 3)."""
     return {
@@ -135,7 +149,10 @@ def build_report(
         "config": config,
         "model": model,
         "metrics": metrics,
-        "deltas": {"vs_input": deltas(metrics, input_metrics), "vs_original": deltas(metrics, original_metrics)},
+        "deltas": {
+            "vs_input": deltas(metrics, input_metrics),
+            "vs_original": deltas(metrics, original_metrics),
+        },
         "timings": timings,
         "warnings": warnings,
         "extra": extra or {},
@@ -161,22 +178,43 @@ def render_report_md(report: dict[str, Any]) -> str:
     m, model = report["metrics"], report["model"]
     vs_in = report["deltas"]["vs_input"] or {}
     vs_orig = report["deltas"]["vs_original"] or {}
-    lines = [f"# Stage `{report['stage']}` ({report['pass']})", "", "| metric | value | Δ vs input | Δ vs original |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        f"# Stage `{report['stage']}` ({report['pass']})",
+        "",
+        "| metric | value | Δ vs input | Δ vs original |",
+        "|---|---:|---:|---:|",
+    ]
     for key, label in METRIC_LABELS.items():
-        lines.append(f"| {label} | {_fmt(m.get(key))} | {_fmt_delta(vs_in.get(key))} | {_fmt_delta(vs_orig.get(key))} |")
+        lines.append(
+            f"| {label} | {_fmt(m.get(key))} | {_fmt_delta(vs_in.get(key))} | {_fmt_delta(vs_orig.get(key))} |"
+        )
     arch = model["arch"]
-    lines += ["", "| model | value |", "|---|---:|",
-              f"| params | {_fmt(model['params'])} |",
-              f"| non-embedding params | {_fmt(model['non_embedding_params'])} |",
-              f"| bytes on disk | {_fmt(model['bytes_on_disk'])} |"]
-    for key in ("num_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads"):
+    lines += [
+        "",
+        "| model | value |",
+        "|---|---:|",
+        f"| params | {_fmt(model['params'])} |",
+        f"| non-embedding params | {_fmt(model['non_embedding_params'])} |",
+        f"| bytes on disk | {_fmt(model['bytes_on_disk'])} |",
+    ]
+    for key in (
+        "num_layers",
+        "hidden_size",
+        "intermediate_size",
+        "num_attention_heads",
+        "num_key_value_heads",
+    ):
         lines.append(f"| {key} | {_fmt(arch.get(key))} |")
     if arch.get("quantization"):
         q = arch["quantization"]
-        lines.append(f"| quantization | {q['method']} {q['bits']}-bit g{q['group_size']} ({q['quantized_linears']} linears) |")
+        lines.append(
+            f"| quantization | {q['method']} {q['bits']}-bit g{q['group_size']} ({q['quantized_linears']} linears) |"
+        )
     if m.get("eval_tokens"):
-        lines += ["", f"Perplexity on {m['eval_tokens']:,} tokens in {m['eval_seq_len']}-token windows."]
+        lines += [
+            "",
+            f"Perplexity on {m['eval_tokens']:,} tokens in {m['eval_seq_len']}-token windows.",
+        ]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items())]
     if report["warnings"]:
         lines += ["", "## Warnings", *[f"- {w}" for w in report["warnings"]]]
@@ -185,13 +223,22 @@ def render_report_md(report: dict[str, Any]) -> str:
 
 def render_summary_md(recipe_name: str, rows: list[dict[str, Any]]) -> str:
     """One table: the input model and every stage side by side."""
-    header = "| stage | pass | params | non-emb params | MB on disk | " + " | ".join(METRIC_LABELS.values()) + " |"
+    header = (
+        "| stage | pass | params | non-emb params | MB on disk | "
+        + " | ".join(METRIC_LABELS.values())
+        + " |"
+    )
     lines = [f"# Run summary: {recipe_name}", "", header, "|" + "---|" * (5 + len(METRIC_LABELS))]
     for row in rows:
         model = row["model"]
         size = model.get("bytes_on_disk")
-        cells = [row["stage"], row["pass"], _fmt(model["params"]), _fmt(model["non_embedding_params"]),
-                 "—" if size is None else f"{size / 1e6:.1f}"]
+        cells = [
+            row["stage"],
+            row["pass"],
+            _fmt(model["params"]),
+            _fmt(model["non_embedding_params"]),
+            "—" if size is None else f"{size / 1e6:.1f}",
+        ]
         cells += [_fmt(row["metrics"].get(k)) for k in METRIC_LABELS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

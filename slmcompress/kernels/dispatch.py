@@ -45,7 +45,9 @@ def kernel_mode(force: bool = False) -> str:
     return "triton" if force and mode == "auto" else mode
 
 
-def explain_backend(layer: QuantLinear, device: torch.device | str, force: bool = False) -> tuple[str, str]:
+def explain_backend(
+    layer: QuantLinear, device: torch.device | str, force: bool = False
+) -> tuple[str, str]:
     """``(backend, reason)`` for ``layer`` on ``device``; backend is triton-int4/int3 or torch."""
     device = torch.device(device)
     mode = kernel_mode(force)
@@ -56,7 +58,10 @@ def explain_backend(layer: QuantLinear, device: torch.device | str, force: bool 
     if not triton_available():
         return "torch", "triton is not installed"
     if device.type != "cuda" and not (mode == "triton" and interpreting()):
-        return "torch", "no CUDA device (the kernel runs on CPU only forced under TRITON_INTERPRET=1)"
+        return (
+            "torch",
+            "no CUDA device (the kernel runs on CPU only forced under TRITON_INTERPRET=1)",
+        )
     return f"triton-int{layer.bits}", "forced" if mode == "triton" else "CUDA + Triton"
 
 
@@ -103,13 +108,27 @@ def packed_weight(layer: QuantLinear):
     """The layer's tensors as an ``int4_matmul.PackedWeight`` (group layout cached per layer)."""
     from slmcompress.kernels.int4_matmul import PackedWeight
 
-    key = (layer.qweight.data_ptr(), layer.g_idx.data_ptr(), layer.g_idx._version, layer.scales.data_ptr())
+    key = (
+        layer.qweight.data_ptr(),
+        layer.g_idx.data_ptr(),
+        layer.g_idx._version,
+        layer.scales.data_ptr(),
+    )
     cached = _PACKED.get(layer)
     if cached is not None and cached[0] == key:
         return cached[1]
     g_mode, group_size = group_layout(layer.g_idx, layer.group_size, layer.in_features)
-    packed = PackedWeight(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits,
-                          layer.in_features, layer.out_features, g_mode, group_size)
+    packed = PackedWeight(
+        layer.qweight,
+        layer.qzeros,
+        layer.scales,
+        layer.g_idx,
+        layer.bits,
+        layer.in_features,
+        layer.out_features,
+        g_mode,
+        group_size,
+    )
     _PACKED[layer] = (key, packed)
     return packed
 

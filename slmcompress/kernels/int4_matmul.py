@@ -127,7 +127,9 @@ def _code(w0, w1, w2, BIT: tl.constexpr, BITS: tl.constexpr):
     if BIT % 32 + BITS <= 32:
         q = (lo >> (BIT % 32)) & ((1 << BITS) - 1)
     else:  # 3-bit values 10 and 21 of a block: low bits end one word, high bits start the next
-        q = ((lo >> (BIT % 32)) & ((1 << (32 - BIT % 32)) - 1)) | ((hi << (32 - BIT % 32)) & ((1 << BITS) - 1))
+        q = ((lo >> (BIT % 32)) & ((1 << (32 - BIT % 32)) - 1)) | (
+            (hi << (32 - BIT % 32)) & ((1 << BITS) - 1)
+        )
     return q
 
 
@@ -142,7 +144,9 @@ def _zeros(qz_ptr, g_col, offs_n, n_mask, N, BITS: tl.constexpr):
 @triton.jit
 def _scales(s_ptr, g_col, offs_n, n_mask, N):
     """fp32 scales of groups ``g_col`` x columns ``offs_n``."""
-    return tl.load(s_ptr + g_col * N + offs_n[None, :], mask=n_mask[None, :], other=0.0).to(tl.float32)
+    return tl.load(s_ptr + g_col * N + offs_n[None, :], mask=n_mask[None, :], other=0.0).to(
+        tl.float32
+    )
 
 
 @triton.jit
@@ -156,8 +160,20 @@ def _group_col(g_ptr, k_idx, k_mask, G_MODE: tl.constexpr, GROUP_SIZE: tl.conste
 
 
 @triton.jit
-def _dequant_rows(q, k_idx, k_mask, g_ptr, s_ptr, qz_ptr, offs_n, n_mask, N,
-                  BITS: tl.constexpr, G_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr):
+def _dequant_rows(
+    q,
+    k_idx,
+    k_mask,
+    g_ptr,
+    s_ptr,
+    qz_ptr,
+    offs_n,
+    n_mask,
+    N,
+    BITS: tl.constexpr,
+    G_MODE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+):
     """fp32 ``scale * (q - zero)`` for codes ``q`` (R, BN) of input rows ``k_idx`` (R,)."""
     g = _group_col(g_ptr, k_idx, k_mask, G_MODE, GROUP_SIZE)  # (R, 1)
     z = _zeros(qz_ptr, g, offs_n, n_mask, N, BITS)  # (R, BN)
@@ -181,31 +197,78 @@ def _fma(x, w):
 
 
 @triton.jit
-def _tile_step(acc, kt, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, m_mask, offs_n, n_mask,
-               N, K, stride_xm, BITS: tl.constexpr, G_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr,
-               DOT_FP32: tl.constexpr, BLOCK_K: tl.constexpr):
+def _tile_step(
+    acc,
+    kt,
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    offs_m,
+    m_mask,
+    offs_n,
+    n_mask,
+    N,
+    K,
+    stride_xm,
+    BITS: tl.constexpr,
+    G_MODE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """``tl.dot`` path (BLOCK_M >= 16): unpack a (BK, BN) code tile, dequantize, one dot."""
     offs_k = kt * BLOCK_K + tl.arange(0, BLOCK_K)  # (BK,)
     k_mask = offs_k < K
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                mask=m_mask[:, None] & k_mask[None, :], other=0.0)  # (BM, BK)
+    x = tl.load(
+        x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+        mask=m_mask[:, None] & k_mask[None, :],
+        other=0.0,
+    )  # (BM, BK)
     word, shift = _word_shift(offs_k, BITS)
-    q = _extract(qw_ptr + word[:, None] * N + offs_n[None, :], N, shift[:, None],
-                 k_mask[:, None] & n_mask[None, :], BITS)  # (BK, BN)
+    q = _extract(
+        qw_ptr + word[:, None] * N + offs_n[None, :],
+        N,
+        shift[:, None],
+        k_mask[:, None] & n_mask[None, :],
+        BITS,
+    )  # (BK, BN)
     if G_MODE == 1 and GROUP_SIZE % BLOCK_K == 0:  # tile inside one group: scale after the dot
         g = kt * BLOCK_K // GROUP_SIZE
         z = _zeros(qz_ptr, g, offs_n, n_mask, N, BITS)  # (1, BN)
         acc += _dot(x, q - z, DOT_FP32) * _scales(s_ptr, g, offs_n, n_mask, N)
     else:
-        w = _dequant_rows(q, offs_k, k_mask, g_ptr, s_ptr, qz_ptr, offs_n, n_mask, N, BITS, G_MODE, GROUP_SIZE)
+        w = _dequant_rows(
+            q, offs_k, k_mask, g_ptr, s_ptr, qz_ptr, offs_n, n_mask, N, BITS, G_MODE, GROUP_SIZE
+        )
         acc += _dot(x, w, DOT_FP32)
     return acc
 
 
 @triton.jit
-def _packed_step(acc, kt, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, m_mask, offs_n, n_mask,
-                 N, K, stride_xm, BITS: tl.constexpr, VALS: tl.constexpr, WORDS: tl.constexpr,
-                 G_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, BLOCK_K: tl.constexpr):
+def _packed_step(
+    acc,
+    kt,
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    offs_m,
+    m_mask,
+    offs_n,
+    n_mask,
+    N,
+    K,
+    stride_xm,
+    BITS: tl.constexpr,
+    VALS: tl.constexpr,
+    WORDS: tl.constexpr,
+    G_MODE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     """FMA path (BLOCK_M < 16, decode): load each packed word once, static loop over positions.
 
     Position ``j`` of the ``KB`` blocks in this tile is the (KB, BN) slice of rows
@@ -235,20 +298,49 @@ def _packed_step(acc, kt, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, m_mask, o
     else:
         for j in tl.static_range(VALS):
             q = _code(w0, w1, w2, j * BITS, BITS)  # (KB, BN)
-            w = _dequant_rows(q, blk * VALS + j, b_mask, g_ptr, s_ptr, qz_ptr, offs_n, n_mask, N,
-                              BITS, G_MODE, GROUP_SIZE)
+            w = _dequant_rows(
+                q,
+                blk * VALS + j,
+                b_mask,
+                g_ptr,
+                s_ptr,
+                qz_ptr,
+                offs_n,
+                n_mask,
+                N,
+                BITS,
+                G_MODE,
+                GROUP_SIZE,
+            )
             acc += _fma(tl.load(x_ptrs + j, mask=x_mask, other=0.0), w)
     return acc
 
 
 @triton.jit
 def _qmm_kernel(
-    x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr,
-    M, N, K, stride_xm, stride_om, M_BUCKET,
-    BITS: tl.constexpr, VALS: tl.constexpr, WORDS: tl.constexpr,
-    G_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr, DOT_FP32: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr,
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    stride_xm,
+    stride_om,
+    M_BUCKET,
+    BITS: tl.constexpr,
+    VALS: tl.constexpr,
+    WORDS: tl.constexpr,
+    G_MODE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """One (BLOCK_M, BLOCK_N) output tile over the K-tiles ``pid_k, pid_k + SPLIT_K, ...``."""
     pid, pid_k = tl.program_id(0), tl.program_id(1)
@@ -266,11 +358,50 @@ def _qmm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kt in range(pid_k, tl.cdiv(K, BLOCK_K), SPLIT_K):
         if BLOCK_M >= 16:
-            acc = _tile_step(acc, kt, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, m_mask, offs_n, n_mask,
-                             N, K, stride_xm, BITS, G_MODE, GROUP_SIZE, DOT_FP32, BLOCK_K)
+            acc = _tile_step(
+                acc,
+                kt,
+                x_ptr,
+                qw_ptr,
+                qz_ptr,
+                s_ptr,
+                g_ptr,
+                offs_m,
+                m_mask,
+                offs_n,
+                n_mask,
+                N,
+                K,
+                stride_xm,
+                BITS,
+                G_MODE,
+                GROUP_SIZE,
+                DOT_FP32,
+                BLOCK_K,
+            )
         else:
-            acc = _packed_step(acc, kt, x_ptr, qw_ptr, qz_ptr, s_ptr, g_ptr, offs_m, m_mask, offs_n, n_mask,
-                               N, K, stride_xm, BITS, VALS, WORDS, G_MODE, GROUP_SIZE, BLOCK_K)
+            acc = _packed_step(
+                acc,
+                kt,
+                x_ptr,
+                qw_ptr,
+                qz_ptr,
+                s_ptr,
+                g_ptr,
+                offs_m,
+                m_mask,
+                offs_n,
+                n_mask,
+                N,
+                K,
+                stride_xm,
+                BITS,
+                VALS,
+                WORDS,
+                G_MODE,
+                GROUP_SIZE,
+                BLOCK_K,
+            )
 
     out_ptrs = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
     out_mask = m_mask[:, None] & n_mask[None, :]
@@ -282,9 +413,18 @@ def _qmm_kernel(
 
 @triton.jit
 def _dequant_kernel(
-    qw_ptr, qz_ptr, s_ptr, g_ptr, out_ptr, N, K,
-    BITS: tl.constexpr, G_MODE: tl.constexpr, GROUP_SIZE: tl.constexpr,
-    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    g_ptr,
+    out_ptr,
+    N,
+    K,
+    BITS: tl.constexpr,
+    G_MODE: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     """Write the dense ``(K, N)`` weight in ``out``'s dtype (for the cuBLAS path at large M)."""
     offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)  # (BK,)
@@ -292,9 +432,15 @@ def _dequant_kernel(
     k_mask, n_mask = offs_k < K, offs_n < N
     mask = k_mask[:, None] & n_mask[None, :]
     word, shift = _word_shift(offs_k, BITS)
-    q = _extract(qw_ptr + word[:, None] * N + offs_n[None, :], N, shift[:, None], mask, BITS)  # (BK, BN)
-    w = _dequant_rows(q, offs_k, k_mask, g_ptr, s_ptr, qz_ptr, offs_n, n_mask, N, BITS, G_MODE, GROUP_SIZE)
-    tl.store(out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask)
+    q = _extract(
+        qw_ptr + word[:, None] * N + offs_n[None, :], N, shift[:, None], mask, BITS
+    )  # (BK, BN)
+    w = _dequant_rows(
+        q, offs_k, k_mask, g_ptr, s_ptr, qz_ptr, offs_n, n_mask, N, BITS, G_MODE, GROUP_SIZE
+    )
+    tl.store(
+        out_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(out_ptr.dtype.element_ty), mask=mask
+    )
 
 
 # --------------------------------------------------------------------------- host code
@@ -311,29 +457,46 @@ def validate(x2d: torch.Tensor, w: PackedWeight) -> None:
     if k % vals:
         raise ValueError(f"in_features={k} is not a multiple of {vals} ({w.bits}-bit packing)")
     if n % (vals if w.bits == 3 else 32 // w.bits):
-        raise ValueError(f"out_features={n} is not a multiple of {32 // w.bits if w.bits == 4 else 32} "
-                         f"({w.bits}-bit qzeros packing)")
+        raise ValueError(
+            f"out_features={n} is not a multiple of {32 // w.bits if w.bits == 4 else 32} "
+            f"({w.bits}-bit qzeros packing)"
+        )
     groups = w.scales.shape[0]
-    expected = {"qweight": (k // vals * words, n), "qzeros": (groups, n * w.bits // 32),
-                "scales": (groups, n), "g_idx": (k,)}
+    expected = {
+        "qweight": (k // vals * words, n),
+        "qzeros": (groups, n * w.bits // 32),
+        "scales": (groups, n),
+        "g_idx": (k,),
+    }
     for name, shape in expected.items():
         if tuple(getattr(w, name).shape) != shape:
             raise ValueError(f"{name} has shape {tuple(getattr(w, name).shape)}, expected {shape}")
     if k * n >= 2**31 or x2d.shape[0] * max(k, n) >= 2**31:
-        raise ValueError(f"shape M={x2d.shape[0]}, K={k}, N={n} overflows the kernel's int32 offsets")
+        raise ValueError(
+            f"shape M={x2d.shape[0]}, K={k}, N={n} overflows the kernel's int32 offsets"
+        )
 
 
 def check_config(cfg: KernelConfig, bits: int) -> None:
     """Tiles are powers of two; ``tl.dot`` tiles (block_m >= 16) need 16+; FMA tiles whole blocks."""
     vals, _ = pack_geometry(bits)
-    sizes = {"block_m": cfg.block_m, "block_n": cfg.block_n, "block_k": cfg.block_k, "split_k": cfg.split_k}
+    sizes = {
+        "block_m": cfg.block_m,
+        "block_n": cfg.block_n,
+        "block_k": cfg.block_k,
+        "split_k": cfg.split_k,
+    }
     for name, size in sizes.items():
         if size < 1 or size & (size - 1):
             raise ValueError(f"{name}={size} must be a power of two")
     if cfg.block_m >= 16 and (cfg.block_k < 16 or cfg.block_n < 16):
-        raise ValueError(f"block_m={cfg.block_m} uses tl.dot: needs block_k >= 16 and block_n >= 16")
+        raise ValueError(
+            f"block_m={cfg.block_m} uses tl.dot: needs block_k >= 16 and block_n >= 16"
+        )
     if cfg.block_m < 16 and (cfg.block_k % vals or cfg.block_k // vals < 2):
-        raise ValueError(f"block_k={cfg.block_k} must hold >= 2 packed blocks of {vals} ({bits}-bit)")
+        raise ValueError(
+            f"block_k={cfg.block_k} must hold >= 2 packed blocks of {vals} ({bits}-bit)"
+        )
 
 
 def interpreter_config(m: int, n: int, k: int, bits: int) -> KernelConfig:
@@ -366,19 +529,42 @@ def bucket_configs(bucket: str, bits: int) -> list[KernelConfig]:
     """
     vals, _ = pack_geometry(bits)
     if bucket == "gemv":
-        return [KernelConfig(1, bn, kb * vals, sk, 4, 2) for bn in (64, 128, 256)
-                for kb in (4, 8) for sk in (1, 4)]
+        return [
+            KernelConfig(1, bn, kb * vals, sk, 4, 2)
+            for bn in (64, 128, 256)
+            for kb in (4, 8)
+            for sk in (1, 4)
+        ]
     if bucket == "tiny":
-        return ([KernelConfig(4, bn, 4 * vals, sk, 4, 2) for bn in (64, 128) for sk in (1, 4)]
-                + [KernelConfig(16, bn, 64, sk, 4, 2) for bn in (64, 128) for sk in (1, 4)])
+        return [KernelConfig(4, bn, 4 * vals, sk, 4, 2) for bn in (64, 128) for sk in (1, 4)] + [
+            KernelConfig(16, bn, 64, sk, 4, 2) for bn in (64, 128) for sk in (1, 4)
+        ]
     if bucket == "small":
-        return [KernelConfig(16, bn, bk, sk, 4, st) for bn in (64, 128) for bk in (64, 128)
-                for sk in (1, 4) for st in (2, 3)]
+        return [
+            KernelConfig(16, bn, bk, sk, 4, st)
+            for bn in (64, 128)
+            for bk in (64, 128)
+            for sk in (1, 4)
+            for st in (2, 3)
+        ]
     if bucket == "medium":
-        return [KernelConfig(bm, bn, 64, sk, 4, 3) for bm in (32, 64) for bn in (64, 128) for sk in (1, 2)]
-    return [KernelConfig(bm, bn, bk, 1, warps, 3)
-            for bm, bn, bk, warps in ((64, 128, 64, 4), (128, 128, 64, 8), (128, 256, 64, 8),
-                                      (64, 256, 32, 4), (128, 64, 64, 4), (128, 128, 32, 4))]
+        return [
+            KernelConfig(bm, bn, 64, sk, 4, 3)
+            for bm in (32, 64)
+            for bn in (64, 128)
+            for sk in (1, 2)
+        ]
+    return [
+        KernelConfig(bm, bn, bk, 1, warps, 3)
+        for bm, bn, bk, warps in (
+            (64, 128, 64, 4),
+            (128, 128, 64, 8),
+            (128, 256, 64, 8),
+            (64, 256, 32, 4),
+            (128, 64, 64, 4),
+            (128, 128, 32, 4),
+        )
+    ]
 
 
 def _uses_split_k(bucket: str, bits: int) -> bool:
@@ -388,24 +574,56 @@ def _uses_split_k(bucket: str, bits: int) -> bool:
 @functools.cache
 def _autotuned(bucket: str, bits: int):
     """``@triton.autotune`` over the bucket's configs (one tuner per bucket: M-bucketed configs)."""
-    configs = [triton.Config({"BLOCK_M": c.block_m, "BLOCK_N": c.block_n, "BLOCK_K": c.block_k,
-                              "SPLIT_K": c.split_k}, num_warps=c.num_warps, num_stages=c.num_stages)
-               for c in bucket_configs(bucket, bits)]
+    configs = [
+        triton.Config(
+            {
+                "BLOCK_M": c.block_m,
+                "BLOCK_N": c.block_n,
+                "BLOCK_K": c.block_k,
+                "SPLIT_K": c.split_k,
+            },
+            num_warps=c.num_warps,
+            num_stages=c.num_stages,
+        )
+        for c in bucket_configs(bucket, bits)
+    ]
     reset = ["out_ptr"] if _uses_split_k(bucket, bits) else None
-    tuner = triton.autotune(configs=configs, key=["M_BUCKET", "N", "K", "G_MODE", "GROUP_SIZE"],
-                            reset_to_zero=reset)
+    tuner = triton.autotune(
+        configs=configs, key=["M_BUCKET", "N", "K", "G_MODE", "GROUP_SIZE"], reset_to_zero=reset
+    )
     return tuner(_qmm_kernel)
 
 
-def _launch(x2d: torch.Tensor, w: PackedWeight, out: torch.Tensor, cfg: KernelConfig | None) -> None:
+def _launch(
+    x2d: torch.Tensor, w: PackedWeight, out: torch.Tensor, cfg: KernelConfig | None
+) -> None:
     """Run ``_qmm_kernel`` with ``cfg``, or autotuned when ``cfg`` is None."""
     m, k = x2d.shape
     n = w.out_features
     vals, words = pack_geometry(w.bits)
-    args = (x2d, w.qweight, w.qzeros, w.scales, w.g_idx, out, m, n, k, x2d.stride(0), out.stride(0),
-            triton.next_power_of_2(m))
-    meta = dict(BITS=w.bits, VALS=vals, WORDS=words, G_MODE=w.g_mode, GROUP_SIZE=max(w.group_size, 1),
-                DOT_FP32=INTERPRET or x2d.dtype == torch.float32, GROUP_M=8)
+    args = (
+        x2d,
+        w.qweight,
+        w.qzeros,
+        w.scales,
+        w.g_idx,
+        out,
+        m,
+        n,
+        k,
+        x2d.stride(0),
+        out.stride(0),
+        triton.next_power_of_2(m),
+    )
+    meta = dict(
+        BITS=w.bits,
+        VALS=vals,
+        WORDS=words,
+        G_MODE=w.g_mode,
+        GROUP_SIZE=max(w.group_size, 1),
+        DOT_FP32=INTERPRET or x2d.dtype == torch.float32,
+        GROUP_M=8,
+    )
 
     def grid(opt: dict) -> tuple[int, int]:
         return (triton.cdiv(m, opt["BLOCK_M"]) * triton.cdiv(n, opt["BLOCK_N"]), opt["SPLIT_K"])
@@ -419,7 +637,9 @@ def _launch(x2d: torch.Tensor, w: PackedWeight, out: torch.Tensor, cfg: KernelCo
     _qmm_kernel[grid(tiles)](*args, **meta, **tiles, **launch_opts)
 
 
-def fused_matmul(x2d: torch.Tensor, w: PackedWeight, config: KernelConfig | None = None) -> torch.Tensor:
+def fused_matmul(
+    x2d: torch.Tensor, w: PackedWeight, config: KernelConfig | None = None
+) -> torch.Tensor:
     """``x2d (M, K) @ dequant(W) (K, N)`` in one kernel; ``config`` None = autotune (GPU only)."""
     validate(x2d, w)
     m, n = x2d.shape[0], w.out_features
@@ -427,8 +647,11 @@ def fused_matmul(x2d: torch.Tensor, w: PackedWeight, config: KernelConfig | None
     if config is None and INTERPRET:
         config = interpreter_config(m, n, w.in_features, w.bits)
     split = config.split_k > 1 if config is not None else _uses_split_k(m_bucket(m), w.bits)
-    out = (torch.zeros(m, n, device=x2d.device, dtype=torch.float32) if split
-           else torch.empty(m, n, device=x2d.device, dtype=x2d.dtype))  # (M, N)
+    out = (
+        torch.zeros(m, n, device=x2d.device, dtype=torch.float32)
+        if split
+        else torch.empty(m, n, device=x2d.device, dtype=x2d.dtype)
+    )  # (M, N)
     if m:
         _launch(x2d, w, out, config)
     return out.to(x2d.dtype)
@@ -441,13 +664,29 @@ def dequantize(w: PackedWeight, dtype: torch.dtype, block_n: int = 128) -> torch
     out = torch.empty(k, n, device=w.qweight.device, dtype=dtype)  # (K, N)
     block_k = 64
     grid = (triton.cdiv(k, block_k), triton.cdiv(n, block_n))
-    _dequant_kernel[grid](w.qweight, w.qzeros, w.scales, w.g_idx, out, n, k, BITS=w.bits,
-                          G_MODE=w.g_mode, GROUP_SIZE=max(w.group_size, 1), BLOCK_N=block_n, BLOCK_K=block_k)
+    _dequant_kernel[grid](
+        w.qweight,
+        w.qzeros,
+        w.scales,
+        w.g_idx,
+        out,
+        n,
+        k,
+        BITS=w.bits,
+        G_MODE=w.g_mode,
+        GROUP_SIZE=max(w.group_size, 1),
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
     return out
 
 
-def quant_matmul(x2d: torch.Tensor, w: PackedWeight, config: KernelConfig | None = None,
-                 dense_min_m: int = DENSE_MIN_M) -> torch.Tensor:
+def quant_matmul(
+    x2d: torch.Tensor,
+    w: PackedWeight,
+    config: KernelConfig | None = None,
+    dense_min_m: int = DENSE_MIN_M,
+) -> torch.Tensor:
     """Fused kernel up to ``dense_min_m`` rows; above, dequantize once and use cuBLAS (prefill)."""
     if config is None and x2d.shape[0] > dense_min_m:
         validate(x2d, w)
@@ -455,8 +694,9 @@ def quant_matmul(x2d: torch.Tensor, w: PackedWeight, config: KernelConfig | None
     return fused_matmul(x2d, w, config)
 
 
-def compile_for(arch: int, bits: int, g_mode: int, group_size: int, cfg: KernelConfig,
-                x_dtype: str = "fp16"):
+def compile_for(
+    arch: int, bits: int, g_mode: int, group_size: int, cfg: KernelConfig, x_dtype: str = "fp16"
+):
     """Compile ``_qmm_kernel`` ahead of time for ``sm_<arch>`` (no GPU needed).
 
     Why: this machine may have no GPU, yet a config that does not compile or needs more shared
@@ -468,12 +708,24 @@ def compile_for(arch: int, bits: int, g_mode: int, group_size: int, cfg: KernelC
 
     vals, words = pack_geometry(bits)
     out_dtype = "fp32" if cfg.split_k > 1 else x_dtype
-    ptrs = dict(x_ptr=x_dtype, qw_ptr="i32", qz_ptr="i32", s_ptr="fp16", g_ptr="i32", out_ptr=out_dtype)
+    ptrs = dict(
+        x_ptr=x_dtype, qw_ptr="i32", qz_ptr="i32", s_ptr="fp16", g_ptr="i32", out_ptr=out_dtype
+    )
     signature = {name: f"*{dtype}" for name, dtype in ptrs.items()}
     signature.update(dict.fromkeys(("M", "N", "K", "stride_xm", "stride_om", "M_BUCKET"), "i32"))
-    constexprs = dict(BITS=bits, VALS=vals, WORDS=words, G_MODE=g_mode, GROUP_SIZE=group_size,
-                      DOT_FP32=x_dtype == "fp32", BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-                      BLOCK_K=cfg.block_k, SPLIT_K=cfg.split_k, GROUP_M=8)
+    constexprs = dict(
+        BITS=bits,
+        VALS=vals,
+        WORDS=words,
+        G_MODE=g_mode,
+        GROUP_SIZE=group_size,
+        DOT_FP32=x_dtype == "fp32",
+        BLOCK_M=cfg.block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        SPLIT_K=cfg.split_k,
+        GROUP_M=8,
+    )
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     source = ASTSource(fn=_qmm_kernel, signature=signature, constexprs=constexprs)
     options = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)

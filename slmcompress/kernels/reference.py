@@ -14,7 +14,11 @@ from slmcompress.quant.quant_linear import QuantLinear
 
 
 def dequantize_reference(
-    qweight: torch.Tensor, qzeros: torch.Tensor, scales: torch.Tensor, g_idx: torch.Tensor, bits: int
+    qweight: torch.Tensor,
+    qzeros: torch.Tensor,
+    scales: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
 ) -> torch.Tensor:
     """Float32 ``(K, N)``: ``w[i, o] = scales[g_idx[i], o] * (q[i, o] - zeros[g_idx[i], o])``."""
     k, n = g_idx.shape[0], scales.shape[1]
@@ -40,7 +44,12 @@ def act_order_g_idx(in_features: int, group_size: int, generator: torch.Generato
 
 
 def random_quant_linear(
-    in_features: int, out_features: int, bits: int, group_size: int, act_order: bool = False, seed: int = 0
+    in_features: int,
+    out_features: int,
+    bits: int,
+    group_size: int,
+    act_order: bool = False,
+    seed: int = 0,
 ) -> QuantLinear:
     """A QuantLinear with random codes, zeros and positive scales (``group_size`` -1 = per channel)."""
     gen = torch.Generator().manual_seed(seed)

@@ -1,7 +1,10 @@
 """Built-in passes; importing this package registers them (see slmcompress.registry)."""
 
-from slmcompress.passes import eval, quantize_rtn  # noqa: F401
-from slmcompress.passes import gptq  # noqa: F401
-from slmcompress.passes import prune  # noqa: F401
-from slmcompress.passes import bnb  # noqa: F401
-from slmcompress.passes import distill  # noqa: F401
+from slmcompress.passes import (  # noqa: F401
+    bnb,  # noqa: F401
+    distill,  # noqa: F401
+    eval,
+    gptq,  # noqa: F401
+    prune,  # noqa: F401
+    quantize_rtn,
+)

@@ -53,7 +53,9 @@ class Context:
         self.log.warning(message)
         self.warnings.append(message)
 
-    def calibration_tokens(self, n_samples: int | None = None, seq_len: int | None = None) -> torch.Tensor:
+    def calibration_tokens(
+        self, n_samples: int | None = None, seq_len: int | None = None
+    ) -> torch.Tensor:
         """Packed calibration token ids ``(n_samples, seq_len)`` from the recipe's data spec."""
         from slmcompress.data import calibration_tokens
 

@@ -44,14 +44,20 @@ def _bnb_config(cfg: BnbNF4Config | BnbInt8Config) -> BitsAndBytesConfig:
     """The transformers quantization config for a stage config."""
     if isinstance(cfg, BnbNF4Config):
         return BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=cfg.double_quant,
-            bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype), llm_int8_skip_modules=cfg.ignore,
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=cfg.double_quant,
+            bnb_4bit_compute_dtype=getattr(torch, cfg.compute_dtype),
+            llm_int8_skip_modules=cfg.ignore,
         )
-    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=cfg.threshold,
-                              llm_int8_skip_modules=cfg.ignore)
+    return BitsAndBytesConfig(
+        load_in_8bit=True, llm_int8_threshold=cfg.threshold, llm_int8_skip_modules=cfg.ignore
+    )
 
 
-def quantize_with_bnb(model: PreTrainedModel, cfg: BnbNF4Config | BnbInt8Config, ctx: Context) -> PreTrainedModel:
+def quantize_with_bnb(
+    model: PreTrainedModel, cfg: BnbNF4Config | BnbInt8Config, ctx: Context
+) -> PreTrainedModel:
     """Round-trip the float model through a scratch directory, loading it back bnb-quantized.
 
     Going through ``from_pretrained`` (rather than swapping modules by hand) is what makes
@@ -65,10 +71,15 @@ def quantize_with_bnb(model: PreTrainedModel, cfg: BnbNF4Config | BnbInt8Config,
     device = ctx.device if ctx.device.type in ("cpu", "cuda") else torch.device("cpu")
     try:
         quantized = AutoModelForCausalLM.from_pretrained(
-            scratch, quantization_config=_bnb_config(cfg), device_map={"": str(device)}, dtype=model.dtype,
+            scratch,
+            quantization_config=_bnb_config(cfg),
+            device_map={"": str(device)},
+            dtype=model.dtype,
         )
     except Exception as exc:  # noqa: BLE001 - bnb backends fail in many ways; report one line
-        raise PassError(f"method: {cfg.method} failed on {device}: {str(exc).splitlines()[0]}") from exc
+        raise PassError(
+            f"method: {cfg.method} failed on {device}: {str(exc).splitlines()[0]}"
+        ) from exc
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     n = sum(type(m).__name__ in ("Linear4bit", "Linear8bitLt") for m in quantized.modules())

@@ -120,13 +120,29 @@ class GPTQPass(Pass):
                 local = {n: m for n, m in step.layer.named_modules() if f"{name}.{n}" in targets}
                 results = self._quantize_layer(step, name, local, ctx) if local else {}
                 for lname, res in results.items():
-                    install_quant_linear(model, f"{name}.{lname}", res.codes, res.scales, res.zeros,
-                                         res.g_idx, cfg.bits, cfg.group_size)
-                errors[name] = {lname: round(res.stats["rel_output_err"], 6) for lname, res in results.items()}
+                    install_quant_linear(
+                        model,
+                        f"{name}.{lname}",
+                        res.codes,
+                        res.scales,
+                        res.zeros,
+                        res.g_idx,
+                        cfg.bits,
+                        cfg.group_size,
+                    )
+                errors[name] = {
+                    lname: round(res.stats["rel_output_err"], 6) for lname, res in results.items()
+                }
                 advance(info=_error_line(errors[name]))
         model.config.quantization_config = gptq_quantization_config(
-            cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, cfg.damp_percent, method="gptq",
-            true_sequential=cfg.true_sequential, static_groups=cfg.static_groups,
+            cfg.bits,
+            cfg.group_size,
+            cfg.sym,
+            cfg.act_order,
+            cfg.damp_percent,
+            method="gptq",
+            true_sequential=cfg.true_sequential,
+            static_groups=cfg.static_groups,
         )
         ctx.extra_metrics["gptq_layer_errors"] = errors
         ctx.extra_metrics["quantized_linears"] = sum(len(e) for e in errors.values())
@@ -140,13 +156,21 @@ class GPTQPass(Pass):
             ctx.warn(message)
         prefix = _layers_prefix(model) + "."
         for name in [n for n in chosen if not n.startswith(prefix)]:
-            ctx.warn(f"{name}: outside the decoder layers, where GPTQ has no calibration inputs; kept in float")
+            ctx.warn(
+                f"{name}: outside the decoder layers, where GPTQ has no calibration inputs; kept in float"
+            )
             del chosen[name]
         for name, module in model.named_modules():
             weight = getattr(module, "weight", None)
-            if (name.startswith(prefix) and not isinstance(module, nn.Linear)
-                    and isinstance(weight, torch.Tensor) and weight.dim() == 2):
-                ctx.warn(f"{name}: {type(module).__name__} is not an nn.Linear; GPTQ skips it (kept in float)")
+            if (
+                name.startswith(prefix)
+                and not isinstance(module, nn.Linear)
+                and isinstance(weight, torch.Tensor)
+                and weight.dim() == 2
+            ):
+                ctx.warn(
+                    f"{name}: {type(module).__name__} is not an nn.Linear; GPTQ skips it (kept in float)"
+                )
         return set(chosen)
 
     def _quantize_layer(
@@ -160,12 +184,26 @@ class GPTQPass(Pass):
         for k, stage in enumerate(stages):
             stage_groups = [g for g in groups if g[0] in stage]
             last = k == len(stages) - 1
-            shortcut = last and len(stage_groups) == 1 and len(stage_groups[0]) == 1 and _fits(step, local[stage[0]])
-            observers = [_Observer(f"{layer_name}.{g[0]}", local[g[0]].in_features, step.device,
-                                   stop=not shortcut and i == len(stage_groups) - 1, capture=shortcut)
-                         for i, g in enumerate(stage_groups)]
-            handles = [local[g[0]].register_forward_pre_hook(obs, with_kwargs=True)
-                       for g, obs in zip(stage_groups, observers, strict=True)]
+            shortcut = (
+                last
+                and len(stage_groups) == 1
+                and len(stage_groups[0]) == 1
+                and _fits(step, local[stage[0]])
+            )
+            observers = [
+                _Observer(
+                    f"{layer_name}.{g[0]}",
+                    local[g[0]].in_features,
+                    step.device,
+                    stop=not shortcut and i == len(stage_groups) - 1,
+                    capture=shortcut,
+                )
+                for i, g in enumerate(stage_groups)
+            ]
+            handles = [
+                local[g[0]].register_forward_pre_hook(obs, with_kwargs=True)
+                for g, obs in zip(stage_groups, observers, strict=True)
+            ]
             try:
                 outputs = _run_batches(step, keep_outputs=shortcut)
             finally:
@@ -179,8 +217,13 @@ class GPTQPass(Pass):
         return results
 
     def _solve_group(
-        self, group: list[str], local: dict[str, nn.Linear], H: torch.Tensor, layer_name: str,
-        ctx: Context, results: dict[str, GPTQResult],
+        self,
+        group: list[str],
+        local: dict[str, nn.Linear],
+        H: torch.Tensor,
+        layer_name: str,
+        ctx: Context,
+        results: dict[str, GPTQResult],
     ) -> list[torch.Tensor]:
         """One stacked GPTQ solve for linears sharing ``H``; install fake-quantized weights.
 
@@ -190,19 +233,37 @@ class GPTQPass(Pass):
         if not torch.isfinite(H).all():  # NaN/Inf in any input reaches H: one check per group
             raise PassError(f"{layer_name}.{group[0]}: NaN/Inf in its calibration inputs")
         weights = [local[n].weight.detach().float() for n in group]
-        res = gptq_quantize(torch.cat(weights), H, cfg.bits, cfg.group_size, cfg.sym, cfg.act_order,
-                            cfg.block_size, cfg.damp_percent, cfg.static_groups, error=False)
+        res = gptq_quantize(
+            torch.cat(weights),
+            H,
+            cfg.bits,
+            cfg.group_size,
+            cfg.sym,
+            cfg.act_order,
+            cfg.block_size,
+            cfg.damp_percent,
+            cfg.static_groups,
+            error=False,
+        )
         if res.stats["damp_retries"]:
-            ctx.warn(f"{layer_name}.{group[0]}: Hessian not positive definite; "
-                     f"damp_percent raised to {res.stats['damp_percent']:g}")
+            ctx.warn(
+                f"{layer_name}.{group[0]}: Hessian not positive definite; "
+                f"damp_percent raised to {res.stats['damp_percent']:g}"
+            )
         if not torch.isfinite(res.weight).all():
             raise PassError(f"{layer_name}.{group[0]}: GPTQ produced NaN/Inf weights")
         deltas, row = [], 0
         for name, w in zip(group, weights, strict=True):
             rows = slice(row, row + w.shape[0])
             row += w.shape[0]
-            part = GPTQResult(res.codes[rows], res.scales[:, rows], res.zeros[:, rows], res.g_idx,
-                              res.weight[rows], error_stats(w, res.weight[rows], H))
+            part = GPTQResult(
+                res.codes[rows],
+                res.scales[:, rows],
+                res.zeros[:, rows],
+                res.g_idx,
+                res.weight[rows],
+                error_stats(w, res.weight[rows], H),
+            )
             results[name] = part
             deltas.append(part.weight - w)
             local[name].weight.data.copy_(part.weight)
@@ -223,7 +284,9 @@ def _discover_input_groups(step: LayerStep, local: dict[str, nn.Linear]) -> list
     def make_hook(name: str) -> Callable:
         return lambda _m, args, kwargs: seen.append((name, args[0] if args else kwargs["input"]))
 
-    handles = [m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in local.items()]
+    handles = [
+        m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in local.items()
+    ]
     try:
         batch = step.inputs[0]
         step.layer(batch.hidden.to(step.device), **_to(batch.kwargs, step.device))
@@ -240,7 +303,9 @@ def _discover_input_groups(step: LayerStep, local: dict[str, nn.Linear]) -> list
             groups.append([name])
     missing = [n for n in local if not any(n in g for g in groups)]
     if missing:
-        raise PassError(f"layer {step.index}: {', '.join(missing)} never ran in the layer's forward")
+        raise PassError(
+            f"layer {step.index}: {', '.join(missing)} never ran in the layer's forward"
+        )
     return groups
 
 
@@ -275,10 +340,14 @@ def _shortcut_outputs(
     if len(outputs) != len(step.inputs) or len(inputs) != len(outputs):
         return
     delta = delta.to(step.device)
-    updated = [y + (x.to(step.device).to(delta.dtype) @ delta.T).to(y.dtype).to(y.device)
-               for y, x in zip(outputs, inputs, strict=True)]  # (B, T, H) each
+    updated = [
+        y + (x.to(step.device).to(delta.dtype) @ delta.T).to(y.dtype).to(y.device)
+        for y, x in zip(outputs, inputs, strict=True)
+    ]  # (B, T, H) each
     batch = step.inputs[0]
-    check = _layer_output(step.layer(batch.hidden.to(step.device), **_to(batch.kwargs, step.device)))
+    check = _layer_output(
+        step.layer(batch.hidden.to(step.device), **_to(batch.kwargs, step.device))
+    )
     tol = 1e-4 * check.abs().max().item() + 1e-5
     if (check.to(updated[0].device) - updated[0]).abs().max().item() <= tol:
         for y in updated:

@@ -66,7 +66,9 @@ class PruneConfig(PassConfig):
 
     method: Literal["activation", "magnitude", "random"] = "activation"
     target: PruneTarget | None = None
-    param_ratio: float | None = Field(None, gt=0, lt=1, description="fraction of parameters to keep")
+    param_ratio: float | None = Field(
+        None, gt=0, lt=1, description="fraction of parameters to keep"
+    )
     axis: Literal["mlp", "heads", "hidden", "layers"] = "mlp"
     param_count: Literal["non_embedding", "total"] = "non_embedding"
     round_to: int = Field(8, ge=1, description="channel multiple for param_ratio sizes")
@@ -91,10 +93,21 @@ class PruneConfig(PassConfig):
         """Resolve the target against a model config (one-line PassError naming the field)."""
         prefix = f"{where}." if where else ""
         if self.param_ratio is not None:
-            return sizes_for_param_ratio(config, self.param_ratio, self.axis, self.head_pruning,
-                                         self.param_count, self.round_to)
-        return resolve_target(sizes_of(config), self.target.model_dump(), self.head_pruning,
-                              where=f"{prefix}target", config=config)
+            return sizes_for_param_ratio(
+                config,
+                self.param_ratio,
+                self.axis,
+                self.head_pruning,
+                self.param_count,
+                self.round_to,
+            )
+        return resolve_target(
+            sizes_of(config),
+            self.target.model_dump(),
+            self.head_pruning,
+            where=f"{prefix}target",
+            config=config,
+        )
 
     def validate_against(self, recipe: Any, index: int) -> None:
         """Check the target against the model's config.json (after earlier prune stages)."""
@@ -116,7 +129,9 @@ def _config_if_cheap(source: str) -> PretrainedConfig | None:
     """The model's config when it is on disk already (no GGUF conversion, no hub)."""
     from slmcompress.models import BUILTIN_MODELS, cache_dir
 
-    directory = cache_dir() / "models" / source if source in BUILTIN_MODELS else Path(source).expanduser()
+    directory = (
+        cache_dir() / "models" / source if source in BUILTIN_MODELS else Path(source).expanduser()
+    )
     if not (directory / "config.json").is_file():
         return None
     try:
@@ -145,11 +160,14 @@ class PrunePass(Pass):
         importance = self._importance(model, ctx, current, sizes)
         plan = plan_keep(importance, current, sizes, cfg.depth_mode)
         pruned = slice_model(model, plan)
-        ctx.extra_metrics["prune"] = _summary(model, pruned, current, sizes, plan.layers, importance,
-                                              time.perf_counter() - start)
+        ctx.extra_metrics["prune"] = _summary(
+            model, pruned, current, sizes, plan.layers, importance, time.perf_counter() - start
+        )
         return pruned
 
-    def _importance(self, model: PreTrainedModel, ctx: Context, current: ArchSizes, sizes: ArchSizes) -> Importance:
+    def _importance(
+        self, model: PreTrainedModel, ctx: Context, current: ArchSizes, sizes: ArchSizes
+    ) -> Importance:
         cfg: PruneConfig = self.config
         n_drop = current.num_layers - sizes.num_layers
         block = n_drop if (cfg.depth_mode == "contiguous" and n_drop > 0) else 1
@@ -162,27 +180,41 @@ class PrunePass(Pass):
 
         importance = streamed_importance(self, model, ctx, tokens, block)
         if importance is None:
-            importance = activation_importance(model, tokens, ctx.device, cfg.batch_size, block_size=block)
+            importance = activation_importance(
+                model, tokens, ctx.device, cfg.batch_size, block_size=block
+            )
         if n_drop > 0 and cfg.depth_metric == "loss":
             scores, base = loss_depth_scores(model, tokens, block, cfg.batch_size)
             if block == 1:
                 importance.layers = scores
             else:
                 importance.blocks, importance.block_size = scores, block
-            importance.extra = {"depth_metric": "loss", "calibration_loss": round(base, 5),
-                                "depth_loss_increase": [round(float(v), 5) for v in scores]}
+            importance.extra = {
+                "depth_metric": "loss",
+                "calibration_loss": round(base, 5),
+                "depth_loss_increase": [round(float(v), 5) for v in scores],
+            }
         return importance
 
 
-def _summary(model, pruned, current: ArchSizes, sizes: ArchSizes, layers: list[int],
-             importance: Importance, seconds: float) -> dict[str, Any]:
+def _summary(
+    model,
+    pruned,
+    current: ArchSizes,
+    sizes: ArchSizes,
+    layers: list[int],
+    importance: Importance,
+    seconds: float,
+) -> dict[str, Any]:
     """What the stage report records: sizes, parameter counts, kept layers, scores."""
     before, after = count_params(model), count_params(pruned)
     return {
         "sizes_before": current.as_dict(),
         "sizes_after": sizes.as_dict(),
-        "params_before": before[0], "params_after": after[0],
-        "non_embedding_params_before": before[1], "non_embedding_params_after": after[1],
+        "params_before": before[0],
+        "params_after": after[0],
+        "non_embedding_params_before": before[1],
+        "non_embedding_params_after": after[1],
         "non_embedding_ratio": round(after[1] / before[1], 4),
         "kept_layers": layers,
         "importance": importance.summary(),

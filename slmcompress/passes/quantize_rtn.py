@@ -61,7 +61,9 @@ class RTNPass(Pass):
                 codes, scales, zeros, g_idx = rtn_quantize_weight(
                     linear.weight.detach().cpu(), cfg.bits, cfg.group_size, cfg.sym
                 )
-                install_quant_linear(model, name, codes, scales, zeros, g_idx, cfg.bits, cfg.group_size)
+                install_quant_linear(
+                    model, name, codes, scales, zeros, g_idx, cfg.bits, cfg.group_size
+                )
                 advance(info=name)
         model.config.quantization_config = gptq_quantization_config(
             cfg.bits, cfg.group_size, cfg.sym, desc_act=False, damp_percent=0.01, method="rtn"

@@ -17,6 +17,8 @@ from rich.table import Table
 
 from slmcompress.errors import SlmError
 
+DEFAULT_AXES = ["mlp"]  # typer needs a list default; never mutated
+
 
 def parse_ratios(text: str) -> list[float]:
     """``"0.1,0.25,0.5"`` -> ``[0.1, 0.25, 0.5]`` (one-line error naming --ratios)."""
@@ -30,11 +32,21 @@ def parse_ratios(text: str) -> list[float]:
 
 
 def sensitivity_command(
-    model: Annotated[str, typer.Argument(help="Model source: built-in alias, HF directory, .gguf or hub id.")],
-    axis: Annotated[list[str], typer.Option(help="heads | mlp | hidden | layers (repeatable).")] = ["mlp"],  # noqa: B006
-    ratios: Annotated[str, typer.Option(help="Fractions of the axis to remove, comma-separated.")] = "0.1,0.25,0.5",
-    per_layer: Annotated[bool, typer.Option(help="Also prune one layer at a time (layers: drop each alone).")] = False,
-    out: Annotated[Path, typer.Option(help="Output directory (replaced atomically).")] = Path("runs/sensitivity"),
+    model: Annotated[
+        str, typer.Argument(help="Model source: built-in alias, HF directory, .gguf or hub id.")
+    ],
+    axis: Annotated[
+        list[str], typer.Option(help="heads | mlp | hidden | layers (repeatable).")
+    ] = DEFAULT_AXES,
+    ratios: Annotated[
+        str, typer.Option(help="Fractions of the axis to remove, comma-separated.")
+    ] = "0.1,0.25,0.5",
+    per_layer: Annotated[
+        bool, typer.Option(help="Also prune one layer at a time (layers: drop each alone).")
+    ] = False,
+    out: Annotated[Path, typer.Option(help="Output directory (replaced atomically).")] = Path(
+        "runs/sensitivity"
+    ),
     method: Annotated[str, typer.Option(help="activation | magnitude | random")] = "activation",
     head_pruning: Annotated[str, typer.Option(help="within_groups | kv_groups")] = "within_groups",
     depth_metric: Annotated[str, typer.Option(help="loss | cosine (layers axis)")] = "loss",
@@ -56,17 +68,30 @@ def sensitivity_command(
     axes = [name.strip() for item in axis for name in item.split(",") if name.strip()]
     loaded = load_model(model, device=device)
     result = sensitivity(
-        loaded.model, loaded.tokenizer, axes, values, out, per_layer=per_layer, method=method,
+        loaded.model,
+        loaded.tokenizer,
+        axes,
+        values,
+        out,
+        per_layer=per_layer,
+        method=method,
         calibration=CalibrationSpec(source="c4", n_samples=n_samples, seq_len=seq_len),
         evaluation=EvalSpec(max_tokens=eval_tokens, seq_len=eval_seq_len),
-        head_pruning=head_pruning, depth_metric=depth_metric,
+        head_pruning=head_pruning,
+        depth_metric=depth_metric,
     )
     table = Table(title=f"pruning sensitivity (baseline ppl {result.baseline_ppl:.2f})")
     for column in ("axis", "ratio", "removed", "size", "non-emb kept", "ppl"):
         table.add_column(column)
     for r in result.rows:
-        table.add_row(r["axis"], f"{r['ratio']:.2f}", f"{r['removed']:.1%}", str(r["size"]),
-                      f"{r['non_embedding_ratio']:.1%}", f"{r['ppl']:.2f}")
+        table.add_row(
+            r["axis"],
+            f"{r['ratio']:.2f}",
+            f"{r['removed']:.1%}",
+            str(r["size"]),
+            f"{r['non_embedding_ratio']:.1%}",
+            f"{r['ppl']:.2f}",
+        )
     console = Console()
     console.print(table)
     console.print(f"wrote {result.out_dir}/summary.md")

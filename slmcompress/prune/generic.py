@@ -48,7 +48,9 @@ def _tp():
     try:
         import torch_pruning
     except ImportError as exc:  # pragma: no cover - an optional extra
-        raise PassError("model: pruning non-Llama models needs torch-pruning (pip install 'slmcompress[prune]')") from exc
+        raise PassError(
+            "model: pruning non-Llama models needs torch-pruning (pip install 'slmcompress[prune]')"
+        ) from exc
     return torch_pruning
 
 
@@ -68,15 +70,23 @@ def _convs_to_linear(model: PreTrainedModel) -> None:
             setattr(parent, name, _to_linear(getattr(parent, name)))
 
 
-def check_gpt2_target(config, hidden_size: int | None, ffn_hidden_size: int | None,
-                      num_attention_heads: int | None = None) -> None:
+def check_gpt2_target(
+    config,
+    hidden_size: int | None,
+    ffn_hidden_size: int | None,
+    num_attention_heads: int | None = None,
+) -> None:
     """One-line errors for targets GPT-2 cannot express."""
     if num_attention_heads is not None and num_attention_heads != config.n_head:
-        raise PassError("target.num_attention_heads: GPT-2 ties attention width to n_embd (head_dim = n_embd / "
-                        "n_head), so heads cannot be removed at a fixed hidden size; prune hidden_size instead")
+        raise PassError(
+            "target.num_attention_heads: GPT-2 ties attention width to n_embd (head_dim = n_embd / "
+            "n_head), so heads cannot be removed at a fixed hidden size; prune hidden_size instead"
+        )
     if hidden_size is not None and (hidden_size > config.n_embd or hidden_size % config.n_head):
-        raise PassError(f"target.hidden_size: {hidden_size} must be <= {config.n_embd} and divisible by "
-                        f"n_head {config.n_head} (GPT-2 derives head_dim from it)")
+        raise PassError(
+            f"target.hidden_size: {hidden_size} must be <= {config.n_embd} and divisible by "
+            f"n_head {config.n_head} (GPT-2 derives head_dim from it)"
+        )
     inner = config.n_inner or 4 * config.n_embd
     if ffn_hidden_size is not None and not 0 < ffn_hidden_size <= inner:
         raise PassError(f"target.ffn_hidden_size: {ffn_hidden_size} must be in 1..{inner}")
@@ -90,7 +100,9 @@ def _prune_group(graph, importance, module: nn.Module, fn, n_total: int, n_keep:
     graph.get_pruning_group(module, fn, idxs=drop).prune()
 
 
-def _shrink_heads(attn_linear: nn.Linear, proj_linear: nn.Linear, n_head: int, new_head_dim: int) -> None:
+def _shrink_heads(
+    attn_linear: nn.Linear, proj_linear: nn.Linear, n_head: int, new_head_dim: int
+) -> None:
     """Cut each head to ``new_head_dim`` channels: q/k jointly, v with c_proj's matching inputs.
 
     A head's logits are sum_j q_j k_j, so q and k lose the same j (ranked by |q_j||k_j|);
@@ -100,15 +112,22 @@ def _shrink_heads(attn_linear: nn.Linear, proj_linear: nn.Linear, n_head: int, n
     head_dim = width // n_head
     w = attn_linear.weight.data.view(3, n_head, head_dim, -1)  # (qkv, heads, head_dim, in)
     b = attn_linear.bias.data.view(3, n_head, head_dim)
-    qk = (w[0].norm(dim=-1) * w[1].norm(dim=-1)).topk(new_head_dim, dim=1).indices.sort(dim=1).values  # (heads, d')
-    proj = proj_linear.weight.data.view(proj_linear.out_features, n_head, head_dim)  # (out, heads, head_dim)
+    qk = (
+        (w[0].norm(dim=-1) * w[1].norm(dim=-1)).topk(new_head_dim, dim=1).indices.sort(dim=1).values
+    )  # (heads, d')
+    proj = proj_linear.weight.data.view(
+        proj_linear.out_features, n_head, head_dim
+    )  # (out, heads, head_dim)
     v_score = w[2].norm(dim=-1) * proj.norm(dim=0)  # (heads, head_dim)
     v = v_score.topk(new_head_dim, dim=1).indices.sort(dim=1).values
     pick = [qk, qk, v]
-    attn_linear.weight.data = torch.stack([w[i].gather(1, pick[i][..., None].expand(-1, -1, w.shape[-1]))
-                                           for i in range(3)]).reshape(3 * n_head * new_head_dim, -1)
+    attn_linear.weight.data = torch.stack(
+        [w[i].gather(1, pick[i][..., None].expand(-1, -1, w.shape[-1])) for i in range(3)]
+    ).reshape(3 * n_head * new_head_dim, -1)
     attn_linear.bias.data = torch.stack([b[i].gather(1, pick[i]) for i in range(3)]).reshape(-1)
-    proj_linear.weight.data = proj.gather(2, v[None].expand(proj.shape[0], -1, -1)).reshape(proj.shape[0], -1)
+    proj_linear.weight.data = proj.gather(2, v[None].expand(proj.shape[0], -1, -1)).reshape(
+        proj.shape[0], -1
+    )
 
 
 def prune_gpt2(
@@ -141,21 +160,40 @@ def prune_gpt2(
     return _rebuild(model, work, hidden_size or config.n_embd, ffn_hidden_size or inner)
 
 
-def _prune_work(work, graph, tp, config, hidden_size: int | None, ffn_hidden_size: int | None) -> None:
+def _prune_work(
+    work, graph, tp, config, hidden_size: int | None, ffn_hidden_size: int | None
+) -> None:
     """MLP groups per block, then the residual-stream group and the per-head attention cut."""
     importance = tp.importance.GroupMagnitudeImportance(p=2)
     inner = config.n_inner or 4 * config.n_embd
     if ffn_hidden_size is not None and ffn_hidden_size < inner:
         for block in work.transformer.h:
-            _prune_group(graph, importance, block.mlp.c_fc, tp.prune_linear_out_channels, inner, ffn_hidden_size)
+            _prune_group(
+                graph,
+                importance,
+                block.mlp.c_fc,
+                tp.prune_linear_out_channels,
+                inner,
+                ffn_hidden_size,
+            )
     if hidden_size is not None and hidden_size < config.n_embd:
-        _prune_group(graph, importance, work.transformer.wte, tp.prune_embedding_out_channels,
-                     config.n_embd, hidden_size)
+        _prune_group(
+            graph,
+            importance,
+            work.transformer.wte,
+            tp.prune_embedding_out_channels,
+            config.n_embd,
+            hidden_size,
+        )
         for block in work.transformer.h:
-            _shrink_heads(block.attn.c_attn, block.attn.c_proj, config.n_head, hidden_size // config.n_head)
+            _shrink_heads(
+                block.attn.c_attn, block.attn.c_proj, config.n_head, hidden_size // config.n_head
+            )
 
 
-def _rebuild(original: PreTrainedModel, work: PreTrainedModel, n_embd: int, n_inner: int) -> PreTrainedModel:
+def _rebuild(
+    original: PreTrainedModel, work: PreTrainedModel, n_embd: int, n_inner: int
+) -> PreTrainedModel:
     """A fresh GPT2LMHeadModel of the new sizes holding the pruned weights (Conv1D layout)."""
     data = original.config.to_dict()
     data.update(n_embd=n_embd, n_inner=n_inner)
@@ -164,7 +202,9 @@ def _rebuild(original: PreTrainedModel, work: PreTrainedModel, n_embd: int, n_in
     linears = {f"transformer.h.{i}.{p}.{n}" for i in range(config.n_layer) for p, n in _CONV_NAMES}
     for key, tensor in work.state_dict().items():
         module = key.rsplit(".", 1)[0]
-        state[key] = tensor.t().contiguous() if module in linears and key.endswith(".weight") else tensor
+        state[key] = (
+            tensor.t().contiguous() if module in linears and key.endswith(".weight") else tensor
+        )
     if getattr(config, "tie_word_embeddings", True):
         state["lm_head.weight"] = state["transformer.wte.weight"]
     with no_init_weights():
@@ -172,7 +212,9 @@ def _rebuild(original: PreTrainedModel, work: PreTrainedModel, n_embd: int, n_in
     try:
         new.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise PassError(f"model: pruned GPT-2 tensors do not fit its config: {str(exc).splitlines()[1].strip()}") from exc
+        raise PassError(
+            f"model: pruned GPT-2 tensors do not fit its config: {str(exc).splitlines()[1].strip()}"
+        ) from exc
     new.tie_weights()
     log.info("pruned GPT-2 n_embd %d -> %d, n_inner -> %d", original.config.n_embd, n_embd, n_inner)
     return new.to(dtype=next(original.parameters()).dtype).eval()

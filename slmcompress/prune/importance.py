@@ -53,7 +53,9 @@ class Importance:
             "method": self.method,
             "head_score_per_layer": [round(float(h.sum()), 4) for h in self.heads],
             "neuron_score_per_layer": [round(float(n.sum()), 4) for n in self.neurons],
-            "hidden_score_top5_channels": self.hidden.topk(min(5, self.hidden.numel())).indices.tolist(),
+            "hidden_score_top5_channels": self.hidden.topk(
+                min(5, self.hidden.numel())
+            ).indices.tolist(),
         }
         if self.layers is not None:
             out["layer_scores"] = [round(float(v), 5) for v in self.layers]
@@ -89,7 +91,9 @@ def head_scores(channel_scores: torch.Tensor, n_heads: int) -> torch.Tensor:
 
 def cosine_importance(inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[float, int]:
     """Sum over tokens of 1 - cos(input, output) and the token count; (B, T, H) each."""
-    cos = F.cosine_similarity(inputs.float().flatten(0, 1), outputs.float().flatten(0, 1), dim=-1)  # (B*T,)
+    cos = F.cosine_similarity(
+        inputs.float().flatten(0, 1), outputs.float().flatten(0, 1), dim=-1
+    )  # (B*T,)
     return float((1 - cos).sum()), cos.numel()
 
 
@@ -113,8 +117,17 @@ def llama_parts(layer: nn.Module, index: int = 0) -> LlamaParts:
     """Find q/k/v/o, gate/up/down and the two norms; a clear error for other layouts."""
     try:
         attn, mlp = layer.self_attn, layer.mlp
-        return LlamaParts(attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj, mlp.gate_proj, mlp.up_proj,
-                          mlp.down_proj, layer.input_layernorm, layer.post_attention_layernorm)
+        return LlamaParts(
+            attn.q_proj,
+            attn.k_proj,
+            attn.v_proj,
+            attn.o_proj,
+            mlp.gate_proj,
+            mlp.up_proj,
+            mlp.down_proj,
+            layer.input_layernorm,
+            layer.post_attention_layernorm,
+        )
     except AttributeError as exc:
         raise PassError(
             f"model: layer {index} ({type(layer).__name__}) is not a Llama-style decoder layer "
@@ -137,9 +150,15 @@ class _LayerHooks:
         self.heads, self.neurons, self.hidden = BatchL2(), BatchL2(), BatchL2()
         self.handles = [
             parts.o.register_forward_pre_hook(lambda _m, a: self.heads.add(channel_stat(a[0]))),
-            parts.down.register_forward_pre_hook(lambda _m, a: self.neurons.add(channel_stat(a[0]))),
-            parts.norm_attn.register_forward_hook(lambda _m, _a, out: self.hidden.add(channel_stat(out))),
-            parts.norm_mlp.register_forward_hook(lambda _m, _a, out: self.hidden.add(channel_stat(out))),
+            parts.down.register_forward_pre_hook(
+                lambda _m, a: self.neurons.add(channel_stat(a[0]))
+            ),
+            parts.norm_attn.register_forward_hook(
+                lambda _m, _a, out: self.hidden.add(channel_stat(out))
+            ),
+            parts.norm_mlp.register_forward_hook(
+                lambda _m, _a, out: self.hidden.add(channel_stat(out))
+            ),
         ]
 
     def remove(self) -> None:
@@ -206,8 +225,13 @@ def activation_importance(
         hidden = hooks.hidden.value() if hidden is None else hidden + hooks.hidden.value()
         per_layer_cos.append(single.scores[-1])
     return Importance(
-        heads=heads, neurons=neurons, hidden=hidden, layers=torch.tensor(per_layer_cos),
-        blocks=torch.tensor(block.scores), block_size=block_size, method="activation",
+        heads=heads,
+        neurons=neurons,
+        hidden=hidden,
+        layers=torch.tensor(per_layer_cos),
+        blocks=torch.tensor(block.scores),
+        block_size=block_size,
+        method="activation",
         extra={"depth_metric": "cosine"},
     )
 
@@ -227,9 +251,15 @@ def magnitude_importance(model: PreTrainedModel) -> Importance:
     hidden_sq = model.get_input_embeddings().weight.float().pow(2).sum(dim=0)  # (H,)
     for i, layer in enumerate(decoder_layers(model)):
         p = llama_parts(layer, i)
-        q_sq = p.q.weight.float().pow(2).sum(dim=1) + p.o.weight.float().pow(2).sum(dim=0)  # (nh*hd,)
+        q_sq = p.q.weight.float().pow(2).sum(dim=1) + p.o.weight.float().pow(2).sum(
+            dim=0
+        )  # (nh*hd,)
         heads.append(q_sq.view(n_heads, -1).sum(dim=1).sqrt())
-        n_sq = p.gate.weight.float().pow(2).sum(1) + p.up.weight.float().pow(2).sum(1) + p.down.weight.float().pow(2).sum(0)
+        n_sq = (
+            p.gate.weight.float().pow(2).sum(1)
+            + p.up.weight.float().pow(2).sum(1)
+            + p.down.weight.float().pow(2).sum(0)
+        )
         neurons.append(n_sq.sqrt())
         for lin in (p.q, p.k, p.v, p.gate, p.up):
             hidden_sq = hidden_sq + lin.weight.float().pow(2).sum(dim=0)
@@ -237,8 +267,13 @@ def magnitude_importance(model: PreTrainedModel) -> Importance:
             hidden_sq = hidden_sq + lin.weight.float().pow(2).sum(dim=1)
         hidden_sq = hidden_sq + p.norm_attn.weight.float().pow(2) + p.norm_mlp.weight.float().pow(2)
         layers.append(sum(float(w.float().pow(2).sum()) for w in layer.parameters()) ** 0.5)
-    return Importance(heads=heads, neurons=neurons, hidden=hidden_sq.sqrt(), layers=torch.tensor(layers),
-                      method="magnitude")
+    return Importance(
+        heads=heads,
+        neurons=neurons,
+        hidden=hidden_sq.sqrt(),
+        layers=torch.tensor(layers),
+        method="magnitude",
+    )
 
 
 def random_importance(model: PreTrainedModel, seed: int = 0) -> Importance:
@@ -312,5 +347,7 @@ def loss_depth_scores(
     for start in range(n_layers - block_size + 1):
         with layers_removed(model, list(range(start, start + block_size))):
             scores.append(lm_loss(model, tokens, batch_size) - base)
-        log.debug("depth: removing layers %d..%d: loss +%.4f", start, start + block_size - 1, scores[-1])
+        log.debug(
+            "depth: removing layers %d..%d: loss +%.4f", start, start + block_size - 1, scores[-1]
+        )
     return torch.tensor(scores), base

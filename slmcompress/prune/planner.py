@@ -21,7 +21,13 @@ from slmcompress.errors import PassError
 
 Axis = Literal["heads", "mlp", "hidden", "layers"]
 AXES: tuple[str, ...] = ("heads", "mlp", "hidden", "layers")
-TARGET_KEYS = ("hidden_size", "ffn_hidden_size", "num_attention_heads", "num_key_value_heads", "num_layers")
+TARGET_KEYS = (
+    "hidden_size",
+    "ffn_hidden_size",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "num_layers",
+)
 
 
 @dataclass(frozen=True)
@@ -102,14 +108,21 @@ def _kv_for_whole_groups(current: ArchSizes, heads: int, where: str) -> int:
 
 def check_sizes(current: ArchSizes, new: ArchSizes, where: str = "target") -> None:
     """Raise a one-line PassError naming the first target field the model cannot take."""
-    names = {"num_layers": "num_layers", "ffn_hidden_size": "ffn_hidden_size", "hidden_size": "hidden_size",
-             "num_attention_heads": "num_attention_heads", "num_key_value_heads": "num_key_value_heads"}
+    names = {
+        "num_layers": "num_layers",
+        "ffn_hidden_size": "ffn_hidden_size",
+        "hidden_size": "hidden_size",
+        "num_attention_heads": "num_attention_heads",
+        "num_key_value_heads": "num_key_value_heads",
+    }
     for key, field in names.items():
         value, limit = getattr(new, key), getattr(current, key)
         if value < 1:
             raise PassError(f"{where}.{field}: must be at least 1, got {value}")
         if value > limit:
-            raise PassError(f"{where}.{field}: {value} is larger than the model's {limit}; pruning only shrinks")
+            raise PassError(
+                f"{where}.{field}: {value} is larger than the model's {limit}; pruning only shrinks"
+            )
     _check_gqa(current, new, where)
 
 
@@ -130,7 +143,9 @@ def _check_gqa(current: ArchSizes, new: ArchSizes, where: str) -> None:
 
 
 # ---------------------------------------------------------------- parameter counts
-def pruned_config(config: PretrainedConfig, sizes: ArchSizes, kept_layers: list[int] | None = None) -> PretrainedConfig:
+def pruned_config(
+    config: PretrainedConfig, sizes: ArchSizes, kept_layers: list[int] | None = None
+) -> PretrainedConfig:
     """A copy of ``config`` describing the pruned architecture (head_dim kept explicit).
 
     Built through ``from_dict`` so the config class's own validation (e.g. Llama's
@@ -158,8 +173,10 @@ def check_config(config: PretrainedConfig, sizes: ArchSizes, where: str = "targe
     except Exception as exc:  # noqa: BLE001 - strict-dataclass errors wrap the ValueError
         cause = exc.__cause__ or exc
         message = str(cause).strip().splitlines()[-1].strip()
-        raise PassError(f"{where}.hidden_size: {sizes.hidden_size} is not allowed by {type(config).__name__} "
-                        f"with {sizes.num_attention_heads} heads: {message}") from exc
+        raise PassError(
+            f"{where}.hidden_size: {sizes.hidden_size} is not allowed by {type(config).__name__} "
+            f"with {sizes.num_attention_heads} heads: {message}"
+        ) from exc
 
 
 def param_counts(config: PretrainedConfig, sizes: ArchSizes) -> tuple[int, int]:
@@ -186,7 +203,12 @@ def sizes_for_param_ratio(
     query heads per group, multiples of ``round_to`` channels, whole layers).
     """
     current = sizes_of(config)
-    field = {"mlp": "ffn_hidden_size", "hidden": "hidden_size", "layers": "num_layers", "heads": "num_attention_heads"}
+    field = {
+        "mlp": "ffn_hidden_size",
+        "hidden": "hidden_size",
+        "layers": "num_layers",
+        "heads": "num_attention_heads",
+    }
     if axis not in field:
         raise PassError(f"axis: unknown axis {axis!r}; valid: {', '.join(AXES)}")
     pick = 0 if count == "total" else 1
@@ -194,7 +216,9 @@ def sizes_for_param_ratio(
     step = _axis_step(current, axis, head_pruning, round_to)
     full = param_counts(config, current)[pick]
     probe = step if axis != "hidden" else current.num_attention_heads  # any valid smaller size
-    per_unit = (full - param_counts(config, _with_axis(current, axis, size - probe, head_pruning))[pick]) / probe
+    per_unit = (
+        full - param_counts(config, _with_axis(current, axis, size - probe, head_pruning))[pick]
+    ) / probe
     want = size - (1 - ratio) * full / per_unit
     value = max(step, min(size - step, int(round(want / step)) * step))
     if value < 1 or value >= size:
@@ -220,7 +244,9 @@ def _with_axis(current: ArchSizes, axis: str, value: int, head_pruning: str) -> 
         return replace(current, hidden_size=value)
     if axis == "layers":
         return replace(current, num_layers=value)
-    return resolve_target(current, {"num_attention_heads": value}, head_pruning, where="param_ratio")
+    return resolve_target(
+        current, {"num_attention_heads": value}, head_pruning, where="param_ratio"
+    )
 
 
 # ---------------------------------------------------------------- which units stay
@@ -241,7 +267,9 @@ def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:
     return scores.float().topk(k).indices.sort().values
 
 
-def select_heads(scores: torch.Tensor, n_kv: int, new_heads: int, new_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+def select_heads(
+    scores: torch.Tensor, n_kv: int, new_heads: int, new_kv: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep whole KV groups (by summed head score), then the best query heads in each.
 
     HF's ``repeat_kv`` serves query head j from KV head ``j // (heads / kv)``, so every kept
@@ -255,7 +283,9 @@ def select_heads(scores: torch.Tensor, n_kv: int, new_heads: int, new_kv: int) -
     return torch.cat(heads), kv
 
 
-def select_layers(scores: torch.Tensor, n_keep: int, mode: str, blocks: torch.Tensor | None = None) -> list[int]:
+def select_layers(
+    scores: torch.Tensor, n_keep: int, mode: str, blocks: torch.Tensor | None = None
+) -> list[int]:
     """Drop the least important layers: the lowest single scores, or the lowest contiguous block.
 
     ``blocks[s]`` scores removing layers ``s .. s+k-1`` together (k = layers to drop); when
@@ -273,18 +303,28 @@ def select_layers(scores: torch.Tensor, n_keep: int, mode: str, blocks: torch.Te
     return [i for i in range(n_layers) if not start <= i < start + n_drop]
 
 
-def plan_keep(importance: Any, current: ArchSizes, sizes: ArchSizes, depth_mode: str = "per_layer") -> KeepPlan:
+def plan_keep(
+    importance: Any, current: ArchSizes, sizes: ArchSizes, depth_mode: str = "per_layer"
+) -> KeepPlan:
     """Turn importance scores and target sizes into the indices to keep."""
     layers = list(range(current.num_layers))
     if sizes.num_layers < current.num_layers:
         if importance.layers is None:
             raise PassError("target.num_layers: no depth scores were computed")
-        blocks = importance.blocks if importance.block_size == current.num_layers - sizes.num_layers else None
+        blocks = (
+            importance.blocks
+            if importance.block_size == current.num_layers - sizes.num_layers
+            else None
+        )
         layers = select_layers(importance.layers, sizes.num_layers, depth_mode, blocks)
     heads, kv = {}, {}
     for i in layers:
-        heads[i], kv[i] = select_heads(importance.heads[i], current.num_key_value_heads,
-                                       sizes.num_attention_heads, sizes.num_key_value_heads)
+        heads[i], kv[i] = select_heads(
+            importance.heads[i],
+            current.num_key_value_heads,
+            sizes.num_attention_heads,
+            sizes.num_key_value_heads,
+        )
     return KeepPlan(
         sizes=sizes,
         hidden=top_k(importance.hidden, sizes.hidden_size),
@@ -295,8 +335,13 @@ def plan_keep(importance: Any, current: ArchSizes, sizes: ArchSizes, depth_mode:
     )
 
 
-def sizes_for_removal(current: ArchSizes, axis: str, ratio: float, head_pruning: str = "within_groups",
-                      round_to: int = 8) -> ArchSizes:
+def sizes_for_removal(
+    current: ArchSizes,
+    axis: str,
+    ratio: float,
+    head_pruning: str = "within_groups",
+    round_to: int = 8,
+) -> ArchSizes:
     """Remove about ``ratio`` of one axis's units (at least one step, whole heads/groups, whole layers).
 
     Heads round the kept count down (9 heads in 3 groups at 10% -> 6), since smaller steps
@@ -306,7 +351,12 @@ def sizes_for_removal(current: ArchSizes, axis: str, ratio: float, head_pruning:
         raise PassError(f"axis: unknown axis {axis!r}; valid: {', '.join(AXES)}")
     if not 0 < ratio < 1:
         raise PassError(f"ratios: {ratio} must be between 0 and 1 (the fraction removed)")
-    field = {"mlp": "ffn_hidden_size", "hidden": "hidden_size", "layers": "num_layers", "heads": "num_attention_heads"}
+    field = {
+        "mlp": "ffn_hidden_size",
+        "hidden": "hidden_size",
+        "layers": "num_layers",
+        "heads": "num_attention_heads",
+    }
     size = getattr(current, field[axis])
     step = _axis_step(current, axis, head_pruning, round_to)
     keep = size * (1 - ratio) / step

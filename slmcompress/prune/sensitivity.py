@@ -62,8 +62,16 @@ class SensitivityResult:
     notes: list[str] = field(default_factory=list)
 
 
-def score(model: PreTrainedModel, calib: torch.Tensor, method: str, depth_metric: str, need_depth: bool,
-          device: torch.device, batch_size: int, seed: int) -> Importance:
+def score(
+    model: PreTrainedModel,
+    calib: torch.Tensor,
+    method: str,
+    depth_metric: str,
+    need_depth: bool,
+    device: torch.device,
+    batch_size: int,
+    seed: int,
+) -> Importance:
     """Importance by method; activation depth scores by LM loss when asked."""
     if method == "magnitude":
         return magnitude_importance(model)
@@ -76,8 +84,16 @@ def score(model: PreTrainedModel, calib: torch.Tensor, method: str, depth_metric
     return importance
 
 
-def axis_rows(model, importance: Importance, axis: str, ratios: Sequence[float], tokens, seq_len: int,
-              head_pruning: str, baseline: float) -> list[dict[str, Any]]:
+def axis_rows(
+    model,
+    importance: Importance,
+    axis: str,
+    ratios: Sequence[float],
+    tokens,
+    seq_len: int,
+    head_pruning: str,
+    baseline: float,
+) -> list[dict[str, Any]]:
     """Prune the whole model along one axis at each ratio and measure perplexity."""
     current = sizes_of(model.config)
     full = count_params(model)[1]
@@ -86,13 +102,25 @@ def axis_rows(model, importance: Importance, axis: str, ratios: Sequence[float],
         sizes = sizes_for_removal(current, axis, ratio, head_pruning)
         pruned = slice_model(model, plan_keep(importance, current, sizes))
         ppl = perplexity(pruned, tokens, seq_len).ppl
-        field_name = {"mlp": "ffn_hidden_size", "hidden": "hidden_size", "layers": "num_layers",
-                      "heads": "num_attention_heads"}[axis]
+        field_name = {
+            "mlp": "ffn_hidden_size",
+            "hidden": "hidden_size",
+            "layers": "num_layers",
+            "heads": "num_attention_heads",
+        }[axis]
         before, after = getattr(current, field_name), getattr(sizes, field_name)
-        rows.append({"axis": axis, "ratio": ratio, "removed": round(1 - after / before, 4), "size": after,
-                     "num_key_value_heads": sizes.num_key_value_heads,
-                     "non_embedding_ratio": round(count_params(pruned)[1] / full, 4),
-                     "ppl": round(ppl, 4), "ppl_vs_baseline": round(ppl / baseline, 4)})
+        rows.append(
+            {
+                "axis": axis,
+                "ratio": ratio,
+                "removed": round(1 - after / before, 4),
+                "size": after,
+                "num_key_value_heads": sizes.num_key_value_heads,
+                "non_embedding_ratio": round(count_params(pruned)[1] / full, 4),
+                "ppl": round(ppl, 4),
+                "ppl_vs_baseline": round(ppl / baseline, 4),
+            }
+        )
         log.info("sensitivity %s %.2f -> %s=%d ppl %.2f", axis, ratio, field_name, after, ppl)
         del pruned
     return rows
@@ -112,8 +140,9 @@ def layer_scores(importance: Importance, axis: str) -> list[dict[str, Any]]:
 
 
 @contextlib.contextmanager
-def one_layer_pruned(model, importance: Importance, axis: str, layer: int, ratio: float,
-                     head_pruning: str) -> Iterator[None]:
+def one_layer_pruned(
+    model, importance: Importance, axis: str, layer: int, ratio: float, head_pruning: str
+) -> Iterator[None]:
     """Zero the least important heads/neurons/the layer itself in one layer only (restored after).
 
     Zeroing the ``o_proj`` columns of a head or the ``down_proj`` column of a neuron is
@@ -127,8 +156,12 @@ def one_layer_pruned(model, importance: Importance, axis: str, layer: int, ratio
     sizes = sizes_for_removal(current, axis, ratio, head_pruning)
     parts = llama_parts(decoder_layers(model)[layer], layer)
     if axis == "heads":
-        heads, _ = select_heads(importance.heads[layer], current.num_key_value_heads,
-                                sizes.num_attention_heads, sizes.num_key_value_heads)
+        heads, _ = select_heads(
+            importance.heads[layer],
+            current.num_key_value_heads,
+            sizes.num_attention_heads,
+            sizes.num_key_value_heads,
+        )
         weight, keep = parts.o.weight, head_channels(heads, current.head_dim)
     else:
         weight, keep = parts.down.weight, top_k(importance.neurons[layer], sizes.ffn_hidden_size)
@@ -142,16 +175,31 @@ def one_layer_pruned(model, importance: Importance, axis: str, layer: int, ratio
         weight.data.copy_(saved)
 
 
-def per_layer_rows(model, importance: Importance, axis: str, ratios: Sequence[float], tokens, seq_len: int,
-                   head_pruning: str, baseline: float) -> list[dict[str, Any]]:
+def per_layer_rows(
+    model,
+    importance: Importance,
+    axis: str,
+    ratios: Sequence[float],
+    tokens,
+    seq_len: int,
+    head_pruning: str,
+    baseline: float,
+) -> list[dict[str, Any]]:
     """ppl with only one layer pruned, for every layer (and ratio; layers: dropped alone)."""
     rows = []
     for ratio in ratios if axis != "layers" else [None]:
         for layer in range(model.config.num_hidden_layers):
             with one_layer_pruned(model, importance, axis, layer, ratio or 0.5, head_pruning):
                 ppl = perplexity(model, tokens, seq_len).ppl
-            rows.append({"axis": axis, "layer": layer, "ratio": ratio, "ppl": round(ppl, 4),
-                         "ppl_vs_baseline": round(ppl / baseline, 4)})
+            rows.append(
+                {
+                    "axis": axis,
+                    "layer": layer,
+                    "ratio": ratio,
+                    "ppl": round(ppl, 4),
+                    "ppl_vs_baseline": round(ppl / baseline, 4),
+                }
+            )
     return rows
 
 
@@ -197,22 +245,36 @@ def sensitivity(
     evaluation = evaluation or EvalSpec(max_tokens=4096, seq_len=512)
     device = device or next(model.parameters()).device
     model.eval()
-    calib = calibration_tokens(tokenizer, calibration, calibration.n_samples, calibration.seq_len, seed)
+    calib = calibration_tokens(
+        tokenizer, calibration, calibration.n_samples, calibration.seq_len, seed
+    )
     tokens = eval_tokens(tokenizer, evaluation)
     baseline = perplexity(model, tokens, evaluation.seq_len).ppl
-    importance = score(model, calib, method, depth_metric, "layers" in axes, device, batch_size, seed)
+    importance = score(
+        model, calib, method, depth_metric, "layers" in axes, device, batch_size, seed
+    )
     result = SensitivityResult(Path(out_dir), round(baseline, 4), [], [])
     for name in axes:
-        result.rows += axis_rows(model, importance, name, ratios, tokens, evaluation.seq_len, head_pruning, baseline)
+        result.rows += axis_rows(
+            model, importance, name, ratios, tokens, evaluation.seq_len, head_pruning, baseline
+        )
         result.layer_scores += layer_scores(importance, name)
         if per_layer and name == "hidden":
-            result.notes.append("hidden: no per-layer sweep (hidden channels are shared by all layers)")
+            result.notes.append(
+                "hidden: no per-layer sweep (hidden channels are shared by all layers)"
+            )
         elif per_layer:
-            result.per_layer += per_layer_rows(model, importance, name, ratios, tokens, evaluation.seq_len,
-                                               head_pruning, baseline)
-    meta = {"method": method, "head_pruning": head_pruning, "depth_metric": depth_metric,
-            "calibration": calibration.model_dump(), "evaluation": evaluation.model_dump(),
-            "eval_tokens": int(tokens.numel())}
+            result.per_layer += per_layer_rows(
+                model, importance, name, ratios, tokens, evaluation.seq_len, head_pruning, baseline
+            )
+    meta = {
+        "method": method,
+        "head_pruning": head_pruning,
+        "depth_metric": depth_metric,
+        "calibration": calibration.model_dump(),
+        "evaluation": evaluation.model_dump(),
+        "eval_tokens": int(tokens.numel()),
+    }
     write_outputs(result, meta)
     return result
 
@@ -226,8 +288,14 @@ def write_outputs(result: SensitivityResult, meta: dict[str, Any]) -> None:
             (tmp / "layer_importance.csv").write_text(_csv(result.layer_scores))
         if result.per_layer:
             (tmp / "per_layer.csv").write_text(_csv(result.per_layer))
-        payload = {"baseline_ppl": result.baseline_ppl, "rows": result.rows, "layer_scores": result.layer_scores,
-                   "per_layer": result.per_layer, "notes": result.notes, **meta}
+        payload = {
+            "baseline_ppl": result.baseline_ppl,
+            "rows": result.rows,
+            "layer_scores": result.layer_scores,
+            "per_layer": result.per_layer,
+            "notes": result.notes,
+            **meta,
+        }
         (tmp / "sensitivity.json").write_text(json.dumps(payload, indent=2) + "\n")
         plots = write_plots(result, tmp)
         (tmp / "summary.md").write_text(summary_markdown(result, meta, plots))
@@ -250,7 +318,9 @@ def write_plots(result: SensitivityResult, directory: Path) -> list[str]:
     if result.layer_scores:
         names.append(_plot_layer_bars(result.layer_scores, directory / "layer_importance.png"))
     if result.per_layer:
-        names.append(_plot_per_layer(result.per_layer, result.baseline_ppl, directory / "per_layer.png"))
+        names.append(
+            _plot_per_layer(result.per_layer, result.baseline_ppl, directory / "per_layer.png")
+        )
     return names
 
 
@@ -261,10 +331,18 @@ def _plot_ppl_vs_ratio(result: SensitivityResult, path: Path) -> str:
     for axis in dict.fromkeys(r["axis"] for r in result.rows):
         rows = [r for r in result.rows if r["axis"] == axis]
         label = "layers (layer-drop curve)" if axis == "layers" else axis
-        ax.plot([0] + [r["removed"] for r in rows], [result.baseline_ppl] + [r["ppl"] for r in rows],
-                marker="o", label=label)
-    ax.set(xlabel="fraction of the axis removed", ylabel="perplexity (log)", yscale="log",
-           title="Perplexity vs pruning ratio (no distillation)")
+        ax.plot(
+            [0] + [r["removed"] for r in rows],
+            [result.baseline_ppl] + [r["ppl"] for r in rows],
+            marker="o",
+            label=label,
+        )
+    ax.set(
+        xlabel="fraction of the axis removed",
+        ylabel="perplexity (log)",
+        yscale="log",
+        title="Perplexity vs pruning ratio (no distillation)",
+    )
     ax.legend()
     return _save(fig, path)
 
@@ -287,10 +365,16 @@ def _plot_per_layer(rows: list[dict[str, Any]], baseline: float, path: Path) -> 
     fig, ax = plt.subplots(figsize=(7, 4))
     for key in dict.fromkeys((r["axis"], r["ratio"]) for r in rows):
         sel = [r for r in rows if (r["axis"], r["ratio"]) == key]
-        label = f"{key[0]} dropped alone" if key[1] is None else f"{key[0]} {key[1]:.0%} in this layer only"
+        label = (
+            f"{key[0]} dropped alone"
+            if key[1] is None
+            else f"{key[0]} {key[1]:.0%} in this layer only"
+        )
         ax.plot([r["layer"] for r in sel], [r["ppl"] for r in sel], marker=".", label=label)
     ax.axhline(baseline, color="grey", linestyle="--", label="unpruned")
-    ax.set(xlabel="layer", ylabel="perplexity (log)", yscale="log", title="Pruning one layer at a time")
+    ax.set(
+        xlabel="layer", ylabel="perplexity (log)", yscale="log", title="Pruning one layer at a time"
+    )
     ax.legend(fontsize=8)
     return _save(fig, path)
 
@@ -306,19 +390,28 @@ def _save(fig, path: Path) -> str:
 
 def summary_markdown(result: SensitivityResult, meta: dict[str, Any], plots: list[str]) -> str:
     """A short human-readable summary linking the plots."""
-    lines = ["# Pruning sensitivity", "",
-             f"Importance: **{meta['method']}** (heads: {meta['head_pruning']}, depth: {meta['depth_metric']}); "
-             f"perplexity on {meta['eval_tokens']} {meta['evaluation']['source']} tokens, "
-             f"baseline **{result.baseline_ppl:.2f}**.", "",
-             "| axis | ratio asked | removed | size | non-emb params kept | ppl | x baseline |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "# Pruning sensitivity",
+        "",
+        f"Importance: **{meta['method']}** (heads: {meta['head_pruning']}, depth: {meta['depth_metric']}); "
+        f"perplexity on {meta['eval_tokens']} {meta['evaluation']['source']} tokens, "
+        f"baseline **{result.baseline_ppl:.2f}**.",
+        "",
+        "| axis | ratio asked | removed | size | non-emb params kept | ppl | x baseline |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in result.rows:
-        lines.append(f"| {r['axis']} | {r['ratio']:.2f} | {r['removed']:.1%} | {r['size']} | "
-                     f"{r['non_embedding_ratio']:.1%} | {r['ppl']:.2f} | {r['ppl_vs_baseline']:.2f} |")
+        lines.append(
+            f"| {r['axis']} | {r['ratio']:.2f} | {r['removed']:.1%} | {r['size']} | "
+            f"{r['non_embedding_ratio']:.1%} | {r['ppl']:.2f} | {r['ppl_vs_baseline']:.2f} |"
+        )
     for axis in dict.fromkeys(s["axis"] for s in result.layer_scores):
         scores = [s for s in result.layer_scores if s["axis"] == axis]
         ranked = sorted(scores, key=lambda s: s["score"])
-        lines += ["", f"{axis}: least important layers {[s['layer'] for s in ranked[:5]]}, "
-                      f"most important {[s['layer'] for s in ranked[-3:][::-1]]}."]
+        lines += [
+            "",
+            f"{axis}: least important layers {[s['layer'] for s in ranked[:5]]}, "
+            f"most important {[s['layer'] for s in ranked[-3:][::-1]]}.",
+        ]
     lines += ["", *[f"- {note}" for note in result.notes], "", *[f"![{p}]({p})" for p in plots], ""]
     return "\n".join(lines)

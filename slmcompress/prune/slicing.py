@@ -29,8 +29,13 @@ log = logging.getLogger(__name__)
 
 #: (rows, cols) index kinds of each Linear's weight (out, in); None = keep all
 _LINEAR_AXES = {
-    "q": ("q", "hidden"), "k": ("kv", "hidden"), "v": ("kv", "hidden"), "o": ("hidden", "q"),
-    "gate": ("neurons", "hidden"), "up": ("neurons", "hidden"), "down": ("hidden", "neurons"),
+    "q": ("q", "hidden"),
+    "k": ("kv", "hidden"),
+    "v": ("kv", "hidden"),
+    "o": ("hidden", "q"),
+    "gate": ("neurons", "hidden"),
+    "up": ("neurons", "hidden"),
+    "down": ("hidden", "neurons"),
 }
 
 
@@ -122,8 +127,10 @@ def slice_model(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
         new.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
-        raise PassError(f"model: pruned tensors do not match the pruned {type(model).__name__} config: "
-                        f"{first[1].strip() if len(first) > 1 else first[0]}") from exc
+        raise PassError(
+            f"model: pruned tensors do not match the pruned {type(model).__name__} config: "
+            f"{first[1].strip() if len(first) > 1 else first[0]}"
+        ) from exc
     if getattr(config, "tie_word_embeddings", False):
         new.tie_weights()
     new.generation_config = copy.deepcopy(model.generation_config)
@@ -133,5 +140,7 @@ def slice_model(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
 
 
 def _arch(config) -> str:
-    return (f"L{config.num_hidden_layers} H{config.hidden_size} ffn{config.intermediate_size} "
-            f"heads{config.num_attention_heads}/{config.num_key_value_heads}")
+    return (
+        f"L{config.num_hidden_layers} H{config.hidden_size} ffn{config.intermediate_size} "
+        f"heads{config.num_attention_heads}/{config.num_key_value_heads}"
+    )

@@ -20,14 +20,26 @@ from slmcompress.quant.quant_linear import QuantLinear
 
 
 def gptq_quantization_config(
-    bits: int, group_size: int, sym: bool, desc_act: bool, damp_percent: float = 0.01,
-    method: str = "gptq", true_sequential: bool = True, static_groups: bool = False,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    desc_act: bool,
+    damp_percent: float = 0.01,
+    method: str = "gptq",
+    true_sequential: bool = True,
+    static_groups: bool = False,
 ) -> dict[str, Any]:
     """The ``quantization_config`` (and ``quantize_config.json``) of a v1 GPTQ checkpoint."""
     return {
-        "quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": desc_act,
-        "sym": sym, "damp_percent": damp_percent, "true_sequential": true_sequential,
-        "static_groups": static_groups, "checkpoint_format": "gptq",
+        "quant_method": "gptq",
+        "bits": bits,
+        "group_size": group_size,
+        "desc_act": desc_act,
+        "sym": sym,
+        "damp_percent": damp_percent,
+        "true_sequential": true_sequential,
+        "static_groups": static_groups,
+        "checkpoint_format": "gptq",
         "meta": {"quantizer": ["slmcompress"], "method": method},
     }
 
@@ -65,13 +77,21 @@ def quantizable_linears(
 
 
 def install_quant_linear(
-    model: nn.Module, name: str, codes: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-    g_idx: torch.Tensor, bits: int, group_size: int,
+    model: nn.Module,
+    name: str,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    zeros: torch.Tensor,
+    g_idx: torch.Tensor,
+    bits: int,
+    group_size: int,
 ) -> QuantLinear:
     """Replace ``model.<name>`` (an nn.Linear) with the packed QuantLinear of these codes."""
     linear = model.get_submodule(name)
     bias = linear.bias.detach() if linear.bias is not None else None
-    layer = QuantLinear.from_codes(codes.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), bits, group_size, bias)
+    layer = QuantLinear.from_codes(
+        codes.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), bits, group_size, bias
+    )
     replace_module(model, name, layer.to(linear.weight.device))
     return layer
 
@@ -79,7 +99,9 @@ def install_quant_linear(
 def ensure_not_quantized(model: nn.Module) -> None:
     """Quantizing packed weights again would silently do nothing: refuse instead."""
     if quantized_layer_count(model) or getattr(model.config, "quantization_config", None):
-        raise PassError("model: is already quantized; quantize a float model (put quantize stages last)")
+        raise PassError(
+            "model: is already quantized; quantize a float model (put quantize stages last)"
+        )
 
 
 def quantized_layer_count(model: nn.Module) -> int:

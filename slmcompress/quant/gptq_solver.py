@@ -72,7 +72,9 @@ class GPTQResult:
     scales: torch.Tensor  # (G, out) float32, exactly representable in fp16
     zeros: torch.Tensor  # (G, out) int32
     g_idx: torch.Tensor  # (in,) int32, group of each input channel (non-monotone with act_order)
-    weight: torch.Tensor  # (out, in) float32 fake-quantized weight: scales[g_idx] * (codes - zeros[g_idx])
+    weight: (
+        torch.Tensor
+    )  # (out, in) float32 fake-quantized weight: scales[g_idx] * (codes - zeros[g_idx])
     stats: dict = field(default_factory=dict)
 
 
@@ -116,7 +118,9 @@ def inverse_hessian_factor(H: torch.Tensor, damp_percent: float) -> tuple[torch.
             if info == 0 and torch.isfinite(U).all():
                 return U, damp, retry
         damp = damp * _DAMP_GROWTH if damp > 0 else 1e-4
-    raise PassError(f"Hessian is not positive definite even with damp_percent={damp / _DAMP_GROWTH:g}")
+    raise PassError(
+        f"Hessian is not positive definite even with damp_percent={damp / _DAMP_GROWTH:g}"
+    )
 
 
 def effective_block_size(block_size: int, group_size: int) -> int:
@@ -138,7 +142,9 @@ def static_group_params(
     """Scales/zeros ``(G, out)`` from the unmodified weight's natural groups (``static_groups``)."""
     step = W.shape[1] if group_size == -1 else group_size
     params = [_group_qparams(W[:, s : s + step], bits, sym) for s in range(0, W.shape[1], step)]
-    return torch.stack([p[0].squeeze(1) for p in params]), torch.stack([p[1].squeeze(1) for p in params])
+    return torch.stack([p[0].squeeze(1) for p in params]), torch.stack(
+        [p[1].squeeze(1) for p in params]
+    )
 
 
 @torch.no_grad()
@@ -186,7 +192,10 @@ def gptq_quantize(
 
     ar = torch.arange(columns, device=W.device)
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else ar
-    Wt, H = W[:, perm].T.contiguous(), H[perm][:, perm]  # (in, out): a column of W is a contiguous row
+    Wt, H = (
+        W[:, perm].T.contiguous(),
+        H[perm][:, perm],
+    )  # (in, out): a column of W is a contiguous row
     # group of each column in processing order: contiguous in processing order, or for
     # static groups contiguous in the original order
     group_of = (perm if static is not None else ar) // gs  # (in,)
@@ -224,14 +233,20 @@ def gptq_quantize(
         losses += Err1.pow(2).sum() / 2
         Wt[i2:].addmm_(Hinv[i1:i2, i2:].T, Err1, alpha=-1)  # lazy batch update of later columns
 
-    scales_t, zeros_t = static if static is not None else (torch.stack(scales), torch.stack(zeros))  # (G, out)
+    scales_t, zeros_t = (
+        static if static is not None else (torch.stack(scales), torch.stack(zeros))
+    )  # (G, out)
     inv = torch.argsort(perm)
     codes = codes[inv].T.contiguous().to(torch.int32)  # (out, in), original order
     g_idx = group_of[inv].to(torch.int32)
     zeros_t = zeros_t.to(torch.int32)
-    Q = dequantize_weight(codes, scales_t, zeros_t, g_idx)  # bit-identical to the checkpoint's dequant
+    Q = dequantize_weight(
+        codes, scales_t, zeros_t, g_idx
+    )  # bit-identical to the checkpoint's dequant
     stats = error_stats(W_orig, Q, H_orig) if error else {}
-    stats.update(obs_loss=float(losses), damp_percent=damp, damp_retries=retries, dead_inputs=int(dead.sum()))
+    stats.update(
+        obs_loss=float(losses), damp_percent=damp, damp_retries=retries, dead_inputs=int(dead.sum())
+    )
     return GPTQResult(codes, scales_t, zeros_t, g_idx, Q, stats)
 
 

@@ -31,7 +31,9 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
         raise PassError(f"bits: cannot pack {bits}-bit values; use one of {SUPPORTED_BITS}")
     rows, cols = values.shape
     if rows % pack_multiple(bits):
-        raise PassError(f"cannot pack {rows} rows at {bits} bits: need a multiple of {pack_multiple(bits)}")
+        raise PassError(
+            f"cannot pack {rows} rows at {bits} bits: need a multiple of {pack_multiple(bits)}"
+        )
     v = values.to(torch.int64) & max_code(bits)
     if 32 % bits == 0:
         per = 32 // bits

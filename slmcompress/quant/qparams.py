@@ -45,7 +45,9 @@ def compute_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor
     return scale.unsqueeze(1), zero.unsqueeze(1)
 
 
-def quantize_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def quantize_codes(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
     """Integer codes ``clamp(round(w / scale) + zero)`` (float tensor holding integers)."""
     return torch.clamp(torch.round(w / scale) + zero, 0, max_code(bits))
 
@@ -55,7 +57,9 @@ def dequantize_codes(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -
     return scale * (q - zero)
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int) -> torch.Tensor:
+def fake_quantize(
+    w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int
+) -> torch.Tensor:
     """Quantize then dequantize (what the checkpoint will reproduce)."""
     return dequantize_codes(quantize_codes(w, scale, zero, bits), scale, zero)
 

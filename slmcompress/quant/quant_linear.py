@@ -34,15 +34,23 @@ class QuantLinear(nn.Module):
         super().__init__()
         for dim, name in ((in_features, "in_features"), (out_features, "out_features")):
             if dim % pack_multiple(bits):
-                raise ValueError(f"{name}={dim} is not a multiple of {pack_multiple(bits)} for {bits}-bit packing")
+                raise ValueError(
+                    f"{name}={dim} is not a multiple of {pack_multiple(bits)} for {bits}-bit packing"
+                )
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         groups = n_groups(in_features, group_size)
-        self.register_buffer("qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32))
-        self.register_buffer("qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32))
+        self.register_buffer(
+            "qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32)
+        )
+        self.register_buffer(
+            "qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32)
+        )
         self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
         self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
-        self.register_buffer("bias", torch.zeros(out_features, dtype=torch.float16) if bias else None)
+        self.register_buffer(
+            "bias", torch.zeros(out_features, dtype=torch.float16) if bias else None
+        )
         self.backend = "torch"
 
     @classmethod
@@ -98,8 +106,10 @@ class QuantLinear(nn.Module):
         return out
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, group_size={self.group_size}, backend={self.backend}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bits={self.bits}, group_size={self.group_size}, backend={self.backend}"
+        )
 
 
 def unpack_rows_fast(qweight: torch.Tensor, bits: int, rows: int) -> torch.Tensor:

@@ -15,8 +15,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
 def test_kernel_benchmark_dry_run(tmp_path):
-    proc = subprocess.run([sys.executable, "benchmarks/kernel.py", "--dry-run", "--out-dir", str(tmp_path)],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/kernel.py", "--dry-run", "--out-dir", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     report = json.loads((tmp_path / "kernel-cpu-interpreter.json").read_text())
     impls = {row["impl"] for row in report["rows"]}

@@ -89,11 +89,15 @@ def test_hellaswag_through_lm_eval_equals_direct_scoring(real_model, monkeypatch
     assert os.environ["HF_HUB_OFFLINE"] == "1"  # restored, not popped
 
 
-def test_runs_on_quantlinear_model_and_keeps_its_quantization_config(tiny_llama, tokenizer, make_ctx):
+def test_runs_on_quantlinear_model_and_keeps_its_quantization_config(
+    tiny_llama, tokenizer, make_ctx
+):
     from slmcompress.passes.quantize_rtn import RTNConfig, RTNPass
     from slmcompress.quant.quant_linear import QuantLinear
 
-    model = RTNPass(RTNConfig(type="quantize", name="w4", bits=4, group_size=32)).run(tiny_llama, make_ctx())
+    model = RTNPass(RTNConfig(type="quantize", name="w4", bits=4, group_size=32)).run(
+        tiny_llama, make_ctx()
+    )
     assert any(isinstance(module, QuantLinear) for module in model.modules())
     qcfg = model.config.quantization_config
     result = run_tasks(model, tokenizer, ["hellaswag"], limit=3, batch_size=4)["hellaswag"]

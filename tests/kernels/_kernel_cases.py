@@ -16,10 +16,16 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 def case_id(case: dict) -> str:
     """Readable id: ``b4-m3-k384-n256-g32-ao-fp16-4x64x32s1`` (config part ``auto`` if none)."""
-    cfg = "x".join(map(str, case["config"][:3])) + f"s{case['config'][3]}" if case.get("config") else "auto"
+    cfg = (
+        "x".join(map(str, case["config"][:3])) + f"s{case['config'][3]}"
+        if case.get("config")
+        else "auto"
+    )
     ao = "-ao" if case.get("act_order") else ""
-    return (f"{case.get('kind', 'mm')}-b{case['bits']}-m{case['m']}-k{case['k']}-n{case['n']}"
-            f"-g{case['group_size']}{ao}-{case['dtype']}-{cfg}")
+    return (
+        f"{case.get('kind', 'mm')}-b{case['bits']}-m{case['m']}-k{case['k']}-n{case['n']}"
+        f"-g{case['group_size']}{ao}-{case['dtype']}-{cfg}"
+    )
 
 
 def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -36,17 +42,27 @@ def run_case(case: dict) -> float:
         random_quant_linear,
     )
 
-    layer = random_quant_linear(case["k"], case["n"], case["bits"], case["group_size"],
-                                case.get("act_order", False), seed=case.get("seed", 0))
+    layer = random_quant_linear(
+        case["k"],
+        case["n"],
+        case["bits"],
+        case["group_size"],
+        case.get("act_order", False),
+        seed=case.get("seed", 0),
+    )
     w = packed_weight(layer)
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(case["m"], case["k"], generator=gen).to(DTYPES[case["dtype"]])  # (M, K)
     kind = case.get("kind", "mm")
     if kind == "dequant":
-        ref = dequantize_reference(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits)
+        ref = dequantize_reference(
+            layer.qweight, layer.qzeros, layer.scales, layer.g_idx, layer.bits
+        )
         return relative_error(km.dequantize(w, torch.float32), ref)
     if kind == "dense":  # large-M route: dequantize once, then torch matmul
-        return relative_error(km.quant_matmul(x, w, dense_min_m=case["m"] - 1), quant_matmul_reference(x, layer))
+        return relative_error(
+            km.quant_matmul(x, w, dense_min_m=case["m"] - 1), quant_matmul_reference(x, layer)
+        )
     config = km.KernelConfig(*case["config"]) if case.get("config") else None
     return relative_error(km.fused_matmul(x, w, config), quant_matmul_reference(x, layer))
 

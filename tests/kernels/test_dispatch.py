@@ -13,7 +13,9 @@ from torch import nn
 from slmcompress.kernels import dispatch
 from slmcompress.kernels.reference import quant_matmul_reference, random_quant_linear
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -49,7 +51,9 @@ def test_cpu_without_force_uses_torch():
 def test_cuda_and_forced_interpreter_pick_the_kernel(bits, monkeypatch):
     layer = random_quant_linear(64, 64, bits, 32)
     assert dispatch.choose_backend(layer, "cuda") == f"triton-int{bits}"
-    assert dispatch.choose_backend(layer, "cpu", force=True) == "torch"  # no interpreter: would crash
+    assert (
+        dispatch.choose_backend(layer, "cpu", force=True) == "torch"
+    )  # no interpreter: would crash
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.choose_backend(layer, "cpu", force=True) == f"triton-int{bits}"
     monkeypatch.setenv(dispatch.KERNEL_ENV, "triton")
@@ -59,7 +63,10 @@ def test_cuda_and_forced_interpreter_pick_the_kernel(bits, monkeypatch):
 def test_env_switch(monkeypatch):
     layer = random_quant_linear(64, 64, 4, 32)
     monkeypatch.setenv(dispatch.KERNEL_ENV, "torch")
-    assert dispatch.explain_backend(layer, "cuda", force=True) == ("torch", f"{dispatch.KERNEL_ENV}=torch")
+    assert dispatch.explain_backend(layer, "cuda", force=True) == (
+        "torch",
+        f"{dispatch.KERNEL_ENV}=torch",
+    )
     monkeypatch.setenv(dispatch.KERNEL_ENV, "cuda-please")
     with pytest.raises(ValueError, match="use auto, triton or torch"):
         dispatch.choose_backend(layer, "cuda")
@@ -79,8 +86,9 @@ def test_set_backends_counts_layers():
 def test_torch_path_matches_reference():
     layer = random_quant_linear(128, 96, 4, 32, act_order=True)
     x = torch.randn(2, 5, 128)
-    torch.testing.assert_close(dispatch.quant_matmul(x, layer), quant_matmul_reference(x, layer),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        dispatch.quant_matmul(x, layer), quant_matmul_reference(x, layer), rtol=1e-4, atol=1e-4
+    )
 
 
 @needs_triton
@@ -88,7 +96,10 @@ def test_group_layout_detects_uniform_single_and_act_order():
     from slmcompress.kernels.int4_matmul import G_GATHER, G_UNIFORM, SINGLE_GROUP
 
     assert dispatch.group_layout(torch.arange(576) // 128, 128, 576) == (G_UNIFORM, 128)  # ragged
-    assert dispatch.group_layout(torch.zeros(256, dtype=torch.int32), -1, 256) == (G_UNIFORM, SINGLE_GROUP)
+    assert dispatch.group_layout(torch.zeros(256, dtype=torch.int32), -1, 256) == (
+        G_UNIFORM,
+        SINGLE_GROUP,
+    )
     act = random_quant_linear(256, 64, 4, 64, act_order=True).g_idx
     assert dispatch.group_layout(act, 64, 256) == (G_GATHER, 1)
 

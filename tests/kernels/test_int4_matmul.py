@@ -19,12 +19,23 @@ import torch
 from _interp import REPO, run_interpreted
 from _kernel_cases import case_id
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+pytestmark = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None, reason="triton is not installed"
+)
 
 
 def case(bits, m, k, n, group_size, dtype, config=None, act_order=False, kind="mm"):
-    return dict(bits=bits, m=m, k=k, n=n, group_size=group_size, dtype=dtype, config=config,
-                act_order=act_order, kind=kind)
+    return dict(
+        bits=bits,
+        m=m,
+        k=k,
+        n=n,
+        group_size=group_size,
+        dtype=dtype,
+        config=config,
+        act_order=act_order,
+        kind=kind,
+    )
 
 
 CASES = [
@@ -73,19 +84,30 @@ def _packed(k, n, bits, groups=1):
     from slmcompress.kernels.int4_matmul import G_UNIFORM, SINGLE_GROUP, PackedWeight
 
     words = k * bits // 32
-    return PackedWeight(torch.zeros(words, n, dtype=torch.int32), torch.zeros(groups, n * bits // 32, dtype=torch.int32),
-                        torch.ones(groups, n, dtype=torch.float16), torch.zeros(k, dtype=torch.int32), bits, k, n,
-                        G_UNIFORM, SINGLE_GROUP)
+    return PackedWeight(
+        torch.zeros(words, n, dtype=torch.int32),
+        torch.zeros(groups, n * bits // 32, dtype=torch.int32),
+        torch.ones(groups, n, dtype=torch.float16),
+        torch.zeros(k, dtype=torch.int32),
+        bits,
+        k,
+        n,
+        G_UNIFORM,
+        SINGLE_GROUP,
+    )
 
 
-@pytest.mark.parametrize(("k", "n", "bits", "x_shape", "message"), [
-    (128, 64, 4, (2, 96), "x must be"),
-    (100, 64, 4, (2, 100), "in_features=100 is not a multiple of 8"),
-    (128, 60, 4, (2, 128), "out_features=60"),
-    (48, 64, 3, (2, 48), "in_features=48 is not a multiple of 32"),
-    (128, 48, 3, (2, 128), "out_features=48"),
-    (128, 64, 2, (2, 128), "no Triton kernel for 2-bit"),
-])
+@pytest.mark.parametrize(
+    ("k", "n", "bits", "x_shape", "message"),
+    [
+        (128, 64, 4, (2, 96), "x must be"),
+        (100, 64, 4, (2, 100), "in_features=100 is not a multiple of 8"),
+        (128, 60, 4, (2, 128), "out_features=60"),
+        (48, 64, 3, (2, 48), "in_features=48 is not a multiple of 32"),
+        (128, 48, 3, (2, 128), "out_features=48"),
+        (128, 64, 2, (2, 128), "no Triton kernel for 2-bit"),
+    ],
+)
 def test_bad_shapes_raise_clear_errors(k, n, bits, x_shape, message):
     from slmcompress.kernels.int4_matmul import fused_matmul
 
@@ -99,19 +121,36 @@ def test_bad_dtype_and_packed_shapes_raise():
     w = _packed(128, 64, 4)
     with pytest.raises(ValueError, match="dtype"):
         validate(torch.zeros(2, 128, dtype=torch.int32), w)
-    bad = PackedWeight(w.qweight[:8], *[getattr(w, f) for f in ("qzeros", "scales", "g_idx", "bits", "in_features",
-                                                                  "out_features", "g_mode", "group_size")])
+    bad = PackedWeight(
+        w.qweight[:8],
+        *[
+            getattr(w, f)
+            for f in (
+                "qzeros",
+                "scales",
+                "g_idx",
+                "bits",
+                "in_features",
+                "out_features",
+                "g_mode",
+                "group_size",
+            )
+        ],
+    )
     with pytest.raises(ValueError, match="qweight has shape"):
         validate(torch.zeros(2, 128), bad)
 
 
-@pytest.mark.parametrize(("config", "bits", "message"), [
-    ((16, 64, 8, 1), 4, "needs block_k >= 16"),
-    ((1, 64, 8, 1), 4, "at least|>= 2 packed blocks"),
-    ((1, 64, 32, 1), 3, ">= 2 packed blocks of 32"),
-    ((1, 96, 64, 1), 4, "block_n=96 must be a power of two"),
-    ((4, 64, 64, 3), 4, "split_k=3"),
-])
+@pytest.mark.parametrize(
+    ("config", "bits", "message"),
+    [
+        ((16, 64, 8, 1), 4, "needs block_k >= 16"),
+        ((1, 64, 8, 1), 4, "at least|>= 2 packed blocks"),
+        ((1, 64, 32, 1), 3, ">= 2 packed blocks of 32"),
+        ((1, 96, 64, 1), 4, "block_n=96 must be a power of two"),
+        ((4, 64, 64, 3), 4, "split_k=3"),
+    ],
+)
 def test_bad_configs_raise(config, bits, message):
     from slmcompress.kernels.int4_matmul import KernelConfig, check_config
 
@@ -122,7 +161,13 @@ def test_bad_configs_raise(config, bits, message):
 def test_autotune_buckets_hold_valid_configs():
     from slmcompress.kernels.int4_matmul import bucket_configs, check_config, m_bucket
 
-    assert [m_bucket(m) for m in (1, 3, 16, 64, 256)] == ["gemv", "tiny", "small", "medium", "large"]
+    assert [m_bucket(m) for m in (1, 3, 16, 64, 256)] == [
+        "gemv",
+        "tiny",
+        "small",
+        "medium",
+        "large",
+    ]
     for bits in (3, 4):
         for bucket in ("gemv", "tiny", "small", "medium", "large"):
             for cfg in bucket_configs(bucket, bits):
@@ -146,8 +191,14 @@ def test_kernel_compiles_for_sm90_without_a_gpu():
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("triton has no NVIDIA backend here")
     env = {**os.environ, "TRITON_INTERPRET": "0"}
-    proc = subprocess.run([sys.executable, "-c", COMPILE_CHECK], cwd=REPO, capture_output=True, text=True,
-                          timeout=600, env=env)
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILE_CHECK],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env=env,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     shared = json.loads(proc.stdout.strip().splitlines()[-1])
     assert all(0 <= b <= 227 * 1024 for b in shared.values()), shared

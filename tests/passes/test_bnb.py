@@ -18,10 +18,14 @@ from slmcompress.passes.bnb import BnbInt8Config, BnbInt8Pass, BnbNF4Config, Bnb
 
 @pytest.mark.parametrize(
     ("pass_cls", "config", "layer_type"),
-    [(BnbNF4Pass, BnbNF4Config(type="quantize"), "Linear4bit"),
-     (BnbInt8Pass, BnbInt8Config(type="quantize"), "Linear8bitLt")],
+    [
+        (BnbNF4Pass, BnbNF4Config(type="quantize"), "Linear4bit"),
+        (BnbInt8Pass, BnbInt8Config(type="quantize"), "Linear8bitLt"),
+    ],
 )
-def test_quantizes_runs_and_reloads_on_cpu(tiny_llama, make_ctx, tokenizer, tmp_path, pass_cls, config, layer_type):
+def test_quantizes_runs_and_reloads_on_cpu(
+    tiny_llama, make_ctx, tokenizer, tmp_path, pass_cls, config, layer_type
+):
     ids = torch.randint(0, 1000, (1, 16))
     reference = tiny_llama(ids).logits
     ctx = make_ctx()
@@ -49,4 +53,6 @@ def test_refuses_an_already_quantized_model(tiny_llama, make_ctx):
 def test_bad_config_names_the_field():
     stage = {"type": "quantize", "method": "bnb-nf4", "bits": 4}
     with pytest.raises(RecipeError, match=r"stages\[0\]\.bits: unknown key"):
-        parse_recipe({"name": "x", "model": "smollm2-135m", "output_dir": "runs/x", "stages": [stage]})
+        parse_recipe(
+            {"name": "x", "model": "smollm2-135m", "output_dir": "runs/x", "stages": [stage]}
+        )

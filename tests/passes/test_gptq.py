@@ -46,15 +46,21 @@ def recorded_solves(monkeypatch) -> list:
     return calls
 
 
-def test_saved_checkpoint_dequantizes_exactly_to_gptq_weights(tiny_llama, make_ctx, tokenizer, tmp_path, monkeypatch):
+def test_saved_checkpoint_dequantizes_exactly_to_gptq_weights(
+    tiny_llama, make_ctx, tokenizer, tmp_path, monkeypatch
+):
     calls = recorded_solves(monkeypatch)
     model = gptq(bits=4, group_size=32, act_order=True).run(tiny_llama, make_ctx())
     save_checkpoint(model, tokenizer, tmp_path / "ckpt")
     reloaded, _ = load_checkpoint(tmp_path / "ckpt")
     layers = quant_layers(reloaded)
     assert len(layers) == 2 * 7
-    groups = [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
-              ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]  # true_sequential input groups
+    groups = [
+        ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+        ["self_attn.o_proj"],
+        ["mlp.gate_proj", "mlp.up_proj"],
+        ["mlp.down_proj"],
+    ]  # true_sequential input groups
     expected = [(i, g) for i in range(2) for g in groups]
     assert len(calls) == len(expected)
     for (index, group), res in zip(expected, calls, strict=True):
@@ -62,7 +68,10 @@ def test_saved_checkpoint_dequantizes_exactly_to_gptq_weights(tiny_llama, make_c
         assert torch.equal(weights, res.weight), (index, group)
     config = json.loads((tmp_path / "ckpt" / "config.json").read_text())["quantization_config"]
     assert config["quant_method"] == "gptq" and config["desc_act"] is True and config["bits"] == 4
-    assert json.loads((tmp_path / "ckpt" / "quantize_config.json").read_text())["checkpoint_format"] == "gptq"
+    assert (
+        json.loads((tmp_path / "ckpt" / "quantize_config.json").read_text())["checkpoint_format"]
+        == "gptq"
+    )
 
 
 def test_act_order_g_idx_is_non_monotone_and_round_trips(tiny_llama, make_ctx, tokenizer, tmp_path):
@@ -80,13 +89,18 @@ def test_act_order_g_idx_is_non_monotone_and_round_trips(tiny_llama, make_ctx, t
 @pytest.mark.parametrize("bits", [2, 3, 8])
 def test_other_bit_widths_round_trip(bits, make_ctx, tokenizer, tmp_path):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(hidden_size=96, intermediate_size=192, head_dim=24)).eval()
+    model = LlamaForCausalLM(
+        tiny_llama_config(hidden_size=96, intermediate_size=192, head_dim=24)
+    ).eval()
     ids = torch.randint(0, 1000, (1, 24))
     model = gptq(bits=bits, group_size=64).run(model, make_ctx())  # 96 = 64 + 32: ragged last group
     logits = model(ids).logits
     save_checkpoint(model, tokenizer, tmp_path / "ckpt")
     reloaded = load_checkpoint(tmp_path / "ckpt")[0]
-    assert all(m.bits == bits and m.scales.shape[0] == -(-m.in_features // 64) for m in quant_layers(reloaded).values())
+    assert all(
+        m.bits == bits and m.scales.shape[0] == -(-m.in_features // 64)
+        for m in quant_layers(reloaded).values()
+    )
     torch.testing.assert_close(reloaded(ids).logits, logits)
 
 
@@ -95,7 +109,9 @@ def layer0_output_error(model, reference, tokens) -> float:
     outs = []
     for m in (model, reference):
         seen = []
-        handle = decoder_layers(m)[0].register_forward_hook(lambda _m, _a, out, seen=seen: seen.append(out))
+        handle = decoder_layers(m)[0].register_forward_hook(
+            lambda _m, _a, out, seen=seen: seen.append(out)
+        )
         m(tokens)
         handle.remove()
         outs.append(seen[0][0] if isinstance(seen[0], tuple) else seen[0])
@@ -105,18 +121,25 @@ def layer0_output_error(model, reference, tokens) -> float:
 def test_gptq_layer_error_is_below_rtn_on_the_calibration_data(tiny_llama, make_ctx):
     ctx = make_ctx()
     tokens = ctx.calibration_tokens()
-    rtn = RTNPass(RTNConfig(type="quantize", bits=4, group_size=32)).run(copy.deepcopy(tiny_llama), ctx)
+    rtn = RTNPass(RTNConfig(type="quantize", bits=4, group_size=32)).run(
+        copy.deepcopy(tiny_llama), ctx
+    )
     ours = gptq(bits=4, group_size=32).run(copy.deepcopy(tiny_llama), ctx)
-    assert layer0_output_error(ours, tiny_llama, tokens) < 0.8 * layer0_output_error(rtn, tiny_llama, tokens)
+    assert layer0_output_error(ours, tiny_llama, tokens) < 0.8 * layer0_output_error(
+        rtn, tiny_llama, tokens
+    )
     errors = ctx.extra_metrics["gptq_layer_errors"]
-    assert set(errors) == {"model.layers.0", "model.layers.1"} and len(errors["model.layers.0"]) == 7
+    assert (
+        set(errors) == {"model.layers.0", "model.layers.1"} and len(errors["model.layers.0"]) == 7
+    )
     assert all(0 <= e < 1 for layer in errors.values() for e in layer.values())
 
 
 def test_true_sequential_off_and_static_groups_work(tiny_llama, make_ctx):
     ids = torch.randint(0, 1000, (1, 16))
-    model = gptq(bits=4, group_size=32, true_sequential=False, act_order=True, static_groups=True).run(
-        tiny_llama, make_ctx())
+    model = gptq(
+        bits=4, group_size=32, true_sequential=False, act_order=True, static_groups=True
+    ).run(tiny_llama, make_ctx())
     assert torch.isfinite(model(ids).logits).all()
     for layer in quant_layers(model).values():
         assert torch.equal(layer.g_idx, (torch.arange(layer.in_features) // 32).to(torch.int32))
@@ -127,14 +150,18 @@ def test_deterministic(make_ctx):
     for _ in range(2):
         torch.manual_seed(0)
         model = LlamaForCausalLM(tiny_llama_config()).eval()
-        runs.append(quant_layers(gptq(bits=3, group_size=32, act_order=True).run(model, make_ctx())))
+        runs.append(
+            quant_layers(gptq(bits=3, group_size=32, act_order=True).run(model, make_ctx()))
+        )
     for name, layer in runs[0].items():
         assert torch.equal(layer.qweight, runs[1][name].qweight)
 
 
 def test_dead_inputs_are_handled(tiny_llama, make_ctx):
     with torch.no_grad():
-        tiny_llama.model.layers[0].input_layernorm.weight[[1, 5]] = 0.0  # q/k/v inputs 1 and 5 always 0
+        tiny_llama.model.layers[0].input_layernorm.weight[[1, 5]] = (
+            0.0  # q/k/v inputs 1 and 5 always 0
+        )
     model = gptq(bits=4, group_size=32).run(tiny_llama, make_ctx())
     q = model.model.layers[0].self_attn.q_proj.dequantize()
     assert torch.all(q[:, [1, 5]] == 0) and torch.isfinite(q).all()
@@ -142,7 +169,9 @@ def test_dead_inputs_are_handled(tiny_llama, make_ctx):
 
 def test_unpackable_and_non_linear_layers_are_skipped_with_warnings(make_ctx):
     torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny_llama_config(intermediate_size=100)).eval()  # 100: not packable at 4 bits
+    model = LlamaForCausalLM(
+        tiny_llama_config(intermediate_size=100)
+    ).eval()  # 100: not packable at 4 bits
     ctx = make_ctx()
     model = gptq(bits=4, group_size=32).run(model, ctx)
     assert isinstance(model.model.layers[0].mlp.down_proj, torch.nn.Linear)
@@ -155,7 +184,9 @@ def test_non_linear_weight_modules_are_reported(make_ctx):
     from transformers import GPT2Config, GPT2LMHeadModel
 
     torch.manual_seed(0)
-    model = GPT2LMHeadModel(GPT2Config(vocab_size=49152, n_embd=64, n_layer=1, n_head=4, n_positions=128)).eval()
+    model = GPT2LMHeadModel(
+        GPT2Config(vocab_size=49152, n_embd=64, n_layer=1, n_head=4, n_positions=128)
+    ).eval()
     ctx = make_ctx()
     gptq(bits=4, group_size=32).run(model, ctx)
     assert any("Conv1D is not an nn.Linear" in w for w in ctx.warnings)
@@ -163,8 +194,13 @@ def test_non_linear_weight_modules_are_reported(make_ctx):
 
 @pytest.mark.parametrize(
     ("module", "message"),
-    [("input_layernorm", r"model\.layers\.1\.self_attn\.q_proj: NaN/Inf in its calibration inputs"),
-     ("self_attn.q_proj", r"model\.layers\.1\.self_attn\.q_proj: GPTQ produced NaN/Inf")],
+    [
+        (
+            "input_layernorm",
+            r"model\.layers\.1\.self_attn\.q_proj: NaN/Inf in its calibration inputs",
+        ),
+        ("self_attn.q_proj", r"model\.layers\.1\.self_attn\.q_proj: GPTQ produced NaN/Inf"),
+    ],
 )
 def test_nan_raises_naming_the_layer(tiny_llama, make_ctx, module, message):
     with torch.no_grad():
@@ -180,16 +216,23 @@ def test_calibration_set_smaller_than_requested(tiny_llama, make_ctx):
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [({"bits": 5}, "stages[0].bits: must be one of 2, 3, 4, 8"),
-     ({"group_size": 0}, "stages[0].group_size: must be -1 (per-channel) or a positive group size"),
-     ({"group_size": -2}, "stages[0].group_size: must be -1"),
-     ({"damp_percent": 0}, "stages[0].damp_percent"),
-     ({"act_ordr": True}, "stages[0].act_ordr: unknown key")],
+    [
+        ({"bits": 5}, "stages[0].bits: must be one of 2, 3, 4, 8"),
+        (
+            {"group_size": 0},
+            "stages[0].group_size: must be -1 (per-channel) or a positive group size",
+        ),
+        ({"group_size": -2}, "stages[0].group_size: must be -1"),
+        ({"damp_percent": 0}, "stages[0].damp_percent"),
+        ({"act_ordr": True}, "stages[0].act_ordr: unknown key"),
+    ],
 )
 def test_bad_configs_give_one_line_errors_naming_the_field(override, message):
     stage = {"type": "quantize", "method": "gptq", "bits": 4, "group_size": 128, **override}
     with pytest.raises(RecipeError) as info:
-        parse_recipe({"name": "x", "model": "smollm2-135m", "output_dir": "runs/x", "stages": [stage]})
+        parse_recipe(
+            {"name": "x", "model": "smollm2-135m", "output_dir": "runs/x", "stages": [stage]}
+        )
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
@@ -203,11 +246,22 @@ def test_shipped_recipes_load(name):
     resolved = load_recipe(RECIPES / name)
     stage = resolved.stages[-1]
     assert stage.pass_cls is GPTQPass and stage.config.group_size == 128
-    assert stage.config.bits == int(yaml.safe_load((RECIPES / name).read_text())["stages"][-1]["bits"])
+    assert stage.config.bits == int(
+        yaml.safe_load((RECIPES / name).read_text())["stages"][-1]["bits"]
+    )
 
 
 def test_runner_end_to_end_reports_layer_errors(tmp_path, tiny_model_dir):
-    stages = [{"type": "quantize", "method": "gptq", "name": "w4", "bits": 4, "group_size": 32, "act_order": True}]
+    stages = [
+        {
+            "type": "quantize",
+            "method": "gptq",
+            "name": "w4",
+            "bits": 4,
+            "group_size": 32,
+            "act_order": True,
+        }
+    ]
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), stages, tmp_path / "run")
     from slmcompress.runner import run_recipe
 
@@ -224,11 +278,15 @@ def test_real_model_gptq_beats_rtn_perplexity(real_model, make_ctx):
     from slmcompress.data import CalibrationSpec, DataConfig, EvalSpec, eval_tokens
     from slmcompress.eval.perplexity import perplexity
 
-    data = DataConfig(calibration=CalibrationSpec(source="c4", n_samples=16, seq_len=256),
-                      eval=EvalSpec(max_tokens=2048, seq_len=512))
+    data = DataConfig(
+        calibration=CalibrationSpec(source="c4", n_samples=16, seq_len=256),
+        eval=EvalSpec(max_tokens=2048, seq_len=512),
+    )
     ctx = make_ctx(data=data)
     tokens = eval_tokens(ctx.tokenizer, data.eval)
-    rtn = RTNPass(RTNConfig(type="quantize", bits=4, group_size=128)).run(copy.deepcopy(real_model.model), ctx)
+    rtn = RTNPass(RTNConfig(type="quantize", bits=4, group_size=128)).run(
+        copy.deepcopy(real_model.model), ctx
+    )
     rtn_ppl = perplexity(rtn, tokens, 512).ppl
     del rtn
     ours = gptq(bits=4, group_size=128, act_order=True).run(copy.deepcopy(real_model.model), ctx)

@@ -24,13 +24,21 @@ def prune(model, ctx, **config):
 @pytest.mark.parametrize(
     ("config", "expect"),
     [
-        ({"target": {"num_attention_heads": 2}}, {"num_attention_heads": 2, "num_key_value_heads": 2}),
-        ({"target": {"num_attention_heads": 2}, "head_pruning": "kv_groups"},
-         {"num_attention_heads": 2, "num_key_value_heads": 1}),
+        (
+            {"target": {"num_attention_heads": 2}},
+            {"num_attention_heads": 2, "num_key_value_heads": 2},
+        ),
+        (
+            {"target": {"num_attention_heads": 2}, "head_pruning": "kv_groups"},
+            {"num_attention_heads": 2, "num_key_value_heads": 1},
+        ),
         ({"target": {"ffn_hidden_size": 64}}, {"intermediate_size": 64}),
         ({"target": {"hidden_size": 32}}, {"hidden_size": 32, "head_dim": 16}),
         ({"target": {"num_layers": 1}}, {"num_hidden_layers": 1}),
-        ({"target": {"num_layers": 1}, "depth_metric": "cosine", "depth_mode": "contiguous"}, {"num_hidden_layers": 1}),
+        (
+            {"target": {"num_layers": 1}, "depth_metric": "cosine", "depth_mode": "contiguous"},
+            {"num_hidden_layers": 1},
+        ),
         ({"param_ratio": 0.5, "axis": "mlp"}, {"intermediate_size": 32}),  # 50% of 73.9k non-emb
         ({"target": {"ffn_hidden_size": 64}, "method": "magnitude"}, {"intermediate_size": 64}),
         ({"target": {"hidden_size": 32, "num_layers": 1}, "method": "random"}, {"hidden_size": 32}),
@@ -67,22 +75,46 @@ def test_bad_target_at_run_time_names_the_field(tiny_llama, make_ctx):
 
 
 def _recipe(model_dir, tmp_path, *stages):
-    return {"name": "p", "model": str(model_dir), "output_dir": str(tmp_path / "out"), "stages": list(stages)}
+    return {
+        "name": "p",
+        "model": str(model_dir),
+        "output_dir": str(tmp_path / "out"),
+        "stages": list(stages),
+    }
 
 
 @pytest.mark.parametrize(
     ("stages", "message"),
     [
-        ([{"type": "prune", "target": {"ffn_hidden_size": 4096}}],
-         r"^stages\[0\]\.target\.ffn_hidden_size: 4096 is larger than the model's 128"),
-        ([{"type": "prune", "target": {"ffn_hidden_size": 64}}, {"type": "prune", "name": "b", "target": {"ffn_hidden_size": 96}}],
-         r"^stages\[1\]\.target\.ffn_hidden_size: 96 is larger than the model's 64"),
-        ([{"type": "prune", "target": {"num_attention_heads": 3}}], r"^stages\[0\]\.target\.num_attention_heads: 3"),
-        ([{"type": "prune", "target": {"hidden_size": 30}}], r"^stages\[0\]\.target\.hidden_size: 30 is not allowed"),
+        (
+            [{"type": "prune", "target": {"ffn_hidden_size": 4096}}],
+            r"^stages\[0\]\.target\.ffn_hidden_size: 4096 is larger than the model's 128",
+        ),
+        (
+            [
+                {"type": "prune", "target": {"ffn_hidden_size": 64}},
+                {"type": "prune", "name": "b", "target": {"ffn_hidden_size": 96}},
+            ],
+            r"^stages\[1\]\.target\.ffn_hidden_size: 96 is larger than the model's 64",
+        ),
+        (
+            [{"type": "prune", "target": {"num_attention_heads": 3}}],
+            r"^stages\[0\]\.target\.num_attention_heads: 3",
+        ),
+        (
+            [{"type": "prune", "target": {"hidden_size": 30}}],
+            r"^stages\[0\]\.target\.hidden_size: 30 is not allowed",
+        ),
         ([{"type": "prune", "target": {"ffn": 3}}], r"^stages\[0\]\.target\.ffn: unknown key"),
         ([{"type": "prune", "target": {}}], r"^stages\[0\]\.target: give at least one of"),
-        ([{"type": "prune", "param_ratio": 0.5, "target": {"num_layers": 1}}], r"^stages\[0\]: give exactly one"),
-        ([{"type": "prune", "method": "taylor", "param_ratio": 0.5}], r"^stages\[0\]\.method: must be one of"),
+        (
+            [{"type": "prune", "param_ratio": 0.5, "target": {"num_layers": 1}}],
+            r"^stages\[0\]: give exactly one",
+        ),
+        (
+            [{"type": "prune", "method": "taylor", "param_ratio": 0.5}],
+            r"^stages\[0\]\.method: must be one of",
+        ),
     ],
 )
 def test_recipe_validation_before_weights_load(tiny_model_dir, tmp_path, stages, message):
@@ -92,7 +124,14 @@ def test_recipe_validation_before_weights_load(tiny_model_dir, tmp_path, stages,
 
 
 def test_runner_writes_a_pruned_checkpoint_that_reloads(tmp_path, tiny_model_dir):
-    stages = [{"type": "prune", "name": "w", "target": {"ffn_hidden_size": 64, "num_layers": 1}, "n_samples": 2}]
+    stages = [
+        {
+            "type": "prune",
+            "name": "w",
+            "target": {"ffn_hidden_size": 64, "num_layers": 1},
+            "n_samples": 2,
+        }
+    ]
     out = tmp_path / "run"
     run_recipe(load_recipe(write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), stages, out)))
     report = json.loads((out / "01-w" / "report.json").read_text())
@@ -101,7 +140,9 @@ def test_runner_writes_a_pruned_checkpoint_that_reloads(tmp_path, tiny_model_dir
     assert report["model"]["params"] == count_params(reloaded)[0]
 
 
-def test_real_smollm2_at_half_the_non_embedding_params_reloads_and_generates(real_model, make_ctx, tmp_path):
+def test_real_smollm2_at_half_the_non_embedding_params_reloads_and_generates(
+    real_model, make_ctx, tmp_path
+):
     """The issue's bar: ~50% of non-embedding params, plain from_pretrained, coherent generation."""
     from slmcompress.checkpoint import save_checkpoint
 
@@ -120,7 +161,7 @@ def test_real_smollm2_at_half_the_non_embedding_params_reloads_and_generates(rea
         out = reloaded.generate(ids, max_new_tokens=8, do_sample=False)
         reference = pruned(ids).logits
         torch.testing.assert_close(reloaded(ids).logits, reference)
-    text = real_model.tokenizer.decode(out[0, ids.shape[1]:])
+    text = real_model.tokenizer.decode(out[0, ids.shape[1] :])
     assert out.shape[1] == ids.shape[1] + 8 and text.strip()
 
 

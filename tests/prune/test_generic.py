@@ -15,8 +15,16 @@ pytest.importorskip("torch_pruning")
 @pytest.fixture
 def gpt2():
     torch.manual_seed(0)
-    config = GPT2Config(n_embd=64, n_head=4, n_layer=2, n_inner=128, vocab_size=1000, n_positions=64,
-                        bos_token_id=0, eos_token_id=0)
+    config = GPT2Config(
+        n_embd=64,
+        n_head=4,
+        n_layer=2,
+        n_inner=128,
+        vocab_size=1000,
+        n_positions=64,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return GPT2LMHeadModel(config).eval()
 
 
@@ -25,11 +33,14 @@ def _logits(model, ids):
         return model(ids, use_cache=False).logits
 
 
-@pytest.mark.parametrize(("target", "expect"), [
-    ({"ffn_hidden_size": 48}, {"n_inner": 48, "n_embd": 64}),
-    ({"hidden_size": 48}, {"n_inner": 128, "n_embd": 48}),
-    ({"hidden_size": 32, "ffn_hidden_size": 64}, {"n_inner": 64, "n_embd": 32}),
-])
+@pytest.mark.parametrize(
+    ("target", "expect"),
+    [
+        ({"ffn_hidden_size": 48}, {"n_inner": 48, "n_embd": 64}),
+        ({"hidden_size": 48}, {"n_inner": 128, "n_embd": 48}),
+        ({"hidden_size": 32, "ffn_hidden_size": 64}, {"n_inner": 64, "n_embd": 32}),
+    ],
+)
 def test_gpt2_width_pruning_reloads_with_plain_transformers(gpt2, tmp_path, target, expect):
     pruned = prune_gpt2(gpt2, **target)
     for key, value in expect.items():
@@ -50,7 +61,10 @@ def test_mlp_pruning_equals_zeroing_the_dropped_neurons(gpt2):
     masked.load_state_dict(gpt2.state_dict())
     for old, new in zip(masked.transformer.h, pruned.transformer.h, strict=True):
         # kept neurons = columns of the old c_fc weight (in, out) present in the new one
-        kept = [int((old.mlp.c_fc.weight.T == row).all(dim=1).nonzero()[0]) for row in new.mlp.c_fc.weight.T]
+        kept = [
+            int((old.mlp.c_fc.weight.T == row).all(dim=1).nonzero()[0])
+            for row in new.mlp.c_fc.weight.T
+        ]
         drop = torch.ones(128, dtype=torch.bool)
         drop[kept] = False
         old.mlp.c_proj.weight.data[drop] = 0  # Conv1D (in, out): rows are the MLP neurons
@@ -58,11 +72,14 @@ def test_mlp_pruning_equals_zeroing_the_dropped_neurons(gpt2):
     torch.testing.assert_close(_logits(pruned, ids), _logits(masked, ids), rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize(("target", "field"), [
-    ({"num_attention_heads": 2}, "target.num_attention_heads"),
-    ({"hidden_size": 50}, "target.hidden_size"),
-    ({"ffn_hidden_size": 512}, "target.ffn_hidden_size"),
-])
+@pytest.mark.parametrize(
+    ("target", "field"),
+    [
+        ({"num_attention_heads": 2}, "target.num_attention_heads"),
+        ({"hidden_size": 50}, "target.hidden_size"),
+        ({"ffn_hidden_size": 512}, "target.ffn_hidden_size"),
+    ],
+)
 def test_targets_gpt2_cannot_express_are_one_line(gpt2, target, field):
     with pytest.raises(PassError, match=rf"^{field}: "):
         prune_gpt2(gpt2, **target)

@@ -30,18 +30,29 @@ def test_aggregation_is_mean_abs_over_sequence_then_l2_over_batch():
     expected = x.abs().mean(dim=1).pow(2).sum(dim=0).sqrt()
     torch.testing.assert_close(acc.value(), expected)
     channels = torch.arange(6.0)
-    torch.testing.assert_close(head_scores(channels, 2), torch.stack([channels[:3].norm(), channels[3:].norm()]))
+    torch.testing.assert_close(
+        head_scores(channels, 2), torch.stack([channels[:3].norm(), channels[3:].norm()])
+    )
 
 
 def _reference_stats(model, tokens):
     """Hooks on a plain full-model forward, one sample at a time (no calib engine)."""
-    stats = {"o": [BatchL2() for _ in decoder_layers(model)], "down": [BatchL2() for _ in decoder_layers(model)]}
+    stats = {
+        "o": [BatchL2() for _ in decoder_layers(model)],
+        "down": [BatchL2() for _ in decoder_layers(model)],
+    }
     handles = []
     for i, layer in enumerate(decoder_layers(model)):
-        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(
-            lambda _m, a, i=i: stats["o"][i].add(channel_stat(a[0]))))
-        handles.append(layer.mlp.down_proj.register_forward_pre_hook(
-            lambda _m, a, i=i: stats["down"][i].add(channel_stat(a[0]))))
+        handles.append(
+            layer.self_attn.o_proj.register_forward_pre_hook(
+                lambda _m, a, i=i: stats["o"][i].add(channel_stat(a[0]))
+            )
+        )
+        handles.append(
+            layer.mlp.down_proj.register_forward_pre_hook(
+                lambda _m, a, i=i: stats["down"][i].add(channel_stat(a[0]))
+            )
+        )
     with torch.no_grad():
         out = model(tokens, output_hidden_states=True)
     for h in handles:
@@ -55,7 +66,9 @@ def test_activation_importance_matches_full_forward_hooks(tiny_llama):
     ref, hidden = _reference_stats(tiny_llama, tokens)
     n_heads = tiny_llama.config.num_attention_heads
     for i in range(2):
-        torch.testing.assert_close(imp.heads[i], head_scores(ref["o"][i].value(), n_heads), rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(
+            imp.heads[i], head_scores(ref["o"][i].value(), n_heads), rtol=1e-4, atol=1e-6
+        )
         torch.testing.assert_close(imp.neurons[i], ref["down"][i].value(), rtol=1e-4, atol=1e-6)
     cos = F.cosine_similarity(hidden[0], hidden[1], dim=-1)  # layer 0: input vs output
     assert imp.layers[0].item() == pytest.approx((1 - cos).mean().item(), rel=1e-4)
@@ -79,5 +92,9 @@ def test_baselines_have_the_right_shapes_and_are_seeded(tiny_llama):
     mag = magnitude_importance(tiny_llama)
     assert [h.shape for h in mag.heads] == [(4,), (4,)] and mag.neurons[0].shape == (128,)
     assert mag.hidden.shape == (64,) and mag.layers.shape == (2,)
-    torch.testing.assert_close(random_importance(tiny_llama, 3).hidden, random_importance(tiny_llama, 3).hidden)
-    assert not torch.equal(random_importance(tiny_llama, 3).hidden, random_importance(tiny_llama, 4).hidden)
+    torch.testing.assert_close(
+        random_importance(tiny_llama, 3).hidden, random_importance(tiny_llama, 3).hidden
+    )
+    assert not torch.equal(
+        random_importance(tiny_llama, 3).hidden, random_importance(tiny_llama, 4).hidden
+    )

@@ -19,8 +19,14 @@ from slmcompress.prune.planner import (
     sizes_of,
 )
 
-SMOL = ArchSizes(hidden_size=576, ffn_hidden_size=1536, num_attention_heads=9, num_key_value_heads=3,
-                 num_layers=30, head_dim=64)
+SMOL = ArchSizes(
+    hidden_size=576,
+    ffn_hidden_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    num_layers=30,
+    head_dim=64,
+)
 
 
 def test_within_groups_keeps_kv_heads_and_kv_groups_keeps_ratio():
@@ -28,7 +34,10 @@ def test_within_groups_keeps_kv_heads_and_kv_groups_keeps_ratio():
     groups = resolve_target(SMOL, {"num_attention_heads": 6}, "kv_groups")
     assert (within.num_attention_heads, within.num_key_value_heads) == (6, 3)
     assert (groups.num_attention_heads, groups.num_key_value_heads) == (6, 2)
-    assert resolve_target(SMOL, {"num_attention_heads": 4, "num_key_value_heads": 2}).heads_per_group == 2
+    assert (
+        resolve_target(SMOL, {"num_attention_heads": 4, "num_key_value_heads": 2}).heads_per_group
+        == 2
+    )
 
 
 @pytest.mark.parametrize(
@@ -36,9 +45,21 @@ def test_within_groups_keeps_kv_heads_and_kv_groups_keeps_ratio():
     [
         ({"ffn_hidden_size": 2048}, "within_groups", "target.ffn_hidden_size"),
         ({"num_layers": 31}, "within_groups", "target.num_layers"),
-        ({"num_attention_heads": 7}, "within_groups", "target.num_attention_heads"),  # 7 % 3 KV heads
-        ({"num_attention_heads": 4}, "kv_groups", "target.num_attention_heads"),  # not whole groups of 3
-        ({"num_attention_heads": 6, "num_key_value_heads": 1}, "within_groups", "target.num_key_value_heads"),
+        (
+            {"num_attention_heads": 7},
+            "within_groups",
+            "target.num_attention_heads",
+        ),  # 7 % 3 KV heads
+        (
+            {"num_attention_heads": 4},
+            "kv_groups",
+            "target.num_attention_heads",
+        ),  # not whole groups of 3
+        (
+            {"num_attention_heads": 6, "num_key_value_heads": 1},
+            "within_groups",
+            "target.num_key_value_heads",
+        ),
         ({"num_key_value_heads": 4}, "within_groups", "target.num_key_value_heads"),
     ],
 )
@@ -52,13 +73,17 @@ def test_bad_targets_name_the_field(target, mode, field):
 def test_hidden_size_must_divide_by_heads_as_llama_requires():
     config = tiny_llama_config(hidden_size=96, num_attention_heads=6, num_key_value_heads=2)
     with pytest.raises(PassError, match=r"^stages\[0\]\.target\.hidden_size: 50 "):
-        resolve_target(sizes_of(config), {"hidden_size": 50}, where="stages[0].target", config=config)
+        resolve_target(
+            sizes_of(config), {"hidden_size": 50}, where="stages[0].target", config=config
+        )
     assert resolve_target(sizes_of(config), {"hidden_size": 48}, config=config).hidden_size == 48
 
 
 def test_param_counts_match_a_built_model():
     config = tiny_llama_config()
-    sizes = resolve_target(sizes_of(config), {"ffn_hidden_size": 40, "num_layers": 1, "hidden_size": 32})
+    sizes = resolve_target(
+        sizes_of(config), {"ffn_hidden_size": 40, "num_layers": 1, "hidden_size": 32}
+    )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
     assert param_counts(config, sizes_of(config)) == count_params(model)

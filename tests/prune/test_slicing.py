@@ -56,12 +56,17 @@ def _logits(model):
         ({"num_attention_heads": 2}, "within_groups"),  # 4/2 -> 2/2: one query head per group
         ({"num_attention_heads": 2}, "kv_groups"),  # 4/2 -> 2/1: a whole KV group
         ({"ffn_hidden_size": 40}, "within_groups"),
-        ({"ffn_hidden_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1}, "within_groups"),
+        (
+            {"ffn_hidden_size": 40, "num_attention_heads": 2, "num_key_value_heads": 1},
+            "within_groups",
+        ),
     ],
 )
 def test_width_slicing_equals_masking(tiny_llama, target, mode):
     pruned, plan = _prune(tiny_llama, target, mode)
-    torch.testing.assert_close(_logits(pruned), _logits(_masked(tiny_llama, plan)), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(
+        _logits(pruned), _logits(_masked(tiny_llama, plan)), rtol=1e-4, atol=1e-5
+    )
     assert count_params(pruned) == param_counts(tiny_llama.config, plan.sizes)
     assert count_params(pruned)[1] < count_params(tiny_llama)[1]
 
@@ -81,14 +86,21 @@ def test_hidden_slicing_shrinks_every_tensor_and_keeps_embeddings_tied(tiny_llam
     assert emb.shape == (49152, 32) and pruned.get_output_embeddings().weight is emb
     torch.testing.assert_close(emb, tiny_llama.get_input_embeddings().weight[:, plan.hidden])
     layer = decoder_layers(pruned)[0]
-    assert layer.self_attn.q_proj.weight.shape == (64, 32) and layer.mlp.down_proj.weight.shape == (32, 128)
+    assert layer.self_attn.q_proj.weight.shape == (64, 32) and layer.mlp.down_proj.weight.shape == (
+        32,
+        128,
+    )
     assert pruned.config.head_dim == 16 and torch.isfinite(_logits(pruned)).all()
 
 
 @pytest.mark.parametrize(
     "target",
-    [{"num_attention_heads": 2, "num_key_value_heads": 1}, {"ffn_hidden_size": 24}, {"hidden_size": 32},
-     {"num_layers": 1}],
+    [
+        {"num_attention_heads": 2, "num_key_value_heads": 1},
+        {"ffn_hidden_size": 24},
+        {"hidden_size": 32},
+        {"num_layers": 1},
+    ],
 )
 def test_every_axis_reloads_with_plain_transformers(tiny_llama, tmp_path, target):
     pruned, _ = _prune(tiny_llama, target)
@@ -100,9 +112,16 @@ def test_every_axis_reloads_with_plain_transformers(tiny_llama, tmp_path, target
 
 def test_qwen2_with_biases_and_layer_types_reloads(tmp_path):
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=1000, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                         tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=1000,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(config).eval()
     pruned, plan = _prune(model, {"num_attention_heads": 2, "ffn_hidden_size": 48, "num_layers": 2})
     assert pruned.config.layer_types == [config.layer_types[i] for i in plan.layers]
@@ -114,6 +133,8 @@ def test_qwen2_with_biases_and_layer_types_reloads(tmp_path):
 
 def test_unsupported_architecture_is_one_line():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100))
-    with pytest.raises(PassError, match=r"^model: layer 0 \(GPT2Block\) is not a Llama-style") as info:
+    with pytest.raises(
+        PassError, match=r"^model: layer 0 \(GPT2Block\) is not a Llama-style"
+    ) as info:
         check_supported(model)
     assert "\n" not in str(info.value)

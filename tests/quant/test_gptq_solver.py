@@ -49,7 +49,9 @@ def test_gptq_beats_rtn_and_dequantizes_exactly(bits, act_order):
     torch.manual_seed(bits)
     w, x = torch.randn(64, 576), correlated_inputs(2048, 576)
     res = gptq_quantize(w, hessian(x), bits, group_size=128, act_order=act_order)
-    assert res.codes.dtype == torch.int32 and 0 <= res.codes.min() and res.codes.max() <= 2**bits - 1
+    assert (
+        res.codes.dtype == torch.int32 and 0 <= res.codes.min() and res.codes.max() <= 2**bits - 1
+    )
     assert res.scales.shape == res.zeros.shape == (5, 64)  # 576 = 4 * 128 + 64: ragged last group
     # the fake-quantized weight is exactly what the checkpoint's dequantization reproduces
     assert torch.equal(dequantize_weight(res.codes, res.scales, res.zeros, res.g_idx), res.weight)
@@ -58,7 +60,8 @@ def test_gptq_beats_rtn_and_dequantizes_exactly(bits, act_order):
     rtn = dequantize_weight(*rtn_quantize_weight(w, bits, 128, sym=False))
     assert output_mse(x, w, res.weight) < {2: 1.0}.get(bits, 0.9) * output_mse(x, w, rtn)
     assert res.stats["rel_output_err"] == pytest.approx(
-        output_mse(x, w, res.weight) / float(((x @ w.T) ** 2).mean()), rel=1e-3)
+        output_mse(x, w, res.weight) / float(((x @ w.T) ** 2).mean()), rel=1e-3
+    )
 
 
 def test_act_order_g_idx_is_valid_and_not_monotone():
@@ -82,7 +85,9 @@ def test_static_groups_keep_natural_groups_with_act_order():
 def test_group_sizes_including_ragged_and_larger_than_layer(group_size):
     w, x = torch.randn(16, 320), correlated_inputs(512, 320, seed=5)
     res = gptq_quantize(w, hessian(x), 4, group_size=group_size, block_size=64)
-    assert res.scales.shape[0] == n_groups(320, group_size)  # 1024 > 320: one group, like per-channel
+    assert res.scales.shape[0] == n_groups(
+        320, group_size
+    )  # 1024 > 320: one group, like per-channel
     assert torch.equal(dequantize_weight(res.codes, res.scales, res.zeros, res.g_idx), res.weight)
 
 
@@ -111,7 +116,9 @@ def test_dead_inputs_get_zero_weight_and_no_nan():
 def test_non_positive_definite_hessian_is_retried_with_more_damping():
     x = correlated_inputs(32, 128)  # rank 32 < 128 columns
     H = hessian(x)
-    H -= 0.05 * torch.diag(H).mean() * torch.eye(128)  # negative eigenvalues: 1% damping is not enough
+    H -= (
+        0.05 * torch.diag(H).mean() * torch.eye(128)
+    )  # negative eigenvalues: 1% damping is not enough
     res = gptq_quantize(torch.randn(8, 128), H, 4, group_size=32, damp_percent=0.01)
     assert res.stats["damp_retries"] >= 1 and res.stats["damp_percent"] > 0.01
     assert torch.isfinite(res.weight).all()

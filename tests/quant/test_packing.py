@@ -68,7 +68,9 @@ def independent_unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch
 def independent_dequantize(layer: QuantLinear) -> torch.Tensor:
     """``w[i, o] = scales[g_idx[i], o] * (q[i, o] - (qzeros[g_idx[i], o] + 1))`` -> ``(out, in)``."""
     q = independent_unpack_rows(layer.qweight, layer.bits, layer.in_features)  # (in, out)
-    z = independent_unpack_rows(layer.qzeros.T.contiguous(), layer.bits, layer.out_features).T + 1  # (G, out)
+    z = (
+        independent_unpack_rows(layer.qzeros.T.contiguous(), layer.bits, layer.out_features).T + 1
+    )  # (G, out)
     g = layer.g_idx.long()
     return (layer.scales.float()[g] * (q.float() - z.float()[g])).T
 
@@ -95,7 +97,9 @@ def test_layout_equals_autogptq_loop(bits):
     assert np.array_equal(ours, theirs)
     zeros = torch.randint(1, 2**bits, (4, 64), generator=g, dtype=torch.int32)
     ours_z = pack_qzeros(zeros, bits).numpy().view(np.uint32)
-    theirs_z = autogptq_pack_rows((zeros - 1).T.numpy(), bits).T  # qzeros pack along out, store zero-1
+    theirs_z = autogptq_pack_rows(
+        (zeros - 1).T.numpy(), bits
+    ).T  # qzeros pack along out, store zero-1
     assert np.array_equal(ours_z, theirs_z)
 
 

@@ -6,7 +6,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmcompress.quant.qparams import compute_qparams, dequantize_weight, fake_quantize, rtn_quantize_weight
+from slmcompress.quant.qparams import (
+    compute_qparams,
+    dequantize_weight,
+    fake_quantize,
+    rtn_quantize_weight,
+)
 from slmcompress.quant.quant_linear import QuantLinear
 
 
