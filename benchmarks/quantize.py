@@ -37,9 +37,10 @@ ROWS = [
     ("rtn-3-128", "rtn", 3, 128, None),
     ("gptq-3-128-act", "gptq", 3, 128, True),
     ("gptq-4-128", "gptq", 4, 128, False),
+    ("llmc", "llm-compressor", 4, None, False),
+    ("bnb-nf4", "bnb-nf4", 4, 64, None),
     ("rtn-4-pc", "rtn", 4, -1, None),
     ("gptq-4-pc-act", "gptq", 4, -1, True),
-    ("bnb-nf4", "bnb-nf4", 4, 64, None),
 ]
 
 
@@ -55,7 +56,9 @@ def peak_rss_bytes() -> int:
 
 
 def hellaswag(model, tokenizer, limit: int) -> float | None:
-    """acc_norm on a fixed HellaSwag subset, if the task runner exists in this checkout."""
+    """acc_norm on a fixed HellaSwag subset, if the task runner exists in this checkout (limit > 0)."""
+    if limit <= 0:
+        return None
     try:
         from slmcompress.eval.tasks import run_tasks
     except ImportError:
@@ -68,7 +71,9 @@ def hellaswag(model, tokenizer, limit: int) -> float | None:
 def stage_config(method: str, bits: int, group_size: int | None, act_order: bool | None) -> dict:
     """The pass config dict of a row (the same keys a recipe stage has)."""
     if method == "gptq":
-        return dict(type="quantize", method="gptq", bits=bits, group_size=group_size, act_order=act_order)
+        return dict(
+            type="quantize", method="gptq", bits=bits, group_size=group_size, act_order=act_order
+        )
     if method == "rtn":
         return dict(type="quantize", method="rtn", bits=bits, group_size=group_size)
     return dict(type="quantize", method=method)
@@ -90,10 +95,20 @@ def run_row(spec: dict, work: Path) -> dict:
     loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
     calib = tokens["calib"]
-    data = DataConfig(calibration=CalibrationSpec(source="c4", n_samples=calib.shape[0], seq_len=calib.shape[1]))
-    ctx = Context(tokenizer=tokenizer, data=data, device=torch.device("cpu"), dtype=torch.float32,
-                  original_model="smollm2-135m", teacher=None, stage_dir=work / spec["id"],
-                  work_dir=work / f"{spec['id']}-work", seed=0)
+    data = DataConfig(
+        calibration=CalibrationSpec(source="c4", n_samples=calib.shape[0], seq_len=calib.shape[1])
+    )
+    ctx = Context(
+        tokenizer=tokenizer,
+        data=data,
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        original_model="smollm2-135m",
+        teacher=None,
+        stage_dir=work / spec["id"],
+        work_dir=work / f"{spec['id']}-work",
+        seed=0,
+    )
     ctx._token_cache[("calib", calib.shape[0], calib.shape[1])] = calib
     wall, cpu, rss = 0.0, 0.0, peak_rss_bytes()
     if spec["method"] != "fp32":
@@ -107,13 +122,24 @@ def run_row(spec: dict, work: Path) -> dict:
     model, _ = load_checkpoint(out, dtype=torch.float32)  # evaluate the saved artifact
     ppl = perplexity(model, tokens["eval"], EVAL_SEQ).ppl
     acc = hellaswag(model, tokenizer, spec["hellaswag_limit"])
-    return dict(method=spec["method"], bits=spec["bits"], group_size=spec["group_size"],
-                act_order=spec["act_order"], ppl=ppl, hellaswag_acc_norm=acc,
-                size_mb=bytes_on_disk(out) / 1e6, wall_s=wall, cpu_s=cpu, peak_rss_bytes=rss, tool="slmcompress",
-                calibration=f"{calib.shape[0]}x{calib.shape[1]}", warnings=ctx.warnings)
+    return dict(
+        method=spec["method"],
+        bits=spec["bits"],
+        group_size=spec["group_size"],
+        act_order=spec["act_order"],
+        ppl=ppl,
+        hellaswag_acc_norm=acc,
+        size_mb=bytes_on_disk(out) / 1e6,
+        wall_s=wall,
+        cpu_s=cpu,
+        peak_rss_bytes=rss,
+        tool="slmcompress",
+        calibration=f"{calib.shape[0]}x{calib.shape[1]}",
+        warnings=ctx.warnings,
+    )
 
 
-LLMC_CHILD = r'''
+LLMC_CHILD = r"""
 import json, math, resource, sys, time, torch
 from pathlib import Path
 from datasets import Dataset
@@ -148,7 +174,7 @@ with torch.no_grad():
 model.save_pretrained(work / "llmc", save_compressed=True)
 size = sum(p.stat().st_size for p in (work / "llmc").glob("*.safetensors"))
 print("LLMC_RESULT " + json.dumps(dict(ppl=math.exp(nll / count), wall_s=wall, cpu_s=cpu, peak_rss_bytes=rss, size_mb=size / 1e6)))
-'''
+"""
 
 
 def run_llmc(python: str, work: Path, group: int, timeout: int) -> dict:
@@ -157,11 +183,21 @@ def run_llmc(python: str, work: Path, group: int, timeout: int) -> dict:
 
     script = work / "llmc_child.py"
     script.write_text(LLMC_CHILD)
-    row = dict(method="gptq", bits=4, group_size=group, act_order=False, hellaswag_acc_norm=None,
-               tool="llm-compressor")
+    row = dict(
+        method="gptq",
+        bits=4,
+        group_size=group,
+        act_order=False,
+        hellaswag_acc_norm=None,
+        tool="llm-compressor",
+    )
     try:
-        proc = subprocess.run([python, str(script), str(builtin_model_dir("smollm2-135m")), str(work), str(group)],
-                              capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(
+            [python, str(script), str(builtin_model_dir("smollm2-135m")), str(work), str(group)],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
     except subprocess.TimeoutExpired:
         return {**row, "error": f"timed out after {timeout} s"}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LLMC_RESULT ")]
@@ -178,8 +214,12 @@ def write_tokens(work: Path, n: int, t: int) -> None:
     from slmcompress.models import load_model
 
     tok = load_model("smollm2-135m", dtype="float32", device="cpu").tokenizer
-    calib = calibration_tokens(tok, CalibrationSpec(source="c4", n_samples=n, seq_len=t), n, t, seed=0)
-    ev = eval_tokens(tok, EvalSpec(source="wikitext2", split="test", max_tokens=EVAL_TOKENS, seq_len=EVAL_SEQ))
+    calib = calibration_tokens(
+        tok, CalibrationSpec(source="c4", n_samples=n, seq_len=t), n, t, seed=0
+    )
+    ev = eval_tokens(
+        tok, EvalSpec(source="wikitext2", split="test", max_tokens=EVAL_TOKENS, seq_len=EVAL_SEQ)
+    )
     torch.save({"calib": calib, "eval": ev}, work / "tokens.pt")
 
 
@@ -193,8 +233,15 @@ def depth_scaling(layers: int) -> dict:
     from slmcompress.passes.gptq import GPTQConfig, GPTQPass
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=1024, hidden_size=512, intermediate_size=1536, num_hidden_layers=layers,
-                         num_attention_heads=8, num_key_value_heads=4, tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=1024,
+        hidden_size=512,
+        intermediate_size=1536,
+        num_hidden_layers=layers,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        tie_word_embeddings=True,
+    )
     model = LlamaForCausalLM(config).eval()
     tokens = torch.randint(0, 1024, (32, 256))
 
@@ -209,7 +256,11 @@ def depth_scaling(layers: int) -> dict:
 
     before = psutil.Process().memory_info().rss
     GPTQPass(GPTQConfig(type="quantize", bits=4, group_size=128)).run(model, Ctx())
-    return {"layers": layers, "peak_rss_bytes": peak_rss_bytes(), "pass_rss_growth_bytes": peak_rss_bytes() - before}
+    return {
+        "layers": layers,
+        "peak_rss_bytes": peak_rss_bytes(),
+        "pass_rss_growth_bytes": peak_rss_bytes() - before,
+    }
 
 
 def child_main(args: argparse.Namespace) -> None:
@@ -223,8 +274,13 @@ def child_main(args: argparse.Namespace) -> None:
 
 def spawn(argv: list[str], timeout: int = 3600) -> dict:
     """Run this script as a child; return its ROW json (or an error row)."""
-    proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, __file__, *argv],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("ROW ")]
     if not lines:
         return {"error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
@@ -235,19 +291,27 @@ def render_md(result: dict) -> str:
     """Markdown table of the rows (Δppl vs the fp32 row)."""
     rows = result["rows"]
     base = next((r["ppl"] for r in rows if r.get("method") == "fp32" and r.get("ppl")), None)
-    lines = [f"# Quantization benchmark: SmolLM2-135M ({result['setup']})", "",
-             "| tool | method | bits | group | act_order | ppl | Δppl | HellaSwag acc_norm | size MB | wall s | CPU s "
-             "| peak RSS GB |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Quantization benchmark: SmolLM2-135M ({result['setup']})",
+        "",
+        "| tool | method | bits | group | act_order | ppl | Δppl | HellaSwag acc_norm | size MB | wall s | CPU s "
+        "| peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         if "ppl" not in r:
-            lines.append(f"| {r.get('tool')} | {r.get('method')} | {r.get('bits')} | {r.get('group_size')} | | "
-                         f"error: {r.get('error')} | | | | | | |")
+            lines.append(
+                f"| {r.get('tool')} | {r.get('method')} | {r.get('bits')} | {r.get('group_size')} | | "
+                f"error: {r.get('error')} | | | | | | |"
+            )
             continue
         delta = f"{r['ppl'] - base:+.2f}" if base else ""
         acc = f"{r['hellaswag_acc_norm']:.3f}" if r.get("hellaswag_acc_norm") is not None else "n/a"
-        lines.append(f"| {r['tool']} | {r['method']} | {r['bits']} | {r['group_size']} | {r['act_order']} | "
-                     f"{r['ppl']:.2f} | {delta} | {acc} | {r['size_mb']:.1f} | {r['wall_s']:.1f} | {r.get('cpu_s', 0):.1f} | "
-                     f"{r['peak_rss_bytes'] / 1e9:.2f} |")
+        lines.append(
+            f"| {r['tool']} | {r['method']} | {r['bits']} | {r['group_size']} | {r['act_order']} | "
+            f"{r['ppl']:.2f} | {delta} | {acc} | {r['size_mb']:.1f} | {r['wall_s']:.1f} | {r.get('cpu_s', 0):.1f} | "
+            f"{r['peak_rss_bytes'] / 1e9:.2f} |"
+        )
     depth = result.get("depth_scaling")
     if depth:
         lines += ["", f"Depth scaling (random Llama, GPTQ 4-bit, 32x256 tokens): {depth}"]
@@ -270,7 +334,9 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="row ids to run")
     parser.add_argument("--hellaswag-limit", type=int, default=100)
     parser.add_argument("--llmc-python", help="interpreter with llmcompressor installed")
-    parser.add_argument("--llmc-group", type=int, default=64, help="llm-compressor refuses 128 on hidden 576")
+    parser.add_argument(
+        "--llmc-group", type=int, default=64, help="llm-compressor refuses 128 on hidden 576"
+    )
     parser.add_argument("--depth-layers", type=int, default=4)
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
@@ -283,27 +349,46 @@ def main() -> None:
     n, t = (int(v) for v in args.calib.split("x"))
     work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
     write_tokens(work, n, t)
-    result = {"setup": f"C4 calibration {n}x{t} seed 0; WikiText-2 test first {EVAL_TOKENS} tokens, "
-                       f"{EVAL_SEQ}-token windows; HellaSwag first {args.hellaswag_limit} val items; "
-                       f"2-core CPU, float32", "rows": []}
+    result = {
+        "setup": f"C4 calibration {n}x{t} seed 0; WikiText-2 test first {EVAL_TOKENS} tokens, "
+        f"{EVAL_SEQ}-token windows; HellaSwag first {args.hellaswag_limit} val items; "
+        f"2-core CPU, float32",
+        "rows": [],
+    }
     for row_id, method, bits, group, act in ROWS:
         if args.only and row_id not in args.only:
             continue
-        spec = dict(id=row_id, method=method, bits=bits, group_size=group, act_order=act,
-                    hellaswag_limit=args.hellaswag_limit)
+        if row_id == "llmc":
+            if args.llmc_python:
+                log.info("row llm-compressor")
+                result["rows"].append(
+                    run_llmc(args.llmc_python, work, args.llmc_group, timeout=3600)
+                )
+                save(result)
+            continue
+        spec = dict(
+            id=row_id,
+            method=method,
+            bits=bits,
+            group_size=group,
+            act_order=act,
+            hellaswag_limit=args.hellaswag_limit,
+        )
         log.info("row %s", row_id)
         row = spawn(["--child", json.dumps(spec), "--work", str(work)])
         row.setdefault("method", method)
         row.setdefault("tool", "slmcompress")
-        log.info("row %s: %s", row_id, {k: row.get(k) for k in ("ppl", "wall_s", "peak_rss_bytes", "error")})
+        log.info(
+            "row %s: %s",
+            row_id,
+            {k: row.get(k) for k in ("ppl", "wall_s", "peak_rss_bytes", "error")},
+        )
         result["rows"].append(row)
         save(result)
-    if args.llmc_python:
-        log.info("row llm-compressor")
-        result["rows"].append(run_llmc(args.llmc_python, work, args.llmc_group, timeout=1800))
-        save(result)
     if args.depth_layers:
-        small, big = (spawn(["--depth", str(L)]) for L in (args.depth_layers, 2 * args.depth_layers))
+        small, big = (
+            spawn(["--depth", str(L)]) for L in (args.depth_layers, 2 * args.depth_layers)
+        )
         result["depth_scaling"] = {
             "runs": [small, big],
             "peak_rss_ratio": _ratio(big, small, "peak_rss_bytes"),
