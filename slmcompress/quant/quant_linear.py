@@ -19,6 +19,7 @@ from slmcompress.quant.packing import (
     pack_qzeros,
     unpack_qweight,
     unpack_qzeros,
+    unpack_rows,
 )
 from slmcompress.quant.qparams import n_groups
 
@@ -86,7 +87,7 @@ class QuantLinear(nn.Module):
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Float weight ``(out, in)``: ``scales[g_idx[i], o] * (q[i, o] - zeros[g_idx[i], o])``."""
         g = self.g_idx.long()
-        q = unpack_rows_fast(self.qweight, self.bits, self.in_features)  # (in, out)
+        q = unpack_rows(self.qweight, self.bits, self.in_features)  # (in, out), no transpose
         z = unpack_qzeros(self.qzeros, self.bits, self.out_features)  # (G, out)
         w = self.scales.float()[g] * (q.float() - z.float()[g])  # (in, out)
         return w.T.to(dtype)
@@ -110,10 +111,3 @@ class QuantLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, group_size={self.group_size}, backend={self.backend}"
         )
-
-
-def unpack_rows_fast(qweight: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
-    """``qweight`` -> codes ``(in, out)`` (no transpose; the hot path of the torch backend)."""
-    from slmcompress.quant.packing import unpack_rows
-
-    return unpack_rows(qweight, bits, rows)
