@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from slmcompress.data import DataConfig, check_disjoint, check_spec
-from slmcompress.errors import ModelSourceError, RecipeError
+from slmcompress.errors import ModelSourceError, RecipeError, SlmError
 from slmcompress.models import check_model_source, resolve_dtype
 from slmcompress.passes.base import Pass, PassConfig
 from slmcompress.registry import get_pass
@@ -59,6 +59,21 @@ class Recipe(BaseModel):
     dtype: str = "auto"
     stages: list[dict[str, Any]] = Field(min_length=1)
     eval: EvalOptions = EvalOptions()
+    # host memory budget ("24GiB"): models above it are streamed by the passes that can
+    # (GPTQ, prune) and not loaded for evaluation; stages may set their own max_memory
+    max_memory: str | None = None
+
+    @field_validator("max_memory")
+    @classmethod
+    def _memory_size(cls, value: str | None) -> str | None:
+        if value is not None:
+            from slmcompress.plan import parse_bytes
+
+            try:
+                parse_bytes(value)
+            except SlmError as exc:
+                raise ValueError(str(exc)) from exc
+        return value
 
     @field_validator("name")
     @classmethod

@@ -36,11 +36,22 @@ from slmcompress.eval.report import (
     model_summary,
     render_report_md,
     render_summary_md,
+    skipped_metrics,
+    summary_from_checkpoint,
 )
 from slmcompress.fsutil import atomic_dir, atomic_write_json, atomic_write_text, clean_stale_tmp
 from slmcompress.models import load_model, resolve_device, resolve_dtype
 from slmcompress.passes.base import Context
 from slmcompress.recipe import ResolvedRecipe, Stage
+from slmcompress.streaming.engine import should_stream
+from slmcompress.streaming.loader import build_skeleton
+from slmcompress.streaming.wiring import (
+    is_lazy,
+    lazy_model_for,
+    load_tokenizer,
+    move_streamed_checkpoint,
+    source_dir,
+)
 from slmcompress.versions import versions
 
 log = logging.getLogger(__name__)
@@ -188,6 +199,50 @@ class Runner:
                 self._model.to(self.device).eval()
         return self._model, self._tokenizer
 
+    def _input_dir(self) -> Path | None:
+        """The checkpoint directory the next stage starts from, if it is a local one."""
+        return self._model_dir or self._source_dir()
+
+    def _over_budget(self, directory: Path | None, max_memory: str | None = None) -> str | None:
+        """Why a checkpoint must not be loaded whole (it exceeds the budget), else ``None``."""
+        if directory is None:
+            return None
+        decision = should_stream(directory, max_memory or self.recipe.max_memory, self.dtype)
+        if not decision.stream:
+            return None
+        return f"not evaluated: {decision.reason} (set max_memory to evaluate it)"
+
+    def _stage_model(self, stage: Stage) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """The model a stage runs on: in memory, or a weightless skeleton the pass streams.
+
+        GPTQ and pruning stream a model over the memory budget (or when ``streaming: true``);
+        any other pass needs the model in memory and refuses one over the budget.
+        """
+        flag = getattr(stage.config, "streaming", None)
+        if self._model is not None and flag is not True:
+            return self._model, self._tokenizer
+        directory = self._input_dir()
+        if directory is not None:
+            stage_budget = getattr(stage.config, "max_memory", None)
+            skeleton = lazy_model_for(
+                directory, stage.config, self.dtype, default_max_memory=self.recipe.max_memory
+            )
+            if skeleton is not None:
+                self._model = None
+                return skeleton, load_tokenizer(directory)
+            too_big = self._over_budget(directory, stage_budget)
+            if too_big and stage.pass_cls.changes_model:
+                raise SlmError(
+                    f"stage {stage.dirname}: the model is over the memory budget "
+                    f"({too_big.removeprefix('not evaluated: ')}) and "
+                    f"{_pass_name(stage)} cannot stream; only quantize.gptq and prune can"
+                )
+            if too_big:  # report-only stage
+                return build_skeleton(directory, self.dtype, allow_quantized=True), load_tokenizer(
+                    directory
+                )
+        return self._ensure_model()
+
     # ---------------------------------------------------------------- input report
     def _input_report(self) -> dict[str, Any]:
         """Evaluate the recipe's original model once (cached in 00-input/)."""
@@ -200,10 +255,17 @@ class Runner:
         report_path = directory / "report.json"
         if report_path.is_file() and read_metadata(directory).get("input_key") == key:
             return json.loads(report_path.read_text())["metrics"]
-        model, tokenizer = self._ensure_model()
-        log.info("evaluating the input model %s", self.recipe.model)
-        metrics, timings = evaluate(model, tokenizer, self.recipe.data.eval, self.recipe.eval)
-        summary = model_summary(model, self._source_dir())
+        source = self._source_dir()
+        too_big = self._over_budget(source)
+        if too_big:
+            log.warning("input model: %s", too_big)
+            metrics, timings, warnings = skipped_metrics(), {}, [too_big]
+            summary = summary_from_checkpoint(source)
+        else:
+            model, tokenizer = self._ensure_model()
+            log.info("evaluating the input model %s", self.recipe.model)
+            metrics, timings = evaluate(model, tokenizer, self.recipe.data.eval, self.recipe.eval)
+            summary, warnings = model_summary(model, source), []
         report = build_report(
             "input",
             "input",
@@ -213,7 +275,7 @@ class Runner:
             None,
             None,
             timings,
-            [],
+            warnings,
         )
         with atomic_dir(directory) as tmp:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
@@ -294,6 +356,7 @@ class Runner:
             work_dir=work_dir,
             seed=self.recipe.seed,
             stage_index=stage.index,
+            max_memory=self.recipe.max_memory,
         )
 
     def _follow(self, stage: Stage, stage_hash: str) -> StageOutcome:
@@ -315,7 +378,7 @@ class Runner:
         self, stage: Stage, stage_hash: str, previous: dict, original: dict
     ) -> dict[str, Any]:
         """Run the pass, write checkpoint + report into a temp dir, evaluate the saved artifact."""
-        model, tokenizer = self._ensure_model()
+        model, tokenizer = self._stage_model(stage)
         directory = self.out / stage.dirname
         ctx = self._context(stage, tokenizer)
         work_dir = ctx.work_dir
@@ -327,24 +390,27 @@ class Runner:
         self._model = None  # the input model may have been modified in place
         with atomic_dir(directory) as tmp:
             evaluated = self._write_stage(stage, stage_hash, new_model, tokenizer, ctx, tmp)
-            metrics, timings = evaluate(
-                evaluated, tokenizer, self.recipe.data.eval, self.recipe.eval
-            )
+            checkpoint_dir = tmp if stage.pass_cls.changes_model else None
+            if is_lazy(evaluated):  # over the memory budget: report sizes, not metrics
+                reason = self._over_budget(checkpoint_dir or self._input_dir()) or (
+                    "not evaluated: the model is over the memory budget"
+                )
+                ctx.warnings.append(reason)
+                metrics, timings = skipped_metrics(), {}
+            else:
+                metrics, timings = evaluate(
+                    evaluated, tokenizer, self.recipe.data.eval, self.recipe.eval
+                )
             timings = {"pass_s": pass_s, **timings}
             report = self._report(
-                stage,
-                evaluated,
-                tmp if stage.pass_cls.changes_model else None,
-                metrics,
-                previous,
-                original,
-                timings,
-                ctx,
+                stage, evaluated, checkpoint_dir, metrics, previous, original, timings, ctx
             )
             self._write_report(tmp, report, stage_hash, timings)
         if stage.pass_cls.changes_model:
             self._model_dir = directory
-        self._model, self._tokenizer = evaluated, tokenizer
+        self._model, self._tokenizer = (
+            (None, None) if is_lazy(evaluated) else (evaluated, tokenizer)
+        )
         shutil.rmtree(work_dir, ignore_errors=True)
         return report
 
@@ -370,17 +436,25 @@ class Runner:
             "seed": self.recipe.seed,
             "config": stage.config.model_dump(),
         }
-        write_checkpoint_into(model.to("cpu"), tokenizer, tmp, metadata)
+        if is_lazy(model):
+            move_streamed_checkpoint(source_dir(model), tmp, metadata)
+        else:
+            write_checkpoint_into(model.to("cpu"), tokenizer, tmp, metadata)
         for name, path in ctx.artifacts.items():
             shutil.copy2(path, tmp / name)
         del model
+        if self._over_budget(tmp):
+            return build_skeleton(tmp, self.dtype, allow_quantized=True)
         reloaded, _ = load_checkpoint(tmp, dtype=self.dtype)
         return reloaded.to(self.device).eval()
 
     def _report(
         self, stage, model, checkpoint_dir, metrics, previous, original, timings, ctx
     ) -> dict:
-        summary = model_summary(model, checkpoint_dir)
+        if is_lazy(model):
+            summary = summary_from_checkpoint(checkpoint_dir or self._input_dir())
+        else:
+            summary = model_summary(model, checkpoint_dir)
         return build_report(
             stage.name,
             _pass_name(stage),
@@ -409,6 +483,12 @@ class Runner:
         self, stage: Stage, directory: Path, previous: dict, original: dict
     ) -> dict[str, Any]:
         """The eval options changed but the stage did not: re-measure, keep the checkpoint."""
+        too_big = self._over_budget(
+            directory if stage.pass_cls.changes_model else self._input_dir()
+        )
+        if too_big:
+            log.warning("stage %s: %s; kept its report", stage.dirname, too_big)
+            return json.loads((directory / "report.json").read_text())
         if stage.pass_cls.changes_model:
             model, tokenizer = load_checkpoint(directory, dtype=self.dtype)
             model.to(self.device).eval()

@@ -5,6 +5,7 @@ The same evaluator measures every stage, so numbers are comparable across the su
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
@@ -70,6 +71,46 @@ def model_summary(model: PreTrainedModel, checkpoint_dir: Path | None) -> dict[s
         "non_embedding_params": non_embedding,
         "bytes_on_disk": size,
         "arch": arch,
+    }
+
+
+def skipped_metrics() -> dict[str, Any]:
+    """Every metric ``None``: the stage's model was not evaluated (the report says why)."""
+    return dict.fromkeys(METRIC_LABELS)
+
+
+def summary_from_checkpoint(directory: Path) -> dict[str, Any]:
+    """:func:`model_summary` from config.json and the shard index alone (model never loaded).
+
+    For checkpoints too big for the memory budget (streamed stages, the 70B path).
+    """
+    from slmcompress.plan import Arch
+    from slmcompress.streaming.loader import WeightSource
+
+    cfg = json.loads((Path(directory) / "config.json").read_text())
+    arch = Arch.from_config(cfg)
+    params = arch.params()
+    qcfg = cfg.get("quantization_config")
+    quant = None
+    if isinstance(qcfg, dict):
+        quant = {k: qcfg.get(k) for k in ("quant_method", "bits", "group_size", "sym", "desc_act")}
+        quant["method"] = (qcfg.get("meta") or {}).get("method", qcfg.get("quant_method"))
+        quant["quantized_linears"] = sum(
+            n.endswith(".qweight") for n in WeightSource(Path(directory)).entries
+        )
+    keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
+    return {
+        "params": params,
+        "non_embedding_params": params - arch.embed_params() * (1 if arch.tied else 2),
+        "bytes_on_disk": bytes_on_disk(Path(directory)),
+        "arch": {
+            "model_type": cfg.get("model_type"),
+            **{("num_layers" if k == "num_hidden_layers" else k): cfg.get(k) for k in keys},
+            "num_key_value_heads": cfg.get("num_key_value_heads"),
+            "head_dim": arch.head_dim,
+            "vocab_size": cfg.get("vocab_size"),
+            "quantization": quant,
+        },
     }
 
 

@@ -42,6 +42,7 @@ class Context:
     work_dir: Path
     seed: int = 0
     stage_index: int = 0
+    max_memory: str | None = None  # the recipe's host budget (stages may set their own)
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("slmcompress"))
     warnings: list[str] = field(default_factory=list)
     extra_metrics: dict[str, Any] = field(default_factory=dict)

@@ -41,6 +41,7 @@ from slmcompress.prune.planner import (
 )
 from slmcompress.prune.slicing import slice_model
 from slmcompress.registry import register_pass
+from slmcompress.streaming.wiring import is_lazy
 
 
 class PruneTarget(BaseModel):
@@ -78,8 +79,10 @@ class PruneConfig(PassConfig):
     n_samples: int | None = Field(None, ge=1)
     seq_len: int | None = Field(None, ge=8)
     batch_size: int = Field(4, ge=1)
-    # streamed importance scoring (slmcompress.streaming): bounded activations, per-layer resume
-    streaming: bool = False
+    # streaming (slmcompress.streaming): importance scored layer by layer with bounded
+    # activations and per-layer resume; None = stream when the runner hands over a weightless
+    # skeleton (the model exceeds max_memory), which also slices tensor by tensor from disk
+    streaming: bool | None = None
     max_memory: str | None = None
     activation_offload: Literal["auto", "cpu", "disk"] = "auto"
 
@@ -159,7 +162,7 @@ class PrunePass(Pass):
         start = time.perf_counter()
         importance = self._importance(model, ctx, current, sizes)
         plan = plan_keep(importance, current, sizes, cfg.depth_mode)
-        pruned = slice_model(model, plan)
+        pruned = _export_streamed(model, plan, ctx) if is_lazy(model) else slice_model(model, plan)
         ctx.extra_metrics["prune"] = _summary(
             model, pruned, current, sizes, plan.layers, importance, time.perf_counter() - start
         )
@@ -172,6 +175,11 @@ class PrunePass(Pass):
         n_drop = current.num_layers - sizes.num_layers
         block = n_drop if (cfg.depth_mode == "contiguous" and n_drop > 0) else 1
         if cfg.method == "magnitude":
+            if is_lazy(model):
+                raise PassError(
+                    "prune.method: magnitude needs the weights in memory; a model over "
+                    "max_memory is pruned with method activation or random"
+                )
             return magnitude_importance(model)
         if cfg.method == "random":
             return random_importance(model, ctx.seed)
@@ -183,7 +191,12 @@ class PrunePass(Pass):
             importance = activation_importance(
                 model, tokens, ctx.device, cfg.batch_size, block_size=block
             )
-        if n_drop > 0 and cfg.depth_metric == "loss":
+        if n_drop > 0 and cfg.depth_metric == "loss" and is_lazy(model):
+            ctx.warn(
+                "prune.depth_metric: loss needs the whole model in memory; this streamed run "
+                "ranks layers by block importance (depth_metric: cosine) instead"
+            )
+        elif n_drop > 0 and cfg.depth_metric == "loss":
             scores, base = loss_depth_scores(model, tokens, block, cfg.batch_size)
             if block == 1:
                 importance.layers = scores
@@ -195,6 +208,24 @@ class PrunePass(Pass):
                 "depth_loss_increase": [round(float(v), 5) for v in scores],
             }
         return importance
+
+
+def _export_streamed(skeleton: PreTrainedModel, plan: Any, ctx: Context) -> PreTrainedModel:
+    """Slice from disk into a sharded checkpoint; hand the runner a skeleton of the result."""
+    from slmcompress.streaming.loader import build_skeleton
+    from slmcompress.streaming.prune_export import export_pruned_streamed
+    from slmcompress.streaming.wiring import LAZY_ATTR, source_dir
+
+    source = source_dir(skeleton)
+    if source is None:
+        raise PassError("prune: streaming needs the stage's input model as a local directory")
+    out = export_pruned_streamed(
+        skeleton, source, plan, Path(ctx.work_dir) / "streamed-checkpoint", ctx.dtype
+    )
+    ctx.extra_metrics["streamed_from"] = str(source)
+    result = build_skeleton(out, ctx.dtype)
+    setattr(result, LAZY_ATTR, str(out))
+    return result
 
 
 def _summary(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import nn
@@ -89,8 +90,14 @@ def _top_rules(model: PreTrainedModel, plan: KeepPlan) -> dict[str, tuple]:
     return rules
 
 
-def slice_state_dict(model: PreTrainedModel, plan: KeepPlan) -> dict[str, torch.Tensor]:
-    """The pruned model's state dict: kept layers renumbered 0.., every tensor sliced."""
+def iter_sliced(
+    model: PreTrainedModel, plan: KeepPlan, get: Callable[[str], torch.Tensor]
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """The pruned model's tensors, one at a time: kept layers renumbered 0.., each sliced.
+
+    ``model`` only supplies names and structure (a weightless meta skeleton will do);
+    ``get(name)`` supplies each tensor, so a streamed run reads one tensor at a time.
+    """
     layers = decoder_layers(model)
     layer_names = {id(m): n for n, m in model.named_modules()}
     prefix = layer_names[id(layers)]  # e.g. "model.layers"
@@ -98,16 +105,19 @@ def slice_state_dict(model: PreTrainedModel, plan: KeepPlan) -> dict[str, torch.
     renumber = {old: new for new, old in enumerate(plan.layers)}
     rules = {old: _layer_rules(layers[old], old, plan) for old in plan.layers}
     top = _top_rules(model, plan)
-    out = {}
-    for key, tensor in model.state_dict().items():
+    for key in model.state_dict():
         match = pattern.match(key)
         if match is None:
-            out[key] = _take(tensor, top.get(key, ()))
+            yield key, _take(get(key), top.get(key, ()))
             continue
         old, suffix = int(match.group(1)), match.group(2)
         if old in renumber:
-            out[f"{prefix}.{renumber[old]}.{suffix}"] = _take(tensor, rules[old].get(suffix, ()))
-    return out
+            yield f"{prefix}.{renumber[old]}.{suffix}", _take(get(key), rules[old].get(suffix, ()))
+
+
+def slice_state_dict(model: PreTrainedModel, plan: KeepPlan) -> dict[str, torch.Tensor]:
+    """The pruned model's state dict (in memory)."""
+    return dict(iter_sliced(model, plan, model.state_dict().__getitem__))
 
 
 @torch.no_grad()

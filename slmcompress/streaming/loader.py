@@ -156,16 +156,22 @@ def _pread_into(path: Path, buffer: memoryview, offset: int, chunk: int = 1 << 3
     return done
 
 
-def build_skeleton(model_dir: Path, dtype: torch.dtype) -> PreTrainedModel:
+def build_skeleton(
+    model_dir: Path, dtype: torch.dtype, allow_quantized: bool = False
+) -> PreTrainedModel:
     """The model from its config alone: parameters on ``meta``, buffers real (rotary tables).
 
     Built under ``torch.device("meta")`` so no parameter is ever allocated (accelerate's
     ``init_empty_weights`` allocates each one on the CPU first, which an address-space cap
     notices); modules whose buffers are computed at init (rotary ``inv_freq``) are then
     rebuilt on the CPU from the config, exactly as a normal load computes them.
+    ``allow_quantized`` builds the float architecture of a quantized checkpoint (a stand-in
+    that is never run; streaming itself reads float checkpoints only).
     """
     config = AutoConfig.from_pretrained(model_dir)
-    if getattr(config, "quantization_config", None):
+    if getattr(config, "quantization_config", None) and allow_quantized:
+        del config.quantization_config  # a placeholder for what the config describes, no weights
+    elif getattr(config, "quantization_config", None):
         raise CheckpointError(
             f"checkpoint: {model_dir} is already quantized; streaming reads float checkpoints"
         )

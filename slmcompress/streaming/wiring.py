@@ -2,22 +2,28 @@
 
 A pass streams when its stage config says ``streaming: true``, or (``streaming`` unset)
 when the model it receives is a weightless skeleton: :func:`lazy_model_for` is what a
-runner calls instead of loading a model that exceeds ``max_memory``. Streaming needs the
+runner calls instead of loading a model that exceeds ``max_memory``. When the pass got a
+skeleton it also returns one, pointing (``LAZY_ATTR``) at the sharded checkpoint it wrote,
+which the runner moves into the stage directory instead of loading and re-saving it. Streaming needs the
 stage's input as a safetensors directory, which is where the model was loaded from
 (``model.name_or_path``) or where the skeleton was built from.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import shutil
 from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmcompress.errors import PassError
 from slmcompress.streaming.engine import StreamOptions, should_stream
+from slmcompress.versions import versions
 
 log = logging.getLogger(__name__)
 
@@ -37,15 +43,41 @@ def source_dir(model: PreTrainedModel) -> Path | None:
     return None
 
 
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer saved beside a checkpoint (streamed stages never load the model)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(directory)
+
+
+def move_streamed_checkpoint(streamed: Path | None, target: Path, metadata: dict[str, Any]) -> None:
+    """Move a pass's sharded output into the stage's temp dir; merge the stage metadata.
+
+    A rename per file, so a 70B result is never copied or loaded.
+    """
+    if streamed is None or not (Path(streamed) / "config.json").is_file():
+        raise PassError("streaming: the pass returned no streamed checkpoint to move into place")
+    meta_path = Path(streamed) / "slmcompress.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    for path in Path(streamed).iterdir():
+        os.replace(path, Path(target) / path.name)
+    meta.update(metadata, format_version=1, versions=versions())
+    (Path(target) / "slmcompress.json").write_text(
+        json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+    )
+    shutil.rmtree(streamed, ignore_errors=True)
+
+
 def wants_streaming(cfg: Any, model: PreTrainedModel) -> bool:
     """``streaming: true``, or unset and the model is a skeleton."""
     flag = getattr(cfg, "streaming", None)
     return bool(flag) or (flag is None and is_lazy(model))
 
 
-def options_for(cfg: Any) -> StreamOptions:
+def options_for(cfg: Any, ctx: Any = None) -> StreamOptions:
+    """The stage's streaming options; its ``max_memory`` falls back to the recipe's."""
     return StreamOptions(
-        max_memory=getattr(cfg, "max_memory", None),
+        max_memory=getattr(cfg, "max_memory", None) or getattr(ctx, "max_memory", None),
         batch_size=getattr(cfg, "batch_size", 1),
         activation_offload=getattr(cfg, "activation_offload", "auto"),
     )
@@ -74,8 +106,11 @@ def streamed_gptq(gptq_pass: Any, model: PreTrainedModel, ctx: Any) -> PreTraine
         directory,
         gptq_pass.config.max_memory or "auto",
     )
-    gptq_streaming(gptq_pass, directory, ctx, out, options_for(gptq_pass.config))
+    gptq_streaming(gptq_pass, directory, ctx, out, options_for(gptq_pass.config, ctx))
     ctx.extra_metrics["streamed_from"] = str(directory)
+    if is_lazy(model):  # too big to load: the runner moves the sharded result into place
+        setattr(model, LAZY_ATTR, str(out))
+        return model
     quantized, _tokenizer = load_checkpoint(out, dtype=ctx.dtype)
     return quantized.to(ctx.device).eval()
 
@@ -94,25 +129,36 @@ def streamed_importance(
         tokens,
         ctx.device,
         Path(ctx.work_dir) / "importance",
-        options_for(prune_pass.config),
+        options_for(prune_pass.config, ctx),
         ctx.dtype,
         block_size,
     )
 
 
+def can_stream(stage_config: Any) -> bool:
+    """Passes whose whole job runs layer by layer from disk: GPTQ, and activation/random pruning."""
+    if getattr(stage_config, "type", None) == "prune":
+        return getattr(stage_config, "method", None) in ("activation", "random")
+    return getattr(stage_config, "method", None) == "gptq"
+
+
 def lazy_model_for(
-    model_dir: Path, stage_config: Any, dtype: torch.dtype, activation_bytes: int = 0
+    model_dir: Path,
+    stage_config: Any,
+    dtype: torch.dtype,
+    activation_bytes: int = 0,
+    default_max_memory: str | None = None,
 ) -> PreTrainedModel | None:
     """For a runner: a weightless skeleton when this stage should stream, else ``None`` (load normally).
 
-    Only GPTQ finishes fully streamed (prune still slices an in-memory model).
+    A stage streams when it says ``streaming: true``, or leaves ``streaming`` unset and the
+    model exceeds its ``max_memory`` (else the recipe's, else most of the free RAM).
     """
-    flag = getattr(stage_config, "streaming", "absent")
-    if flag == "absent" or flag is False or getattr(stage_config, "method", None) != "gptq":
+    flag = getattr(stage_config, "streaming", False)
+    if flag is False or not can_stream(stage_config):
         return None
-    decision = should_stream(
-        model_dir, getattr(stage_config, "max_memory", None), dtype, activation_bytes
-    )
+    budget = getattr(stage_config, "max_memory", None) or default_max_memory
+    decision = should_stream(model_dir, budget, dtype, activation_bytes)
     if not (flag or decision.stream):
         return None
     log.info("streaming: %s", decision.reason)

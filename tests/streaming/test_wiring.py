@@ -7,9 +7,10 @@ import torch
 from _stream_utils import small_config, write_sharded_model
 from transformers import LlamaForCausalLM
 
+from slmcompress.checkpoint import load_checkpoint
 from slmcompress.passes.gptq import GPTQConfig, GPTQPass
 from slmcompress.passes.prune import PruneConfig, PrunePass
-from slmcompress.streaming.wiring import is_lazy, lazy_model_for
+from slmcompress.streaming.wiring import is_lazy, lazy_model_for, source_dir
 
 
 @pytest.fixture
@@ -56,7 +57,11 @@ def test_runner_skeleton_streams_automatically(model_dir, make_ctx, tmp_path):
     )
     assert skeleton is not None and is_lazy(skeleton)
     expected = GPTQPass(config).run(_load(model_dir), make_ctx(work_dir=tmp_path / "a"))
-    _assert_same(expected, GPTQPass(config).run(skeleton, make_ctx(work_dir=tmp_path / "b")))
+    result = GPTQPass(config).run(skeleton, make_ctx(work_dir=tmp_path / "b"))
+    # a skeleton in, a skeleton out: it points at the sharded checkpoint, never loaded whole
+    assert is_lazy(result) and source_dir(result) != model_dir
+    got, _ = load_checkpoint(source_dir(result))
+    _assert_same(expected, got)
 
 
 def test_prune_streamed_importance_gives_the_same_model(model_dir, make_ctx, tmp_path):

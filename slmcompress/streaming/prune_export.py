@@ -1,0 +1,78 @@
+"""Export a pruned model without ever holding the unpruned one: slice tensor by tensor.
+
+The in-memory prune pass slices a loaded model (:func:`slmcompress.prune.slicing.slice_model`).
+For a model that exceeds the memory budget the same slicing rules run over a weightless
+skeleton, reading each tensor from the source shards, slicing it and appending it to the
+output shard straight away, so memory holds one tensor at a time whatever the model size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel
+
+from slmcompress.prune.planner import KeepPlan, pruned_config
+from slmcompress.prune.slicing import iter_sliced
+from slmcompress.streaming.loader import WeightSource, _resolve
+from slmcompress.streaming.sharded_writer import (
+    DEFAULT_SHARD_BYTES,
+    copy_side_files,
+    sharded_checkpoint,
+)
+from slmcompress.versions import versions
+
+log = logging.getLogger(__name__)
+
+
+def tied_fallback(model: PreTrainedModel) -> dict[str, str]:
+    """``lm_head.weight`` -> embedding name when the checkpoint stores a tied head once."""
+    if not getattr(model.config, "tie_word_embeddings", False):
+        return {}
+    names = {id(m): n for n, m in model.named_modules()}
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None:
+        return {}
+    return {f"{names[id(head)]}.weight": f"{names[id(embed)]}.weight"}
+
+
+@torch.no_grad()
+def export_pruned_streamed(
+    skeleton: PreTrainedModel,
+    source_dir: Path,
+    plan: KeepPlan,
+    out_dir: Path,
+    dtype: torch.dtype,
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+    metadata: dict[str, Any] | None = None,
+) -> Path:
+    """Write the pruned checkpoint of ``source_dir`` into ``out_dir`` (atomic, sharded).
+
+    The result is a plain float HF checkpoint: ``from_pretrained`` loads it when it fits.
+    """
+    source = WeightSource(Path(source_dir))
+    fallback = tied_fallback(skeleton)
+
+    def read(name: str) -> torch.Tensor:
+        return source.get(_resolve(name, source, fallback), dtype)
+
+    config = pruned_config(skeleton.config, plan.sizes, plan.layers)
+    with sharded_checkpoint(Path(out_dir), max_shard_bytes) as writer:
+        for name, tensor in iter_sliced(skeleton, plan, read):
+            if name in fallback:  # tied head: stored once, as from_pretrained expects
+                continue
+            writer.add(name, tensor)
+            del tensor
+        copy_side_files(Path(source_dir), writer.directory)
+        config.torch_dtype = str(dtype).removeprefix("torch.")
+        config.to_json_file(writer.directory / "config.json")
+        meta = {"format_version": 1, "versions": versions(), "streamed": True, **(metadata or {})}
+        (writer.directory / "slmcompress.json").write_text(
+            json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
+        )
+    log.info("prune: streamed export written to %s", out_dir)
+    return Path(out_dir)

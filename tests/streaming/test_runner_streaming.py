@@ -1,0 +1,129 @@
+"""A recipe over a model above ``max_memory`` runs streamed end to end and matches in-memory.
+
+The runner never loads the over-budget model: prune and GPTQ get weightless skeletons,
+stream layer by layer, and their sharded outputs are moved into the stage directories;
+evaluation is skipped with the reason in the report. The same recipe without the budget
+runs in memory; every checkpoint tensor must be identical.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from _stream_utils import small_config, write_sharded_model
+from conftest import write_recipe
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from slmcompress.checkpoint import load_checkpoint
+from slmcompress.recipe import load_recipe
+from slmcompress.runner import run_recipe
+from slmcompress.streaming.engine import should_stream
+
+PRUNE = {
+    "type": "prune",
+    "name": "mlp",
+    "target": {"ffn_hidden_size": 64},
+    "depth_metric": "cosine",
+}
+GPTQ = {"type": "quantize", "name": "w4", "method": "gptq", "bits": 4, "group_size": 32}
+EVAL = {"type": "eval", "name": "final"}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory, tokenizer):
+    directory = tmp_path_factory.mktemp("over-budget") / "m"
+    config = small_config(
+        vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=6
+    )
+    write_sharded_model(directory, config, max_shard_bytes=2_000_000, tokenizer=tokenizer)
+    return directory
+
+
+def _tensors(directory):
+    out = {}
+    for path in sorted(directory.glob("*.safetensors")):
+        out.update(load_file(path))
+    return out
+
+
+def _assert_same_tensors(a, b):
+    ta, tb = _tensors(a), _tensors(b)
+    assert set(ta) == set(tb)
+    for name in ta:
+        assert torch.equal(ta[name], tb[name]), name
+
+
+def _run_both(model_dir, tmp_path, stages):
+    """The recipe just over budget (streamed) and without a budget (in memory)."""
+    budget = str(should_stream(model_dir, "1TB").model_bytes - 1)  # a layer fits easily
+    streamed = run_recipe(
+        load_recipe(
+            write_recipe(
+                tmp_path / "s.yaml", str(model_dir), stages, tmp_path / "s", max_memory=budget
+            )
+        )
+    )
+    in_memory = run_recipe(
+        load_recipe(write_recipe(tmp_path / "m.yaml", str(model_dir), stages, tmp_path / "m"))
+    )
+    return streamed, in_memory
+
+
+def _report(directory):
+    return json.loads((directory / "report.json").read_text())
+
+
+def test_over_budget_gptq_streams_skips_eval_and_matches_in_memory(model_dir, tmp_path):
+    streamed, in_memory = _run_both(model_dir, tmp_path, [GPTQ, EVAL])
+
+    input_report = _report(tmp_path / "s" / "00-input")
+    assert input_report["metrics"]["wikitext2_ppl"] is None
+    assert any("not evaluated" in w for w in input_report["warnings"])
+    for outcome in streamed.stages:  # the quantized model is still over the (float) budget
+        report = _report(outcome.directory)
+        assert report["metrics"]["wikitext2_ppl"] is None, outcome.name
+        assert any("not evaluated" in w for w in report["warnings"]), outcome.name
+
+    gptq_s, gptq_m = streamed.stages[0].directory, in_memory.stages[0].directory
+    assert json.loads((gptq_s / "slmcompress.json").read_text())["streamed"] is True
+    _assert_same_tensors(gptq_s, gptq_m)
+    quant = _report(gptq_s)["model"]["arch"]["quantization"]
+    assert quant["bits"] == 4 and quant["quantized_linears"] == 6 * 7
+    assert _report(gptq_s)["model"]["bytes_on_disk"] > 0
+    ids = torch.tensor([[1, 2, 3, 4]])
+    quantized, _ = load_checkpoint(gptq_s)
+    reference, _ = load_checkpoint(gptq_m)
+    assert torch.equal(quantized(ids).logits, reference(ids).logits)
+    assert _report(gptq_m)["metrics"]["wikitext2_ppl"] > 1  # in memory: evaluated
+
+
+def test_over_budget_prune_streams_then_the_smaller_model_is_evaluated(model_dir, tmp_path):
+    streamed, in_memory = _run_both(model_dir, tmp_path, [PRUNE, GPTQ])
+    prune_s, prune_m = streamed.stages[0].directory, in_memory.stages[0].directory
+    assert json.loads((prune_s / "slmcompress.json").read_text())["streamed"] is True
+    _assert_same_tensors(prune_s, prune_m)
+    pruned = AutoModelForCausalLM.from_pretrained(prune_s)  # plain transformers reloads it
+    assert pruned.config.intermediate_size == 64
+    # the pruned model fits the budget: it is evaluated, and GPTQ runs on it in memory
+    assert _report(prune_s)["metrics"]["wikitext2_ppl"] == pytest.approx(
+        _report(prune_m)["metrics"]["wikitext2_ppl"], rel=1e-5
+    )
+    _assert_same_tensors(streamed.stages[1].directory, in_memory.stages[1].directory)
+
+
+def test_over_budget_model_refuses_a_pass_that_cannot_stream(model_dir, tmp_path):
+    from slmcompress.errors import SlmError
+
+    need = should_stream(model_dir, "1TB").model_bytes
+    stages = [{"type": "quantize", "method": "rtn", "bits": 4, "group_size": 32}]
+    recipe = load_recipe(
+        write_recipe(
+            tmp_path / "r.yaml", str(model_dir), stages, tmp_path / "o", max_memory=str(need - 1)
+        )
+    )
+    with pytest.raises(SlmError, match="cannot stream; only quantize.gptq and prune can"):
+        run_recipe(recipe)
+    assert not list((tmp_path / "o").glob("01-*"))
