@@ -20,7 +20,7 @@ from slmcompress.quant.convert import (
     install_quant_linear,
     quantizable_linears,
 )
-from slmcompress.quant.qparams import rtn_quantize_weight
+from slmcompress.quant.qparams import clip_grid, rtn_quantize_weight
 from slmcompress.registry import register_pass
 
 
@@ -31,7 +31,25 @@ def check_group_size(value: int) -> int:
     return value
 
 
-class RTNConfig(PassConfig):
+class ClipSearchOptions(PassConfig):
+    """Clip-ratio ("mse") search for the group scales/zeros, shared by RTN and GPTQ.
+
+    With ``clip_search``, each group row's min/max range is shrunk by the ratios
+    ``1.0, ..., clip_min_ratio`` (``clip_steps + 1`` values) and the one with the smallest
+    ``|w - q(w)|^clip_norm`` error is kept (GPTQModel/AutoGPTQ's ``mse`` quantizer option).
+    """
+
+    clip_search: bool = False
+    clip_min_ratio: float = Field(0.75, gt=0, le=1)
+    clip_steps: int = Field(25, ge=1)
+    clip_norm: float = Field(2.4, gt=0)
+
+    def clip_ratios(self) -> list[float] | None:
+        """The ratios to try, or None when the search is off."""
+        return clip_grid(self.clip_min_ratio, self.clip_steps) if self.clip_search else None
+
+
+class RTNConfig(ClipSearchOptions):
     """``type: quantize, method: rtn``."""
 
     method: Literal["rtn"] = "rtn"
@@ -59,7 +77,12 @@ class RTNPass(Pass):
         with progress_bar(f"rtn w{cfg.bits}", total=len(targets)) as advance:
             for name, linear in targets.items():
                 codes, scales, zeros, g_idx = rtn_quantize_weight(
-                    linear.weight.detach().cpu(), cfg.bits, cfg.group_size, cfg.sym
+                    linear.weight.detach().cpu(),
+                    cfg.bits,
+                    cfg.group_size,
+                    cfg.sym,
+                    clip_ratios=cfg.clip_ratios(),
+                    clip_norm=cfg.clip_norm,
                 )
                 install_quant_linear(
                     model, name, codes, scales, zeros, g_idx, cfg.bits, cfg.group_size

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slmcompress.errors import PassError
-from slmcompress.quant.qparams import compute_qparams, dequantize_weight, max_code
+from slmcompress.quant.qparams import compute_qparams, dequantize_weight, max_code, search_qparams
 
 log = logging.getLogger(__name__)
 
@@ -83,10 +83,31 @@ def _fp16_exact(scale: torch.Tensor) -> torch.Tensor:
     return scale.clamp(min=_FP16_TINY).half().float()
 
 
-def _group_qparams(w: torch.Tensor, bits: int, sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scale/zero ``(out, 1)`` of a group of columns ``(out, g)``, scale fp16-exact."""
-    scale, zero = compute_qparams(w, bits, sym)
-    return _fp16_exact(scale), zero
+@dataclass(frozen=True)
+class ClipSearch:
+    """Clip-ratio search for group scales/zeros (see :func:`~slmcompress.quant.qparams.search_qparams`)."""
+
+    ratios: tuple[float, ...]
+    norm: float = 2.4
+    weighted: bool = True  # weight each column's error by diag(H)
+
+
+def _group_qparams(
+    w: torch.Tensor,
+    bits: int,
+    sym: bool,
+    clip: ClipSearch | None = None,
+    h_diag: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale/zero ``(out, 1)`` of a group of columns ``(out, g)``, scale fp16-exact.
+
+    With ``clip``, the range is searched; ``h_diag`` ``(g,)`` weights the columns' errors.
+    """
+    if clip is None:
+        scale, zero = compute_qparams(w, bits, sym)
+        return _fp16_exact(scale), zero
+    weight = h_diag if clip.weighted else None
+    return search_qparams(w, bits, sym, list(clip.ratios), clip.norm, weight, _fp16_exact)
 
 
 def prepare_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
@@ -137,11 +158,21 @@ def effective_block_size(block_size: int, group_size: int) -> int:
 
 
 def static_group_params(
-    W: torch.Tensor, bits: int, group_size: int, sym: bool
+    W: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    clip: ClipSearch | None = None,
+    h_diag: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scales/zeros ``(G, out)`` from the unmodified weight's natural groups (``static_groups``)."""
     step = W.shape[1] if group_size == -1 else group_size
-    params = [_group_qparams(W[:, s : s + step], bits, sym) for s in range(0, W.shape[1], step)]
+    params = [
+        _group_qparams(
+            W[:, s : s + step], bits, sym, clip, None if h_diag is None else h_diag[s : s + step]
+        )
+        for s in range(0, W.shape[1], step)
+    ]
     return torch.stack([p[0].squeeze(1) for p in params]), torch.stack(
         [p[1].squeeze(1) for p in params]
     )
@@ -159,6 +190,7 @@ def gptq_quantize(
     damp_percent: float = 0.01,
     static_groups: bool = False,
     error: bool = True,
+    clip: ClipSearch | None = None,
 ) -> GPTQResult:
     """Quantize a Linear weight ``W (out, in)`` given its input Hessian ``H (in, in)``.
 
@@ -181,6 +213,8 @@ def gptq_quantize(
         static_groups: compute all group params from the original ``W`` up front (groups
             stay contiguous in the original order even with act_order).
         error: compute ``stats["rel_output_err"]``/``["output_mse"]`` (two extra matmuls).
+        clip: search each group's clip ratio instead of plain min/max (the "mse" option of
+            AutoGPTQ/GPTQModel), its error weighted by ``diag(H)`` if ``clip.weighted``.
     """
     out_features, columns = W.shape
     maxq = max_code(bits)
@@ -188,7 +222,11 @@ def gptq_quantize(
     W, H = W_orig.clone(), H_orig.clone()
     dead = prepare_dead_inputs(W, H)
     gs = columns if group_size == -1 else group_size
-    static = static_group_params(W, bits, group_size, sym) if static_groups else None
+    static = (
+        static_group_params(W, bits, group_size, sym, clip, torch.diag(H))
+        if static_groups
+        else None
+    )
 
     ar = torch.arange(columns, device=W.device)
     perm = torch.argsort(torch.diag(H), descending=True, stable=True) if act_order else ar
@@ -199,6 +237,7 @@ def gptq_quantize(
     # group of each column in processing order: contiguous in processing order, or for
     # static groups contiguous in the original order
     group_of = (perm if static is not None else ar) // gs  # (in,)
+    h_diag = torch.diag(H).clone()  # (in,) processing order, for a weighted clip search
     Hinv, damp, retries = inverse_hessian_factor(H, damp_percent)  # (in, in) upper
 
     codes = torch.zeros_like(Wt)  # (in, out), processing order
@@ -221,7 +260,8 @@ def gptq_quantize(
                 # Params from the current (error-compensated) weights of the group; by block
                 # alignment the group lies inside W1 or starts at i == 0 (so Wt[i2:] is current).
                 group_rows = torch.cat([W1[i:], Wt[i2:]])[:gs]  # (g, out)
-                scale, zero = (t.squeeze(1) for t in _group_qparams(group_rows.T, bits, sym))
+                params = _group_qparams(group_rows.T, bits, sym, clip, h_diag[col : col + gs])
+                scale, zero = (t.squeeze(1) for t in params)
                 scales.append(scale)
                 zeros.append(zero)
             w = W1[i]  # (out,)

@@ -7,12 +7,18 @@ import torch
 
 from slmcompress.errors import PassError
 from slmcompress.quant.gptq_solver import (
+    ClipSearch,
     HessianAccumulator,
     effective_block_size,
     gptq_quantize,
     inverse_hessian_factor,
 )
-from slmcompress.quant.qparams import dequantize_weight, n_groups, rtn_quantize_weight
+from slmcompress.quant.qparams import (
+    clip_grid,
+    dequantize_weight,
+    n_groups,
+    rtn_quantize_weight,
+)
 from slmcompress.quant.quant_linear import QuantLinear
 
 
@@ -144,3 +150,32 @@ def test_stacked_rows_solve_like_separate_rows():
     stacked = gptq_quantize(w, H, 4, group_size=32, act_order=True)
     top = gptq_quantize(w[:16], H, 4, group_size=32, act_order=True)
     assert torch.equal(stacked.codes[:16], top.codes)
+
+
+def outlier_weights(rows: int, cols: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    return w * (1 + 4 * (torch.rand(rows, cols, generator=g) > 0.98))
+
+
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_clip_search_with_ratio_one_is_the_plain_solver(static_groups):
+    w, x = outlier_weights(32, 192), correlated_inputs(512, 192)
+    kwargs = dict(group_size=64, act_order=True, static_groups=static_groups)
+    plain = gptq_quantize(w, hessian(x), 4, **kwargs)
+    same = gptq_quantize(w, hessian(x), 4, clip=ClipSearch((1.0,)), **kwargs)
+    assert torch.equal(plain.codes, same.codes) and torch.equal(plain.scales, same.scales)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_clip_search_lowers_output_error_and_stays_exact(weighted, static_groups):
+    w, x = outlier_weights(64, 256, seed=1), correlated_inputs(2048, 256, seed=1)
+    kwargs = dict(group_size=64, act_order=True, static_groups=static_groups)
+    plain = gptq_quantize(w, hessian(x), 3, **kwargs)
+    clip = ClipSearch(tuple(clip_grid(0.6, 20)), weighted=weighted)
+    res = gptq_quantize(w, hessian(x), 3, clip=clip, **kwargs)
+    assert torch.equal(dequantize_weight(res.codes, res.scales, res.zeros, res.g_idx), res.weight)
+    assert not torch.equal(res.codes, plain.codes)
+    assert (res.scales <= plain.scales).float().mean() > 0.5  # mostly shrunken ranges
+    assert res.stats["rel_output_err"] < 0.95 * plain.stats["rel_output_err"]
