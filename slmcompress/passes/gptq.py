@@ -10,7 +10,8 @@ the already-quantized earlier groups (q/k/v -> o -> gate/up -> down). The math l
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import logging
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -21,7 +22,8 @@ from transformers import PreTrainedModel
 
 from slmcompress.calib import LayerStep, _layer_output, _to, decoder_layers, layerwise
 from slmcompress.errors import PassError
-from slmcompress.passes.base import Context, Pass, PassConfig
+from slmcompress.passes.base import Context, Pass
+from slmcompress.passes.quantize_rtn import ClipSearchOptions
 from slmcompress.progress import progress_bar
 from slmcompress.quant.convert import (
     ensure_not_quantized,
@@ -29,15 +31,36 @@ from slmcompress.quant.convert import (
     install_quant_linear,
     quantizable_linears,
 )
-from slmcompress.quant.gptq_solver import GPTQResult, HessianAccumulator, error_stats, gptq_quantize
+from slmcompress.quant.gptq_solver import (
+    ClipSearch,
+    GPTQResult,
+    HessianAccumulator,
+    error_stats,
+    gptq_quantize,
+)
 from slmcompress.registry import register_pass
+
+log = logging.getLogger(__name__)
 
 #: keep the last group's inputs to update the layer outputs without a re-forward, up to this size
 _SHORTCUT_MAX_BYTES = 2 * 2**30
+#: the pre-norm residual block the fast path decomposes (Llama/Mistral/Qwen2 naming)
+_RESIDUAL_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+_RESIDUAL_GROUPS = [
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
+    ["self_attn.o_proj"],
+    ["mlp.gate_proj", "mlp.up_proj"],
+    ["mlp.down_proj"],
+]
 
 
-class GPTQConfig(PassConfig):
-    """``type: quantize, method: gptq`` (AutoGPTQ/GPTQModel option names)."""
+class GPTQConfig(ClipSearchOptions):
+    """``type: quantize, method: gptq`` (AutoGPTQ/GPTQModel option names).
+
+    ``clip_search`` (see :class:`ClipSearchOptions`) picks each group's range when the group
+    starts, from the error-compensated weights; ``clip_weighted`` weights each column's
+    error by the Hessian diagonal (its mean squared input).
+    """
 
     method: Literal["gptq"] = "gptq"
     bits: Literal[2, 3, 4, 8] = 4
@@ -48,6 +71,7 @@ class GPTQConfig(PassConfig):
     block_size: int = Field(128, ge=1)
     true_sequential: bool = True
     static_groups: bool = False
+    clip_weighted: bool = True
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     n_samples: int | None = Field(None, ge=1)
     seq_len: int | None = Field(None, ge=8)
@@ -179,6 +203,8 @@ class GPTQPass(Pass):
         """All sub-steps of one decoder layer; leaves fake-quantized weights in the linears."""
         cfg: GPTQConfig = self.config
         groups = self._input_groups(step, local)
+        if cfg.true_sequential and self._residual_path_ok(step, local, groups):
+            return self._quantize_residual_layer(step, layer_name, local, groups, ctx)
         stages = groups if cfg.true_sequential else [[n for g in groups for n in g]]
         results: dict[str, GPTQResult] = {}
         for k, stage in enumerate(stages):
@@ -244,6 +270,7 @@ class GPTQPass(Pass):
             cfg.damp_percent,
             cfg.static_groups,
             error=False,
+            clip=self._clip(),
         )
         if res.stats["damp_retries"]:
             ctx.warn(
@@ -268,6 +295,92 @@ class GPTQPass(Pass):
             deltas.append(part.weight - w)
             local[name].weight.data.copy_(part.weight)
         return deltas
+
+    def _residual_path_ok(
+        self, step: LayerStep, local: dict[str, nn.Linear], groups: list[list[str]]
+    ) -> bool:
+        """Whether the layer is a pre-norm residual block the fast path reproduces exactly.
+
+        Structure by name (Llama/Mistral/Qwen2: ``input_layernorm -> self_attn (+ residual)
+        -> post_attention_layernorm -> mlp (+ residual)``, all seven linears targeted), the
+        kept activations within the memory budget, and, once per layer type, the decomposed
+        forward bit-identical to the layer's own forward on the first batch.
+        """
+        if [set(g) for g in groups] != [set(g) for g in _RESIDUAL_GROUPS]:
+            return False
+        if not all(hasattr(step.layer, part) for part in _RESIDUAL_PARTS):
+            return False
+        tokens = sum(b.hidden.shape[:-1].numel() for b in step.inputs)
+        hidden = local["self_attn.o_proj"].out_features
+        if tokens * (2 * hidden + local["mlp.down_proj"].in_features) * 4 > _SHORTCUT_MAX_BYTES:
+            return False
+        key = ("residual", type(step.layer), tuple(local))
+        if key not in self._groups_cache:
+            batch = step.inputs[0]
+            h, kwargs = batch.hidden.to(step.device), _to(batch.kwargs, step.device)
+            mine = _ResidualBlock(step.layer, local).forward(h, kwargs)
+            same = torch.equal(mine, _layer_output(step.layer(h, **kwargs)))
+            if not same:
+                log.info(
+                    "%s: decomposed forward differs; GPTQ re-runs the layer per sub-step",
+                    type(step.layer).__name__,
+                )
+            self._groups_cache[key] = same
+        return self._groups_cache[key]
+
+    def _quantize_residual_layer(
+        self,
+        step: LayerStep,
+        layer_name: str,
+        local: dict[str, nn.Linear],
+        groups: list[list[str]],
+        ctx: Context,
+    ) -> dict[str, GPTQResult]:
+        """True-sequential GPTQ of a pre-norm residual block for one forward's worth of work.
+
+        Each sub-step's inputs come from the previous sub-step's kept inputs through its
+        just-quantized linear (``h2 = h + o_proj(x_o)``, outputs ``h2 + down_proj(x_down)``)
+        instead of re-running the layer from its input: attention runs once, and the layer
+        outputs need no extra forward. Same inputs, hence the same Hessians, as the
+        generic path, which re-runs the layer up to each sub-step.
+        """
+        block, device = _ResidualBlock(step.layer, local), step.device
+        results: dict[str, GPTQResult] = {}
+
+        def solve(group: list[str], inputs: Iterator[torch.Tensor], keep: bool) -> list:
+            acc = HessianAccumulator(local[group[0]].in_features, device)
+            kept = []
+            for x in inputs:  # (B, T, in)
+                acc.add_batch(x)
+                if keep:
+                    kept.append(x)
+            self._solve_group(group, local, acc.H, layer_name, ctx, results)
+            return kept
+
+        def batches() -> Iterator[tuple[torch.Tensor, dict]]:
+            for batch in step.inputs:
+                yield batch.hidden.to(device), _to(batch.kwargs, device)
+
+        qkv, o_group, mlp_group, down_group = groups
+        solve(qkv, (block.layer.input_layernorm(h) for h, _ in batches()), keep=False)
+        x_o = solve(o_group, (block.o_input(h, kw) for h, kw in batches()), keep=True)
+        h2 = [h + block.o_proj(x) for (h, _), x in zip(batches(), x_o, strict=True)]
+        del x_o
+        solve(mlp_group, (block.layer.post_attention_layernorm(h) for h in h2), keep=False)
+        x_down = solve(down_group, (block.down_input(h) for h in h2), keep=True)
+        outputs = []
+        for batch, h, x in zip(step.inputs, h2, x_down, strict=True):
+            y = h + block.down_proj(x)  # (B, T, H)
+            if not torch.isfinite(y).all():
+                raise PassError(f"layer {step.index}: NaN/Inf in its quantized outputs")
+            outputs.append(y.to(batch.hidden.device))
+        step.set_outputs(outputs)
+        return results
+
+    def _clip(self) -> ClipSearch | None:
+        cfg: GPTQConfig = self.config
+        ratios = cfg.clip_ratios()
+        return ClipSearch(tuple(ratios), cfg.clip_norm, cfg.clip_weighted) if ratios else None
 
     def _input_groups(self, step: LayerStep, local: dict[str, nn.Linear]) -> list[list[str]]:
         """Linears grouped by shared input tensor, in execution order (cached per layer type)."""
@@ -307,6 +420,52 @@ def _discover_input_groups(step: LayerStep, local: dict[str, nn.Linear]) -> list
             f"layer {step.index}: {', '.join(missing)} never ran in the layer's forward"
         )
     return groups
+
+
+class _ResidualBlock:
+    """A pre-norm residual decoder layer taken apart at its linears' inputs."""
+
+    def __init__(self, layer: nn.Module, local: dict[str, nn.Linear]) -> None:
+        self.layer = layer
+        self.o_proj, self.down_proj = local["self_attn.o_proj"], local["mlp.down_proj"]
+
+    def o_input(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """What ``o_proj`` reads: attention output of ``input_layernorm(h)``."""
+        attn = self.layer.self_attn
+        return _input_of(
+            self.o_proj, lambda: attn(hidden_states=self.layer.input_layernorm(h), **kwargs)
+        )
+
+    def down_input(self, h2: torch.Tensor) -> torch.Tensor:
+        """What ``down_proj`` reads, given the residual stream after attention."""
+        return _input_of(
+            self.down_proj, lambda: self.layer.mlp(self.layer.post_attention_layernorm(h2))
+        )
+
+    def forward(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
+        """The layer's output, assembled from the pieces (checked against the real forward)."""
+        h2 = h + self.o_proj(self.o_input(h, kwargs))
+        return h2 + self.down_proj(self.down_input(h2))
+
+
+def _input_of(linear: nn.Linear, run: Callable[[], object]) -> torch.Tensor:
+    """The input ``linear`` receives during ``run()``, which is stopped right there."""
+    seen: list[torch.Tensor] = []
+
+    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
+        seen.append(args[0] if args else kwargs["input"])
+        raise _StopForward
+
+    handle = linear.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        run()
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    if not seen:
+        raise PassError(f"{type(linear).__name__}: never ran in its block's forward")
+    return seen[0]
 
 
 def _run_batches(step: LayerStep, keep_outputs: bool) -> list[torch.Tensor]:

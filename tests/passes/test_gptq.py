@@ -293,3 +293,78 @@ def test_real_model_gptq_beats_rtn_perplexity(real_model, make_ctx):
     gptq_ppl = perplexity(ours, tokens, 512).ppl
     assert not ctx.warnings
     assert gptq_ppl < rtn_ppl - 1.0, (gptq_ppl, rtn_ppl)
+
+
+def test_clip_search_reaches_the_solver_and_round_trips(
+    tiny_llama, make_ctx, tokenizer, tmp_path, monkeypatch
+):
+    calls = []
+    original = gptq_module.gptq_quantize
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("clip"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gptq_module, "gptq_quantize", spy)
+    plain = gptq(bits=3, group_size=32).run(copy.deepcopy(tiny_llama), make_ctx())
+    assert set(calls) == {None}
+    calls.clear()
+    model = gptq(
+        bits=3,
+        group_size=32,
+        clip_search=True,
+        clip_min_ratio=0.8,
+        clip_steps=4,
+        clip_weighted=False,
+    ).run(tiny_llama, make_ctx())
+    assert calls and all(
+        c.ratios == pytest.approx((1.0, 0.95, 0.9, 0.85, 0.8)) and not c.weighted for c in calls
+    )
+    layers, plain_layers = quant_layers(model), quant_layers(plain)
+    assert any(not torch.equal(m.scales, plain_layers[n].scales) for n, m in layers.items())
+    ids = torch.randint(0, 1000, (1, 16))
+    logits = model(ids).logits
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    torch.testing.assert_close(load_checkpoint(tmp_path / "ckpt")[0](ids).logits, logits)
+
+
+def test_residual_fast_path_matches_the_generic_path(tiny_llama, make_ctx, monkeypatch):
+    """The decomposed pre-norm block sees the very inputs the full re-forwards see."""
+    calls = recorded_solves(monkeypatch)
+    used = []
+    fast = GPTQPass._quantize_residual_layer
+
+    def spy(self, step, *args):
+        used.append(step.index)
+        return fast(self, step, *args)
+
+    monkeypatch.setattr(GPTQPass, "_quantize_residual_layer", spy)
+    ids = torch.randint(0, 1000, (1, 16))
+    a = gptq(bits=4, group_size=32, act_order=True).run(copy.deepcopy(tiny_llama), make_ctx())
+    assert used == [0, 1]
+    fast_solves = list(calls)
+    calls.clear()
+    monkeypatch.setattr(GPTQPass, "_residual_path_ok", lambda *args: False)
+    b = gptq(bits=4, group_size=32, act_order=True).run(tiny_llama, make_ctx())
+    assert used == [0, 1] and len(calls) == len(fast_solves) == 8
+    for x, y in zip(fast_solves[:4], calls[:4], strict=True):  # layer 0: identical Hessians
+        assert torch.equal(x.codes, y.codes) and torch.equal(x.scales, y.scales)
+    # layer 1 inputs: exact forward vs the generic path's Y + X dW^T update (float rounding)
+    torch.testing.assert_close(a(ids).logits, b(ids).logits, rtol=1e-3, atol=1e-3)
+
+
+def test_residual_fast_path_is_skipped_for_other_layer_structures(make_ctx, monkeypatch):
+    used = []
+    monkeypatch.setattr(
+        GPTQPass, "_quantize_residual_layer", lambda self, step, *a: used.append(step.index) or {}
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny_llama_config()).eval()
+    for layer in decoder_layers(model):  # an extra op the decomposition does not know about
+        layer.forward = lambda *a, _f=layer.forward, **k: 0.5 * _f(*a, **k)
+    gptq(bits=4, group_size=32).run(model, make_ctx())
+    assert used == []
+    gptq(bits=4, group_size=32, true_sequential=False).run(
+        LlamaForCausalLM(tiny_llama_config()).eval(), make_ctx()
+    )
+    assert used == []
