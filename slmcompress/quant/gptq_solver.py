@@ -259,7 +259,12 @@ def gptq_quantize(
             elif col % gs == 0:
                 # Params from the current (error-compensated) weights of the group; by block
                 # alignment the group lies inside W1 or starts at i == 0 (so Wt[i2:] is current).
-                group_rows = torch.cat([W1[i:], Wt[i2:]])[:gs]  # (g, out)
+                inside = W1[i : i + gs]
+                group_rows = (  # (g, out)
+                    inside
+                    if inside.shape[0] == gs
+                    else torch.cat([inside, Wt[i2 : i2 + gs - inside.shape[0]]])
+                )
                 params = _group_qparams(group_rows.T, bits, sym, clip, h_diag[col : col + gs])
                 scale, zero = (t.squeeze(1) for t in params)
                 scales.append(scale)
