@@ -2,17 +2,20 @@
 
 1. Write a random Llama (bf16) whose weights exceed the cap, shard by shard.
 2. For each pass, a child process caps its own address space with RLIMIT_AS (set before
-   anything is imported, so the cap covers the whole process), streams the pass over the
-   model, and reports its peak RSS (``VmHWM`` of /proc/self/status; not ``ru_maxrss``, which
+   anything is imported, so the cap covers the whole process) and runs ``slmcompress run``
+   on a one-stage recipe whose ``max_memory`` is below the model size: the runner hands the
+   stage a weightless skeleton, the stage streams the model layer by layer and its sharded
+   output is moved into the stage directory. The child reports its peak RSS (``VmHWM`` of /proc/self/status; not ``ru_maxrss``, which
    survives exec and so includes the parent's RSS at fork time). A cgroup is not
    available here; RLIMIT_AS is stricter than an RSS cap (it also counts untouched
    reservations), so "finishes under the cap" is a conservative claim.
 3. The GPTQ output is validated (every shard, every layer's packed tensors) and layer 0 is
-   dequantized and compared with the original weights; the importance scores are counted.
+   dequantized and compared with the original weights; the pruned output is checked for
+   the target MLP width in every layer.
 4. ``slmcompress.plan`` predicts the peak from the config alone; we report both.
 5. A small model runs GPTQ both in memory and streamed: the checkpoints must be bit-identical.
 
-Usage: ``python benchmarks/scale.py [--layers 160] [--cap 3GiB]`` (~10-30 min on 2 CPU cores);
+Usage: ``python benchmarks/scale.py [--layers 160] [--cap 3GiB]`` (minutes to an hour on 2 CPU cores);
 ``--repredict`` recomputes only the predictions of an existing scale.json with the current plan.
 """
 
@@ -31,42 +34,51 @@ from pathlib import Path
 RESULTS = Path(__file__).parent / "results"
 
 CHILD = r"""
-import json, resource, sys, time
-cap = int(sys.argv[4])
-resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
-import torch
-from pathlib import Path
-from slmcompress.streaming.engine import StreamOptions
-model_dir, work, which = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
-n, t, max_memory = int(sys.argv[5]), int(sys.argv[6]), sys.argv[7]
-gptq_layers = int(sys.argv[8]) or None
-tokens = torch.randint(0, 1000, (n, t), generator=torch.Generator().manual_seed(0))
-options = StreamOptions(batch_size=1, max_memory=max_memory)
-start = time.perf_counter()
-if which == "gptq":
-    from slmcompress.passes.gptq import GPTQConfig, GPTQPass
-    from slmcompress.streaming.drivers import gptq_streaming
-    class Ctx:
-        dtype, device, work_dir, extra_metrics = torch.bfloat16, torch.device("cpu"), work / "gptq-work", {}
-        def warn(self, message): pass
-    cfg = GPTQConfig(type="quantize", method="gptq", bits=4, group_size=128, batch_size=1)
-    state = work / "gptq-work/stream/state.json"
-    before = json.loads(state.read_text())["finished"] if state.is_file() else 0
-    gptq_streaming(GPTQPass(cfg), model_dir, Ctx(), work / "gptq-out", options, tokens=tokens,
-                   max_shard_bytes=1_000_000_000, max_layers=gptq_layers)
-    after = json.loads(state.read_text())["finished"] if state.is_file() else -1
-    extra = {"resumed_after_layers": before, "layers_done": after}
-else:
-    from slmcompress.streaming.drivers import activation_importance_streaming
-    imp = activation_importance_streaming(model_dir, tokens, torch.device("cpu"), work / "imp-work", options,
-                                          dtype=torch.bfloat16)
-    extra = {"layers_scored": len(imp.heads)}
-wall = time.perf_counter() - start
-# VmHWM belongs to this address space (reset by exec); ru_maxrss would include the parent's
-# RSS at fork time, because rusage survives execve
-peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-print(json.dumps({"peak_rss_bytes": peak, "wall_s": wall, **extra}))
+import json, resource, sys
+cap = int(sys.argv[1])
+resource.setrlimit(resource.RLIMIT_AS, (cap, cap))  # before torch is imported: covers everything
+status_file = sys.argv[2]
+
+def report_peak():
+    # VmHWM belongs to this address space (reset by exec); ru_maxrss would include the
+    # parent's RSS at fork time, because rusage survives execve
+    with open("/proc/self/status") as f:
+        peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
+    with open(status_file, "w") as f:
+        json.dump({"peak_rss_bytes": peak}, f)
+
+import atexit
+atexit.register(report_peak)
+from slmcompress.cli import main
+sys.argv = ["slmcompress", "run", *sys.argv[3:]]
+main()
 """
+
+
+def recipe_for(which: str, model_dir: Path, args: argparse.Namespace) -> dict:
+    """The recipe each capped child runs through the CLI: one streamed stage, no eval."""
+    stage = {
+        "gptq": {"type": "quantize", "method": "gptq", "bits": 4, "group_size": 128},
+        # Minitron importance (streamed) + tensor-by-tensor slicing to a smaller MLP
+        "importance": {
+            "type": "prune",
+            "method": "activation",
+            "target": {"ffn_hidden_size": args.intermediate * 3 // 4},
+            "depth_metric": "cosine",
+        },
+    }[which]
+    return {
+        "name": f"scale-{which}",
+        "model": str(model_dir),
+        "dtype": "bfloat16",
+        "device": "cpu",
+        "max_memory": args.max_memory,
+        "data": {
+            "calibration": {"source": "c4", "n_samples": args.samples, "seq_len": args.seq_len}
+        },
+        "stages": [{**stage, "batch_size": 1}],
+        "eval": {"tasks": [], "speed": False},
+    }
 
 
 def parse_args() -> argparse.Namespace:
@@ -76,7 +88,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=160)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=4096)
-    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument(
+        "--vocab", type=int, default=49152, help="SmolLM2's tokenizer is saved with it"
+    )
     parser.add_argument("--cap", default="3GiB", help="RLIMIT_AS of each child process")
     parser.add_argument("--max-memory", default="2GiB", help="the streaming engine's memory budget")
     parser.add_argument("--samples", type=int, default=4)
@@ -86,12 +100,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--passes", default="importance,gptq")
     parser.add_argument(
         "--reuse", type=Path, default=None, help="work dir of an earlier run (model + resume state)"
-    )
-    parser.add_argument(
-        "--gptq-layers",
-        type=int,
-        default=None,
-        help="stop GPTQ after this many layers (resumable; peak memory is per layer)",
     )
     return parser.parse_args()
 
@@ -130,26 +138,42 @@ def predict(config: dict, pass_name: str, args: argparse.Namespace) -> int:
 
 
 def run_child(model_dir: Path, work: Path, which: str, cap: int, args: argparse.Namespace) -> dict:
+    """``slmcompress run`` on a one-stage recipe in a child capped with RLIMIT_AS."""
+    import yaml
+
+    recipe = work / f"{which}.yaml"
+    recipe.write_text(yaml.safe_dump(recipe_for(which, model_dir, args)))
+    status = work / f"{which}.status.json"
+    status.unlink(missing_ok=True)
     env = {**os.environ, "MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "2"}
+    out_dir = work / f"run-{which}"
     argv = [
         sys.executable,
         "-c",
         CHILD,
-        str(model_dir),
-        str(work),
-        which,
         str(cap),
-        str(args.samples),
-        str(args.seq_len),
-        args.max_memory,
-        str(args.gptq_layers or 0),
+        str(status),
+        str(recipe),
+        "--output-dir",
+        str(out_dir),
     ]
     start = time.perf_counter()
     child = subprocess.run(argv, capture_output=True, text=True, env=env)
+    wall = time.perf_counter() - start
+    peak = json.loads(status.read_text())["peak_rss_bytes"] if status.is_file() else 0
     if child.returncode != 0:
-        print(child.stderr[-4000:], file=sys.stderr)
-        return {"ok": False, "wall_s": time.perf_counter() - start, "peak_rss_bytes": 0}
-    return {"ok": True, **json.loads(child.stdout.strip().splitlines()[-1])}
+        print(child.stdout[-2000:], child.stderr[-4000:], file=sys.stderr)
+        return {"ok": False, "wall_s": wall, "peak_rss_bytes": peak}
+    stage_dir = next(out_dir.glob("01-*"))
+    report = json.loads((stage_dir / "report.json").read_text())
+    return {
+        "ok": True,
+        "wall_s": wall,
+        "peak_rss_bytes": peak,
+        "stage_dir": stage_dir,
+        "pass_s": report["timings"].get("pass_s"),
+        "report": report,
+    }
 
 
 def check_gptq_output(out: Path, model_dir: Path, layers: int) -> bool:
@@ -173,6 +197,19 @@ def check_gptq_output(out: Path, model_dir: Path, layers: int) -> bool:
     rel = ((q.dequantize() - w).norm() / w.norm()).item()
     print(f"layer 0 q_proj relative weight error after 4-bit GPTQ: {rel:.3f}")
     return rel < 0.2
+
+
+def check_pruned_output(out: Path, args: argparse.Namespace) -> bool:
+    """The pruned checkpoint has the target MLP width in every layer and a consistent index."""
+    from slmcompress.checkpoint import validate_checkpoint
+    from slmcompress.streaming.loader import WeightSource
+
+    config = validate_checkpoint(out)
+    source = WeightSource(out)
+    width = args.intermediate * 3 // 4
+    downs = [k for k in source.entries if k.endswith("mlp.down_proj.weight")]
+    shapes_ok = all(tuple(source.entries[k].shape) == (args.hidden, width) for k in downs)
+    return config["intermediate_size"] == width and len(downs) == args.layers and shapes_ok
 
 
 def bit_exact_small(work: Path) -> bool:
@@ -234,10 +271,13 @@ def render_md(data: dict) -> str:
         "# Scale benchmark: streaming calibration under a memory cap",
         "",
         f"Random Llama, {data['model']['layers']} layers, hidden {data['model']['hidden']}, "
-        f"bf16 weights {format_bytes(data['rows'][0]['weights_bytes'])}; each pass runs in a child process whose "
-        f"address space is capped with RLIMIT_AS at {format_bytes(data['rows'][0]['cap_bytes'])} "
-        f"(streaming budget max_memory={data['max_memory']}); {data['calibration']} calibration tokens; "
-        f"2-core CPU shared with other jobs.",
+        f"bf16 weights {format_bytes(data['rows'][0]['weights_bytes'])}. Each row is `slmcompress run` on a "
+        f"one-stage recipe (recipe `max_memory: {data['max_memory']}`, so the runner never loads the model: the "
+        f"stage streams it layer by layer and its sharded output is moved into place) in a child process whose "
+        f"address space is capped with RLIMIT_AS at {format_bytes(data['rows'][0]['cap_bytes'])}; "
+        f"{data['calibration']} C4 calibration tokens; 2-core CPU. `gptq` = GPTQ 4-bit g128 of every layer; "
+        f"`importance` = prune stage: Minitron activation importance + tensor-by-tensor export of a model with "
+        f"the MLP cut to 75%. Wall time includes process start and imports.",
         "",
         "| pass | weights | cap | peak RSS | predicted peak | error | wall s | ok |",
         "|---|---|---|---|---|---|---|---|",
@@ -249,16 +289,6 @@ def render_md(data: dict) -> str:
             f"{format_bytes(row['peak_rss_bytes'])} | {format_bytes(row['predicted_peak_bytes'])} | "
             f"{err:+.0%} | {row['wall_s']:.0f} | {row['ok']} |"
         )
-    if data.get("gptq_layers"):
-        gptq = next((r for r in data["rows"] if r["pass"] == "gptq"), {})
-        lines += [
-            "",
-            f"GPTQ ran {data['gptq_layers']} of {data['model']['layers']} layers (it resumed after "
-            f"{gptq.get('resumed_after_layers')} from an interrupted run, exercising per-layer resume): on this "
-            "shared 2-core CPU one 4096-wide layer takes ~10 min, so the full model would take hours. Peak "
-            "memory is per layer (constant over layers, measured), so the cap result holds for the full run; "
-            "full-model GPTQ output validity and bit-exactness are checked on smaller models (tests, below).",
-        ]
     lines += [
         "",
         f"Small model, GPTQ in memory vs streamed (disk-spilled activations): bit-identical = "
@@ -277,20 +307,19 @@ def main() -> None:
         _write(data)
         return
     work = args.reuse or Path(tempfile.mkdtemp(prefix="slm-scale-", dir=args.work))
-    done = False
     try:
-        data = measure(args, work)
-        done = True
-        _write(data)
+        _write(measure(args, work))
     finally:
-        if done or not args.gptq_layers:
+        if not args.reuse:
             shutil.rmtree(work, ignore_errors=True)  # be kind to the shared disk
 
 
 def measure(args: argparse.Namespace, work: Path) -> dict:
     """Write (or reuse) the random model, run each pass capped, collect rows."""
     import torch
+    from transformers import AutoTokenizer
 
+    from slmcompress.models import builtin_model_dir
     from slmcompress.plan import parse_bytes
     from slmcompress.streaming.loader import WeightSource
     from slmcompress.streaming.random_model import write_random_checkpoint
@@ -300,6 +329,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     if not (model_dir / "config.json").is_file():
         start = time.perf_counter()
         write_random_checkpoint(config, model_dir, dtype=torch.bfloat16, max_shard_bytes=2 * 10**9)
+        tokenizer_source = builtin_model_dir("smollm2-135m")  # recipes calibrate on real text
+        AutoTokenizer.from_pretrained(tokenizer_source).save_pretrained(model_dir)
         print(f"wrote the random model in {time.perf_counter() - start:.0f} s", flush=True)
     weights = WeightSource(model_dir).nbytes()
     cap = parse_bytes(args.cap)
@@ -307,10 +338,10 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     for which in args.passes.split(","):
         result = run_child(model_dir, work, which, cap, args)
         ok = result["ok"]
-        if ok and which == "gptq" and not args.gptq_layers:
-            ok = check_gptq_output(work / "gptq-out", model_dir, args.layers)
+        if ok and which == "gptq":
+            ok = check_gptq_output(result["stage_dir"], model_dir, args.layers)
         if ok and which == "importance":
-            ok = result.get("layers_scored") == args.layers
+            ok = check_pruned_output(result["stage_dir"], args)
         row = {
             "pass": which,
             "weights_bytes": weights,
@@ -320,17 +351,17 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
             "wall_s": round(result["wall_s"], 1),
             "ok": bool(ok),
         }
-        row.update({k: v for k, v in result.items() if k not in row and k != "ok"})
+        if result.get("pass_s") is not None:
+            row["pass_s"] = round(result["pass_s"], 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-        shutil.rmtree(work / "gptq-out", ignore_errors=True)
+        shutil.rmtree(work / f"run-{which}", ignore_errors=True)
     return {
         "rows": rows,
         "config": config.to_dict(),
         "max_memory": args.max_memory,
         "calibration": f"{args.samples}x{args.seq_len}",
         "model": {"layers": args.layers, "hidden": args.hidden, "intermediate": args.intermediate},
-        "gptq_layers": args.gptq_layers,
         "bit_exact_small": bit_exact_small(work),
     }
 
