@@ -74,6 +74,9 @@ class PruneConfig(PassConfig):
     param_count: Literal["non_embedding", "total"] = "non_embedding"
     round_to: int = Field(8, ge=1, description="channel multiple for param_ratio sizes")
     head_pruning: Literal["within_groups", "kv_groups"] = "within_groups"
+    # projected_output: a head's contribution after o_proj (default; ranks heads inside a
+    # GQA group); attention_output: Minitron's norm of the head's attention output
+    head_metric: Literal["projected_output", "attention_output"] = "projected_output"
     depth_metric: Literal["loss", "cosine"] = "loss"
     depth_mode: Literal["per_layer", "contiguous"] = "per_layer"
     n_samples: int | None = Field(None, ge=1)
@@ -189,7 +192,12 @@ class PrunePass(Pass):
         importance = streamed_importance(self, model, ctx, tokens, block)
         if importance is None:
             importance = activation_importance(
-                model, tokens, ctx.device, cfg.batch_size, block_size=block
+                model,
+                tokens,
+                ctx.device,
+                cfg.batch_size,
+                block_size=block,
+                head_metric=cfg.head_metric,
             )
         if n_drop > 0 and cfg.depth_metric == "loss" and is_lazy(model):
             ctx.warn(

@@ -5,7 +5,9 @@ the activations it produces on a small calibration set, computed with forward ho
 only (no gradients): attention heads by their output, MLP neurons by their activation,
 embedding channels by the LayerNorm outputs. We follow NVIDIA ModelOpt's statistic:
 per channel, mean |x| over the sequence, then L2 over the batch; heads take the L2 of
-their ``head_dim`` channels of the ``o_proj`` input; hidden channels sum the statistic
+their ``head_dim`` channels of the ``o_proj`` input (``head_metric: attention_output``) or,
+by default, the norm of their contribution after ``o_proj`` (``projected_output``: with
+GQA it ranks heads within a KV group far better, see :class:`_LayerHooks`); hidden channels sum the statistic
 of every input / post-attention norm output over layers. Depth is scored by the LM-loss
 increase when a layer (or block) is removed, or by block importance 1 - cos(input,
 output) (Men et al. 2024 "ShortGPT"; used by ModelOpt and Sreenivas et al. 2024).
@@ -142,14 +144,41 @@ def check_supported(model: PreTrainedModel) -> None:
 
 
 # ------------------------------------------------------------------ activation collector
-class _LayerHooks:
-    """Forward hooks on one layer accumulating the Minitron statistics."""
+HEAD_METRICS = ("projected_output", "attention_output")
 
-    def __init__(self, parts: LlamaParts) -> None:
-        self.parts = parts
+
+def projected_head_stat(x: torch.Tensor, o_weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, T, n_heads * head_dim) o_proj input -> (B, n_heads): mean over the sequence of
+    ``|| W_o[:, head] @ x_head ||``, the size of what each head writes into the residual stream.
+    """
+    x = x.detach().float()
+    batch, seq, channels = x.shape
+    w = o_weight.detach().float().view(o_weight.shape[0], n_heads, channels // n_heads)
+    per_head = torch.einsum("btnd,hnd->btnh", x.view(batch, seq, n_heads, -1), w)
+    return per_head.norm(dim=-1).mean(dim=1)
+
+
+class _LayerHooks:
+    """Forward hooks on one layer accumulating the Minitron statistics.
+
+    Heads: ``attention_output`` is Minitron's statistic (the head's attention output, before
+    ``o_proj``); ``projected_output`` (default) measures the head's contribution after
+    ``o_proj``. With GQA the heads of one KV group share their values, so their attention
+    outputs have similar norms and ranking them within a group by that norm is no better
+    than chance on SmolLM2 (benchmarks/results/prune.md); the projected norm separates them.
+    """
+
+    def __init__(
+        self, parts: LlamaParts, n_heads: int, head_metric: str = "projected_output"
+    ) -> None:
+        if head_metric not in HEAD_METRICS:
+            raise PassError(f"head_metric: must be one of {', '.join(HEAD_METRICS)}")
+        self.parts, self.n_heads, self.head_metric = parts, n_heads, head_metric
         self.heads, self.neurons, self.hidden = BatchL2(), BatchL2(), BatchL2()
         self.handles = [
-            parts.o.register_forward_pre_hook(lambda _m, a: self.heads.add(channel_stat(a[0]))),
+            parts.o.register_forward_pre_hook(
+                lambda m, a: self.heads.add(self._head_stat(m, a[0]))
+            ),
             parts.down.register_forward_pre_hook(
                 lambda _m, a: self.neurons.add(channel_stat(a[0]))
             ),
@@ -160,6 +189,16 @@ class _LayerHooks:
                 lambda _m, _a, out: self.hidden.add(channel_stat(out))
             ),
         ]
+
+    def _head_stat(self, o_proj: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+        if self.head_metric == "projected_output":
+            return projected_head_stat(x, o_proj.weight, self.n_heads)  # (B, n_heads)
+        return channel_stat(x)  # (B, n_heads * head_dim)
+
+    def head_values(self) -> torch.Tensor:
+        """(n_heads,) scores, higher = more important."""
+        value = self.heads.value()
+        return value if self.head_metric == "projected_output" else head_scores(value, self.n_heads)
 
     def remove(self) -> None:
         for handle in self.handles:
@@ -195,6 +234,7 @@ def activation_importance(
     device: torch.device,
     batch_size: int = 1,
     block_size: int = 1,
+    head_metric: str = "projected_output",
 ) -> Importance:
     """Minitron importance of heads, neurons and hidden channels, plus cosine depth scores.
 
@@ -204,6 +244,7 @@ def activation_importance(
         device: compute device (one layer at a time lives there).
         batch_size: calibration batch size.
         block_size: also score every contiguous block of this many layers by 1 - cos.
+        head_metric: ``projected_output`` or ``attention_output`` (see :class:`_LayerHooks`).
     """
     check_supported(model)
     n_heads = model.config.num_attention_heads
@@ -211,7 +252,7 @@ def activation_importance(
     hidden: torch.Tensor | None = None
     single, block = _BlockCosine(1), _BlockCosine(block_size)
     for step in layerwise(model, tokens, device, batch_size):
-        hooks = _LayerHooks(llama_parts(step.layer, step.index))
+        hooks = _LayerHooks(llama_parts(step.layer, step.index), n_heads, head_metric)
         try:
             outputs = step.forward(keep_outputs=True)
         finally:
@@ -220,7 +261,7 @@ def activation_importance(
         inputs = [b.hidden for b in step.inputs]
         single.add(inputs, outputs)
         block.add(inputs, outputs)
-        heads.append(head_scores(hooks.heads.value(), n_heads))
+        heads.append(hooks.head_values())
         neurons.append(hooks.neurons.value())
         hidden = hooks.hidden.value() if hidden is None else hidden + hooks.hidden.value()
         per_layer_cos.append(single.scores[-1])
@@ -232,7 +273,7 @@ def activation_importance(
         blocks=torch.tensor(block.scores),
         block_size=block_size,
         method="activation",
-        extra={"depth_metric": "cosine"},
+        extra={"depth_metric": "cosine", "head_metric": head_metric},
     )
 
 

@@ -240,21 +240,16 @@ def importance_streaming(
 # ---------------------------------------------------------------- Minitron importance (prune pass)
 @torch.no_grad()
 def minitron_layer_scores(
-    step: Any, n_heads: int
+    step: Any, n_heads: int, head_metric: str = "projected_output"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One layer of :func:`slmcompress.prune.importance.activation_importance`, as a saved result.
 
     Uses the prune module's own hooks and statistics, so the scores are bit-identical; the
     per-layer cosine sum is kept as a float in the metadata for the exact same division.
     """
-    from slmcompress.prune.importance import (
-        _LayerHooks,
-        cosine_importance,
-        head_scores,
-        llama_parts,
-    )
+    from slmcompress.prune.importance import _LayerHooks, cosine_importance, llama_parts
 
-    hooks = _LayerHooks(llama_parts(step.layer, step.index))
+    hooks = _LayerHooks(llama_parts(step.layer, step.index), n_heads, head_metric)
     try:
         outputs = step.forward(keep_outputs=True)
     finally:
@@ -265,7 +260,7 @@ def minitron_layer_scores(
         s, n = cosine_importance(batch.hidden, out)
         total, count = total + s, count + n
     tensors = {
-        "heads": head_scores(hooks.heads.value(), n_heads),
+        "heads": hooks.head_values(),
         "neurons": hooks.neurons.value(),
         "hidden": hooks.hidden.value(),
     }
@@ -281,6 +276,7 @@ def activation_importance_streaming(
     options: StreamOptions | None = None,
     dtype: torch.dtype = torch.float32,
     block_size: int = 1,
+    head_metric: str = "projected_output",
 ) -> Any:
     """:func:`~slmcompress.prune.importance.activation_importance` over a streamed model (resumable)."""
     from slmcompress.errors import PassError
@@ -296,12 +292,12 @@ def activation_importance_streaming(
     options = replace(
         options or StreamOptions(),
         pass_name="importance",
-        key={"importance": "minitron-activation"},
+        key={"importance": "minitron-activation", "head_metric": head_metric},
     )
     run = StreamingRun(stream, tokens, device, work_dir, options, dtype)
     n_heads = stream.config.num_attention_heads
     for step in run.steps():
-        tensors, meta = minitron_layer_scores(step, n_heads)
+        tensors, meta = minitron_layer_scores(step, n_heads, head_metric)
         run.save_result(step.index, tensors, meta)
     heads, neurons, cos, hidden = [], [], [], None
     for index in range(stream.num_layers()):
@@ -319,5 +315,5 @@ def activation_importance_streaming(
         blocks=torch.tensor(cos),
         block_size=1,
         method="activation",
-        extra={"depth_metric": "cosine", "streamed": True},
+        extra={"depth_metric": "cosine", "head_metric": head_metric, "streamed": True},
     )

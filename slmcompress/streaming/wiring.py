@@ -132,6 +132,7 @@ def streamed_importance(
         options_for(prune_pass.config, ctx),
         ctx.dtype,
         block_size,
+        head_metric=getattr(prune_pass.config, "head_metric", "projected_output"),
     )
 
 

@@ -16,6 +16,7 @@ from slmcompress.prune.importance import (
     lm_loss,
     loss_depth_scores,
     magnitude_importance,
+    projected_head_stat,
     random_importance,
 )
 
@@ -62,7 +63,9 @@ def _reference_stats(model, tokens):
 
 def test_activation_importance_matches_full_forward_hooks(tiny_llama):
     tokens = torch.randint(0, 1000, (4, 16))
-    imp = activation_importance(tiny_llama, tokens, CPU, batch_size=2, block_size=2)
+    imp = activation_importance(
+        tiny_llama, tokens, CPU, batch_size=2, block_size=2, head_metric="attention_output"
+    )
     ref, hidden = _reference_stats(tiny_llama, tokens)
     n_heads = tiny_llama.config.num_attention_heads
     for i in range(2):
@@ -98,3 +101,35 @@ def test_baselines_have_the_right_shapes_and_are_seeded(tiny_llama):
     assert not torch.equal(
         random_importance(tiny_llama, 3).hidden, random_importance(tiny_llama, 4).hidden
     )
+
+
+def test_projected_head_stat_is_the_norm_of_each_heads_o_proj_contribution():
+    torch.manual_seed(0)
+    x, w = torch.randn(2, 5, 3 * 4), torch.randn(6, 3 * 4)  # 3 heads of dim 4, hidden 6
+    got = projected_head_stat(x, w, 3)
+    for h in range(3):
+        cols = slice(4 * h, 4 * h + 4)
+        contribution = x[..., cols] @ w[:, cols].T  # (B, T, hidden)
+        torch.testing.assert_close(got[:, h], contribution.norm(dim=-1).mean(dim=1))
+
+
+def test_projected_metric_sees_a_head_whose_output_is_discarded(tiny_llama):
+    """A head with large attention output but zero o_proj columns writes nothing: only the
+    projected metric ranks it last (the attention-output norm cannot see o_proj)."""
+    layer = decoder_layers(tiny_llama)[0]
+    head_dim = tiny_llama.config.head_dim
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight[:, :head_dim] = 0  # head 0's contribution is gone
+    tokens = torch.randint(0, 1000, (4, 16))
+    projected = activation_importance(tiny_llama, tokens, CPU, batch_size=2)
+    attention = activation_importance(tiny_llama, tokens, CPU, 2, head_metric="attention_output")
+    assert projected.heads[0][0] == 0 and projected.heads[0].argmin() == 0
+    assert attention.heads[0][0] > 0
+    assert projected.extra["head_metric"] == "projected_output"
+
+
+def test_unknown_head_metric_is_a_one_line_error(tiny_llama):
+    from slmcompress.errors import PassError
+
+    with pytest.raises(PassError, match="head_metric: must be one of"):
+        activation_importance(tiny_llama, torch.randint(0, 1000, (1, 8)), CPU, head_metric="x")
