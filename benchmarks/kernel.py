@@ -46,16 +46,6 @@ MS = [1, 4, 16, 64, 256]
 DRY_SHAPES, DRY_MS = [(256, 128)], [1, 32]
 GROUP_SIZE = 128
 ROTATE_BYTES = 256 * 2**20  # rotate weight copies until this many bytes: far beyond any L2
-SMOLLM2 = dict(
-    hidden_size=576,
-    intermediate_size=1536,
-    num_hidden_layers=30,
-    num_attention_heads=9,
-    num_key_value_heads=3,
-    vocab_size=49152,
-    tie_word_embeddings=True,
-    head_dim=64,
-)
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -270,8 +260,10 @@ def bench_e2e(device: str, dry: bool) -> list[dict]:
     """SmolLM2-135M-shaped Llama (random weights): fp16 vs GPTQ-4bit through the kernel."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
+    from slmcompress.plan import PUBLISHED_CONFIGS
+
     dtype = torch.float32 if dry else torch.float16
-    config = LlamaConfig(**(TINY if dry else SMOLLM2))
+    config = LlamaConfig(**(TINY if dry else {**PUBLISHED_CONFIGS["smollm2-135m"], "head_dim": 64}))
     torch.manual_seed(0)
     model = LlamaForCausalLM(config).to(device, dtype).eval()
     new_tokens, rows = (3 if dry else 128), []
