@@ -359,7 +359,9 @@ def plan(
     from slmcompress.plan import plan_recipe, plan_to_dict, render_plan
     from slmcompress.recipe import load_recipe
 
-    plans = plan_recipe(load_recipe(recipe, set_ or []), device_memory, host_memory, config)
+    # with --config the recipe's model need not be on this machine (planning a 70B run)
+    resolved = load_recipe(recipe, set_ or [], check_sources=config is None)
+    plans = plan_recipe(resolved, device_memory, host_memory, config)
     if as_json:
         emit_json(plan_to_dict(plans))
         return

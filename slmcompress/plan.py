@@ -423,8 +423,10 @@ def plan_recipe(
     elem = _elem(resolved.recipe.dtype, profile)
     calib = resolved.recipe.data.calibration
     plans = []
+    budget = resolved.recipe.max_memory
     for stage in resolved.stages:
-        plans.append(_plan_stage(stage, arch, elem, calib, profile))
+        stage_budget = getattr(stage.config, "max_memory", None) or budget
+        plans.append(_plan_stage(stage, arch, elem, calib, profile, stage_budget))
         arch = _after_stage(stage, arch)
     return plans
 
@@ -463,7 +465,25 @@ def _model_config_source(model: str) -> str:
     return str(directory)
 
 
-def _plan_stage(stage: Any, arch: Arch, elem: int, calib: Any, profile: DeviceProfile) -> StagePlan:
+def _budget(max_memory: str | None, profile: DeviceProfile) -> int | None:
+    """The host budget a stage streams against: its max_memory, capped by the host's RAM.
+
+    The runner streams when the model exceeds max_memory itself (not a fraction of it), so
+    the budget is scaled to the planner's rule of "a fraction of the host".
+    """
+    if max_memory is None:
+        return None
+    return min(int(parse_bytes(max_memory) / DEFAULT_MEMORY_FRACTION), profile.host_memory)
+
+
+def _plan_stage(
+    stage: Any,
+    arch: Arch,
+    elem: int,
+    calib: Any,
+    profile: DeviceProfile,
+    max_memory: str | None = None,
+) -> StagePlan:
     cfg = stage.config
     kind = stage.pass_cls.pass_type + (
         f".{stage.pass_cls.pass_method}" if stage.pass_cls.pass_method else ""
@@ -482,13 +502,12 @@ def _plan_stage(stage: Any, arch: Arch, elem: int, calib: Any, profile: DevicePr
             batch,
             elem,
             profile,
+            host_budget=_budget(max_memory, profile),
             streaming=streaming,
             bits=getattr(cfg, "bits", 4),
             group_size=getattr(cfg, "group_size", 128),
         )
         notes = list(est.notes)
-        if kind == "prune":
-            notes.append("slicing to the target holds the model in memory (importance can stream)")
         return StagePlan(
             stage.name,
             kind,

@@ -221,15 +221,21 @@ def _child(node: Any, part: str, path: str, create: bool) -> Any:
     return node[part]
 
 
-def parse_recipe(data: dict[str, Any], source_path: Path | None = None) -> ResolvedRecipe:
-    """Validate a recipe mapping: top level, every stage, and cross-stage rules."""
+def parse_recipe(
+    data: dict[str, Any], source_path: Path | None = None, check_sources: bool = True
+) -> ResolvedRecipe:
+    """Validate a recipe mapping: top level, every stage, and cross-stage rules.
+
+    ``check_sources=False`` skips the checks that the model and data exist (for planning a
+    recipe on a machine that does not hold its model).
+    """
     try:
         recipe = Recipe.model_validate(data)
     except ValidationError as exc:
         raise RecipeError(format_validation_error(exc)) from exc
     stages = [_parse_stage(i, raw) for i, raw in enumerate(recipe.stages)]
     resolved = ResolvedRecipe(recipe=recipe, stages=stages, source_path=source_path)
-    _validate_cross_stage(resolved)
+    _validate_cross_stage(resolved, check_sources)
     return resolved
 
 
@@ -251,7 +257,7 @@ def _parse_stage(index: int, raw: Any) -> Stage:
     return Stage(index=index, name=name, pass_cls=pass_cls, config=config)
 
 
-def _validate_cross_stage(resolved: ResolvedRecipe) -> None:
+def _validate_cross_stage(resolved: ResolvedRecipe, check_sources: bool = True) -> None:
     recipe = resolved.recipe
     names = [s.name for s in resolved.stages]
     for i, name in enumerate(names):
@@ -262,14 +268,15 @@ def _validate_cross_stage(resolved: ResolvedRecipe) -> None:
         if "/" in name or name.startswith("."):
             raise RecipeError(f"stages[{i}].name: must not contain '/' or start with '.'")
     resolve_dtype(recipe.dtype)
-    check_model_source(recipe.model)
-    if recipe.teacher:
-        try:
-            check_model_source(recipe.teacher)
-        except ModelSourceError as exc:
-            raise ModelSourceError("teacher" + str(exc).removeprefix("model")) from exc
-    check_spec(recipe.data.calibration, "data.calibration")
-    check_spec(recipe.data.eval, "data.eval")
+    if check_sources:
+        check_model_source(recipe.model)
+        if recipe.teacher:
+            try:
+                check_model_source(recipe.teacher)
+            except ModelSourceError as exc:
+                raise ModelSourceError("teacher" + str(exc).removeprefix("model")) from exc
+        check_spec(recipe.data.calibration, "data.calibration")
+        check_spec(recipe.data.eval, "data.eval")
     check_disjoint(recipe.data.calibration, recipe.data.eval)
     quantized_at = next(
         (s.index for s in resolved.stages if s.pass_cls.pass_type == "quantize"), None
@@ -284,10 +291,13 @@ def _validate_cross_stage(resolved: ResolvedRecipe) -> None:
                 f"stages[{stage.index}].type: a {stage.pass_cls.pass_type} stage cannot follow the quantize stage "
                 f"stages[{quantized_at}]; quantize last (only eval stages may follow)"
             )
-        stage.config.validate_against(recipe, stage.index)
+        if check_sources:
+            stage.config.validate_against(recipe, stage.index)
 
 
-def load_recipe(path: Path, overrides: list[str] | None = None) -> ResolvedRecipe:
+def load_recipe(
+    path: Path, overrides: list[str] | None = None, check_sources: bool = True
+) -> ResolvedRecipe:
     """Read, override and validate a recipe file."""
     data = apply_overrides(read_recipe_file(Path(path)), overrides or [])
-    return parse_recipe(data, source_path=Path(path))
+    return parse_recipe(data, source_path=Path(path), check_sources=check_sources)

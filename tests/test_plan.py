@@ -116,3 +116,24 @@ def test_plan_cli_json(gptq_recipe, tmp_path):
 
     (row,) = json.loads(result.stdout)
     assert row["pass_name"] == "quantize.gptq" and row["device_peak"] < 80e9
+
+
+def test_plan_a_70b_recipe_whose_model_is_not_on_this_machine(tmp_path):
+    """`plan --config` needs only the recipe: the model directory may live elsewhere."""
+    from typer.testing import CliRunner
+
+    from slmcompress.cli import app
+
+    recipe = write_recipe(
+        tmp_path / "r.yaml",
+        "/models/Meta-Llama-3-70B",
+        [{"type": "quantize", "method": "gptq", "bits": 4, "group_size": 128}],
+        tmp_path / "out",
+        max_memory="120GiB",
+    )
+    args = ["plan", str(recipe), "--config", "llama-3-70b", "--host-memory", "128GiB"]
+    result = CliRunner().invoke(app, [*args, "--device-memory", "80GB"])
+    assert result.exit_code == 0, result.output
+    assert "quantize.gptq" in result.output and "yes" in result.output  # streams: 141 GB > 120 GiB
+    missing = CliRunner().invoke(app, ["plan", str(recipe)])  # no --config: the model must exist
+    assert missing.exit_code != 0 and "does not exist" in missing.output
