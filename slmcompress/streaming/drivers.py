@@ -146,66 +146,12 @@ def assemble_checkpoint(
 
 
 # ---------------------------------------------------------------- importance
-class ImportanceObserver:
-    """Minitron/ModelOpt activation statistics of one decoder layer (fallback implementation).
-
-    MLP neurons: ``|x|`` of the down_proj input, mean over the sequence, L2 over the batch;
-    heads: the same on the o_proj input reshaped ``(heads, head_dim)``, L2 over head_dim;
-    hidden channels: the same on each norm output; depth: ``1 - cos(layer in, layer out)``.
-    """
-
-    def __init__(self, layer: nn.Module, num_heads: int) -> None:
-        self.num_heads = num_heads
-        self.sq: dict[str, torch.Tensor] = {}
-        self.handles = []
-        for name, module in layer.named_modules():
-            if name.endswith("down_proj") or name.endswith("o_proj"):
-                self.handles.append(module.register_forward_pre_hook(self._pre(name)))
-            elif name.endswith("layernorm"):
-                self.handles.append(module.register_forward_hook(self._post(name)))
-
-    def _add(self, key: str, x: torch.Tensor) -> None:
-        stat = x.abs().float().mean(dim=1)  # (B, C): mean |x| over the sequence
-        self.sq[key] = self.sq.get(key, 0) + (stat**2).sum(dim=0)  # running L2^2 over batches
-
-    def _pre(self, name: str):
-        return lambda _m, args: self._add(name, args[0])
-
-    def _post(self, name: str):
-        return lambda _m, _args, out: self._add(name, out)
-
-    def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-
-    def scores(self) -> dict[str, torch.Tensor]:
-        out = {}
-        for name, sq in self.sq.items():
-            l2 = sq.sqrt()  # (C,)
-            if name.endswith("o_proj"):
-                l2 = l2.reshape(self.num_heads, -1).norm(dim=1)  # (heads,)
-            out[name] = l2
-        return out
-
-
 @torch.no_grad()
 def score_step(step: Any, num_heads: int) -> dict[str, torch.Tensor]:
-    """Importance statistics of one layer step + its depth score; sets the step's outputs."""
-    observer = ImportanceObserver(step.layer, num_heads)
-    try:
-        outputs = step.forward(keep_outputs=True)
-    finally:
-        observer.remove()
-    scores = observer.scores()
-    cos_sum, n = 0.0, 0
-    for batch, out in zip(step.inputs, outputs, strict=True):
-        cos = torch.nn.functional.cosine_similarity(
-            batch.hidden.float(), out.float(), dim=-1
-        )  # (B, T)
-        cos_sum, n = cos_sum + cos.sum().item(), n + cos.numel()
-    scores["depth"] = torch.tensor([1.0 - cos_sum / max(n, 1)])
-    step.set_outputs(outputs)
-    return scores
+    """The prune pass's Minitron statistics of one layer step, plus its ``depth`` score
+    (1 - cos between the layer's input and output); sets the step's outputs."""
+    tensors, meta = minitron_layer_scores(step, num_heads)
+    return {**tensors, "depth": torch.tensor([meta["cos_total"] / max(meta["cos_count"], 1)])}
 
 
 @torch.no_grad()
@@ -218,7 +164,10 @@ def importance_streaming(
     dtype: torch.dtype = torch.float32,
     scorer: Any = score_step,
 ) -> dict[str, torch.Tensor]:
-    """Per-layer importance scores of a streamed model: ``{"<layer>.<module>": scores}``."""
+    """Per-layer importance scores of a streamed model: ``{"<layer>.<statistic>": scores}``.
+
+    ``scorer`` is swappable so tests can interrupt a run at a chosen layer.
+    """
     stream = StreamingModel(Path(model_dir), dtype)
     options = replace(
         options or StreamOptions(),
