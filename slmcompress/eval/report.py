@@ -16,7 +16,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmcompress.checkpoint import bytes_on_disk
 from slmcompress.data import EvalSpec, eval_tokens
-from slmcompress.quant.quant_linear import QuantLinear
+from slmcompress.quant.quant_linear import QuantLinear, cached_dequantization
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +132,8 @@ def evaluate(
     if options.ppl:
         start = time.perf_counter()
         tokens = eval_tokens(tokenizer, eval_spec)
-        result = perplexity(model, tokens, eval_spec.seq_len, show_progress=True)
+        with cached_dequantization(model):  # identical numbers, float speed on the torch path
+            result = perplexity(model, tokens, eval_spec.seq_len, show_progress=True)
         metrics["wikitext2_ppl"] = result.ppl
         metrics["eval_tokens"] = result.n_tokens
         metrics["eval_seq_len"] = result.seq_len
@@ -141,9 +142,10 @@ def evaluate(
         from slmcompress.eval.tasks import run_tasks
 
         start = time.perf_counter()
-        results = run_tasks(
-            model, tokenizer, options.tasks, limit=options.limit, batch_size=options.batch_size
-        )
+        with cached_dequantization(model):
+            results = run_tasks(
+                model, tokenizer, options.tasks, limit=options.limit, batch_size=options.batch_size
+            )
         for task, values in results.items():
             for key, value in values.items():
                 metrics[f"{task}_{key}"] = value

@@ -7,7 +7,9 @@ it supports the bit width, otherwise plain-torch dequantize + matmul).
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +55,8 @@ class QuantLinear(nn.Module):
             "bias", torch.zeros(out_features, dtype=torch.float16) if bias else None
         )
         self.backend = "torch"
+        self._weight_cache: torch.Tensor | None = None
+        self.cache_weight = False  # see cached_dequantization()
 
     @classmethod
     def from_codes(
@@ -99,15 +103,44 @@ class QuantLinear(nn.Module):
             if x.is_cuda or dispatch.interpreting():
                 out = dispatch.quant_matmul(x, self)
             else:
-                out = F.linear(x, self.dequantize(x.dtype))
+                out = F.linear(x, self._float_weight(x.dtype))
         else:
-            out = F.linear(x, self.dequantize(x.dtype))
+            out = F.linear(x, self._float_weight(x.dtype))
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out
+
+    def _float_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The dequantized weight: computed per call, or kept while ``cache_weight`` is set."""
+        if not self.cache_weight:
+            return self.dequantize(dtype)
+        if self._weight_cache is None or self._weight_cache.dtype != dtype:
+            self._weight_cache = self.dequantize(dtype)
+        return self._weight_cache
 
     def extra_repr(self) -> str:
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"bits={self.bits}, group_size={self.group_size}, backend={self.backend}"
         )
+
+
+@contextlib.contextmanager
+def cached_dequantization(model: nn.Module) -> Iterator[int]:
+    """Keep each torch-path ``QuantLinear``'s dequantized weight for the duration of the block.
+
+    The torch path dequantizes on every call, which dominates small-batch CPU inference
+    (~4 ms per SmolLM2 linear vs 0.3 ms for its matmul at 8 tokens). Accuracy evaluation
+    (perplexity, tasks) runs thousands of forwards over the same weights: caching gives
+    bit-identical outputs at float speed, for float memory while the block runs. Speed
+    measurements stay outside this block so they time the real serving path.
+    Yields the number of layers that cache.
+    """
+    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    for layer in layers:
+        layer.cache_weight = True
+    try:
+        yield len(layers)
+    finally:
+        for layer in layers:
+            layer.cache_weight, layer._weight_cache = False, None
