@@ -56,6 +56,7 @@ def write(tmp_path: Path, data: dict | str) -> Path:
         (base(model="./does/not/exist"), "model: path ./does/not/exist does not exist"),
         (base(teacher="/nope/teacher"), "teacher: path /nope/teacher does not exist"),
         (base(dtype="float128"), "dtype: unknown dtype"),
+        (base(max_memory="lots"), "max_memory: memory size 'lots': expected a number with a unit"),
         (
             base(data={"calibration": {"source": "wikitext2", "split": "test"}}),
             "data.calibration: uses the evaluation data",
