@@ -43,9 +43,10 @@ from slmcompress.fsutil import atomic_dir, atomic_write_json, atomic_write_text,
 from slmcompress.models import load_model, resolve_device, resolve_dtype
 from slmcompress.passes.base import Context
 from slmcompress.recipe import ResolvedRecipe, Stage
-from slmcompress.streaming.engine import should_stream
+from slmcompress.streaming.engine import machine_budget, should_stream
 from slmcompress.streaming.loader import build_skeleton
 from slmcompress.streaming.wiring import (
+    can_stream,
     is_lazy,
     lazy_model_for,
     load_tokenizer,
@@ -109,6 +110,9 @@ class Runner:
         self.device = dist.local_device(resolve_device(self.recipe.device))
         self.dtype = resolve_dtype(self.recipe.dtype, self.device)
         self.hashes = resolved.stage_hashes()
+        # the host budget that decides streaming: the recipe's, else a fixed share of this
+        # machine's RAM (not of the RAM free right now, so reruns take the same path)
+        self.budget: str = self.recipe.max_memory or str(machine_budget())
         self._model: PreTrainedModel | None = None
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._model_dir: Path | None = (
@@ -207,10 +211,10 @@ class Runner:
         """Why a checkpoint must not be loaded whole (it exceeds the budget), else ``None``."""
         if directory is None:
             return None
-        decision = should_stream(directory, max_memory or self.recipe.max_memory, self.dtype)
+        decision = should_stream(directory, max_memory or self.budget, self.dtype)
         if not decision.stream:
             return None
-        return f"not evaluated: {decision.reason} (set max_memory to evaluate it)"
+        return f"not evaluated: {decision.reason}; raise max_memory to evaluate it"
 
     def _stage_model(self, stage: Stage) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """The model a stage runs on: in memory, or a weightless skeleton the pass streams.
@@ -219,13 +223,14 @@ class Runner:
         any other pass needs the model in memory and refuses one over the budget.
         """
         flag = getattr(stage.config, "streaming", None)
-        if self._model is not None and flag is not True:
+        own_budget = getattr(stage.config, "max_memory", None) and can_stream(stage.config)
+        if self._model is not None and flag is not True and not own_budget:
             return self._model, self._tokenizer
         directory = self._input_dir()
         if directory is not None:
             stage_budget = getattr(stage.config, "max_memory", None)
             skeleton = lazy_model_for(
-                directory, stage.config, self.dtype, default_max_memory=self.recipe.max_memory
+                directory, stage.config, self.dtype, default_max_memory=self.budget
             )
             if skeleton is not None:
                 self._model = None
@@ -234,8 +239,9 @@ class Runner:
             if too_big and stage.pass_cls.changes_model:
                 raise SlmError(
                     f"stage {stage.dirname}: the model is over the memory budget "
-                    f"({too_big.removeprefix('not evaluated: ')}) and "
-                    f"{_pass_name(stage)} cannot stream; only quantize.gptq and prune can"
+                    f"({too_big.removeprefix('not evaluated: ').split(';')[0]}) and "
+                    f"{_pass_name(stage)} cannot stream it; only quantize.gptq and "
+                    f"prune (method activation or random) can"
                 )
             if too_big:  # report-only stage
                 return build_skeleton(directory, self.dtype, allow_quantized=True), load_tokenizer(
@@ -437,7 +443,7 @@ class Runner:
             "config": stage.config.model_dump(),
         }
         if is_lazy(model):
-            move_streamed_checkpoint(source_dir(model), tmp, metadata)
+            move_streamed_checkpoint(source_dir(model), tmp, metadata, ctx.work_dir)
         else:
             write_checkpoint_into(model.to("cpu"), tokenizer, tmp, metadata)
         for name, path in ctx.artifacts.items():

@@ -150,12 +150,17 @@ HEAD_METRICS = ("projected_output", "attention_output")
 def projected_head_stat(x: torch.Tensor, o_weight: torch.Tensor, n_heads: int) -> torch.Tensor:
     """(B, T, n_heads * head_dim) o_proj input -> (B, n_heads): mean over the sequence of
     ``|| W_o[:, head] @ x_head ||``, the size of what each head writes into the residual stream.
+
+    Computed as ``sqrt(x_h^T (W_h^T W_h) x_h)`` with each head's (head_dim, head_dim) Gram
+    matrix, so memory stays the size of ``x`` (never B x T x heads x hidden).
     """
     x = x.detach().float()
     batch, seq, channels = x.shape
     w = o_weight.detach().float().view(o_weight.shape[0], n_heads, channels // n_heads)
-    per_head = torch.einsum("btnd,hnd->btnh", x.view(batch, seq, n_heads, -1), w)
-    return per_head.norm(dim=-1).mean(dim=1)
+    gram = torch.einsum("hnd,hne->nde", w, w)  # (n_heads, head_dim, head_dim)
+    xh = x.view(batch, seq, n_heads, -1)
+    sq = torch.einsum("btnd,nde,btne->btn", xh, gram, xh)
+    return sq.clamp_min(0).sqrt().mean(dim=1)
 
 
 class _LayerHooks:

@@ -136,7 +136,9 @@ def cached_dequantization(model: nn.Module) -> Iterator[int]:
     measurements stay outside this block so they time the real serving path.
     Yields the number of layers that cache.
     """
-    layers = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    layers = [  # on a GPU the packed weights are the point: never hold float copies there
+        m for m in model.modules() if isinstance(m, QuantLinear) and m.qweight.device.type == "cpu"
+    ]
     for layer in layers:
         layer.cache_weight = True
     try:

@@ -78,6 +78,11 @@ def default_budget() -> int:
     return int(psutil.virtual_memory().available * DEFAULT_MEMORY_FRACTION)
 
 
+def machine_budget() -> int:
+    """A fraction of the host's total RAM: the runner's default, the same on every run."""
+    return int(psutil.virtual_memory().total * DEFAULT_MEMORY_FRACTION)
+
+
 def resolve_budget(max_memory: int | str | None) -> int:
     return default_budget() if max_memory in (None, "auto") else parse_bytes(max_memory)
 
@@ -114,7 +119,12 @@ def should_stream(
     model_dir = resolve_model_dir(str(model_source))
     if model_dir is None:
         return StreamDecision(False, 0, 0, "not a local safetensors directory; streaming needs one")
-    arch = Arch.from_config(load_config(model_dir))
+    try:
+        arch = Arch.from_config(load_config(model_dir))
+    except (KeyError, TypeError, ValueError):  # e.g. GPT-2 configs: not a layout we stream
+        return StreamDecision(
+            False, 0, 0, "architecture not understood by the planner; not streamed"
+        )
     elem = torch.empty((), dtype=dtype).element_size()
     need = int((arch.params() * elem + activation_bytes) * SLACK) + BASE_RSS
     budget = resolve_budget(max_memory)

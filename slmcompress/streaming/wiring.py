@@ -50,22 +50,38 @@ def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(directory)
 
 
-def move_streamed_checkpoint(streamed: Path | None, target: Path, metadata: dict[str, Any]) -> None:
-    """Move a pass's sharded output into the stage's temp dir; merge the stage metadata.
+def move_streamed_checkpoint(
+    streamed: Path | None, target: Path, metadata: dict[str, Any], work_dir: Path
+) -> None:
+    """Put a pass's sharded output into the stage's temp dir; merge the stage metadata.
 
-    A rename per file, so a 70B result is never copied or loaded.
+    Output the pass wrote under ``work_dir`` is moved (a rename per file, so a 70B result is
+    never copied or loaded). A skeleton still pointing at its *input* (a pass that changed
+    nothing) is hard-linked or copied: the input directory is never touched.
     """
     if streamed is None or not (Path(streamed) / "config.json").is_file():
         raise PassError("streaming: the pass returned no streamed checkpoint to move into place")
-    meta_path = Path(streamed) / "slmcompress.json"
+    streamed = Path(streamed).resolve()
+    owned = streamed.is_relative_to(Path(work_dir).resolve())
+    meta_path = streamed / "slmcompress.json"
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    for path in Path(streamed).iterdir():
-        os.replace(path, Path(target) / path.name)
+    for path in streamed.iterdir():
+        if not path.is_file():
+            continue
+        if owned:
+            os.replace(path, Path(target) / path.name)
+        elif path.name not in ("report.json", "report.md"):
+            try:
+                os.link(path, Path(target) / path.name)
+            except OSError:  # another filesystem
+                shutil.copy2(path, Path(target) / path.name)
     meta.update(metadata, format_version=1, versions=versions())
+    (Path(target) / "slmcompress.json").unlink(missing_ok=True)  # a link to the input's file
     (Path(target) / "slmcompress.json").write_text(
         json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
     )
-    shutil.rmtree(streamed, ignore_errors=True)
+    if owned:
+        shutil.rmtree(streamed, ignore_errors=True)
 
 
 def wants_streaming(cfg: Any, model: PreTrainedModel) -> bool:

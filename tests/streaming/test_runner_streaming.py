@@ -124,6 +124,38 @@ def test_over_budget_model_refuses_a_pass_that_cannot_stream(model_dir, tmp_path
             tmp_path / "r.yaml", str(model_dir), stages, tmp_path / "o", max_memory=str(need - 1)
         )
     )
-    with pytest.raises(SlmError, match="cannot stream; only quantize.gptq and prune can"):
+    with pytest.raises(
+        SlmError, match="quantize.rtn cannot stream it; only quantize.gptq and prune"
+    ):
         run_recipe(recipe)
     assert not list((tmp_path / "o").glob("01-*"))
+
+
+def test_a_streamed_prune_that_changes_nothing_leaves_its_input_intact(model_dir, tmp_path):
+    """The pass hands back the skeleton of its input: the runner must link, never move."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(model_dir, source)
+    before = sorted(p.name for p in source.iterdir())
+    budget = str(should_stream(source, "1TB").model_bytes - 1)
+    noop = {"type": "prune", "target": {"ffn_hidden_size": 256}, "depth_metric": "cosine"}
+    result = run_recipe(
+        load_recipe(
+            write_recipe(
+                tmp_path / "r.yaml", str(source), [noop], tmp_path / "o", max_memory=budget
+            )
+        )
+    )
+    assert sorted(p.name for p in source.iterdir()) == before
+    _assert_same_tensors(result.stages[0].directory, source)
+    assert any("nothing pruned" in w for w in _report(result.stages[0].directory)["warnings"])
+
+
+def test_budget_check_does_not_stream_architectures_it_does_not_know(tmp_path):
+    from transformers import GPT2Config
+
+    (tmp_path / "gpt2").mkdir()
+    GPT2Config(n_layer=2, n_embd=64, n_head=4).to_json_file(tmp_path / "gpt2" / "config.json")
+    decision = should_stream(tmp_path / "gpt2", "1KB")
+    assert not decision.stream and "not understood" in decision.reason
