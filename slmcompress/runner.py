@@ -163,7 +163,8 @@ class Runner:
                     )
         self.out.mkdir(parents=True, exist_ok=True)
         clean_stale_tmp(self.out)
-        if self.force:
+        if self.force:  # stale per-layer resume state must not leak into the new run either
+            shutil.rmtree(self.out / ".work", ignore_errors=True)
             for entry in self.out.iterdir():
                 if entry.is_dir() and entry.name[:2].isdigit() and entry.name != INPUT_DIR:
                     shutil.rmtree(entry)

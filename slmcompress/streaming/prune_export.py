@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from transformers import PreTrainedModel
+from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from slmcompress.errors import PassError
 from slmcompress.prune.planner import KeepPlan, pruned_config
 from slmcompress.prune.slicing import iter_sliced
 from slmcompress.streaming.loader import WeightSource, _resolve
@@ -56,15 +57,25 @@ def export_pruned_streamed(
     """
     source = WeightSource(Path(source_dir))
     fallback = tied_fallback(skeleton)
+    shapes = {name: t.shape for name, t in skeleton.state_dict().items()}
 
     def read(name: str) -> torch.Tensor:
+        if name in fallback:  # tied head: not stored, so not read (a meta stand-in, skipped below)
+            return torch.empty(shapes[name], device="meta")
         return source.get(_resolve(name, source, fallback), dtype)
 
     config = pruned_config(skeleton.config, plan.sizes, plan.layers)
+    with torch.device("meta"):  # the shapes the pruned config implies, to check every tensor
+        expected = AutoModelForCausalLM.from_config(config).state_dict()
     with sharded_checkpoint(Path(out_dir), max_shard_bytes) as writer:
         for name, tensor in iter_sliced(skeleton, plan, read):
             if name in fallback:  # tied head: stored once, as from_pretrained expects
                 continue
+            if name not in expected or tuple(expected[name].shape) != tuple(tensor.shape):
+                raise PassError(
+                    f"model: pruned tensor {name} {tuple(tensor.shape)} does not match the pruned "
+                    f"{type(skeleton).__name__} config"
+                )
             writer.add(name, tensor)
             del tensor
         copy_side_files(Path(source_dir), writer.directory)
