@@ -29,18 +29,33 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 EVAL_TOKENS, EVAL_SEQ = 8192, 512
 
-# (row id, method, bits, group_size, act_order); ordered by priority (results are written incrementally)
+# (row id, method, bits, group_size, act_order[, extra pass options]); ordered by priority
+# (results are written incrementally). g64 rows sit next to llm-compressor, which refuses
+# group 128 on SmolLM2 (hidden 576 is not a multiple of 128).
 ROWS = [
     ("fp32", "fp32", 32, None, None),
     ("rtn-4-128", "rtn", 4, 128, None),
     ("gptq-4-128-act", "gptq", 4, 128, True),
     ("rtn-3-128", "rtn", 3, 128, None),
     ("gptq-3-128-act", "gptq", 3, 128, True),
-    ("gptq-4-128", "gptq", 4, 128, False),
+    ("rtn-4-64", "rtn", 4, 64, None),
+    ("gptq-4-64-act", "gptq", 4, 64, True),
     ("llmc", "llm-compressor", 4, None, False),
-    ("bnb-nf4", "bnb-nf4", 4, 64, None),
+    # clip-ratio (mse) search for the group scales/zeros
+    ("rtn-4-128-clip", "rtn", 4, 128, None, {"clip_search": True}),
+    ("gptq-4-128-act-clip", "gptq", 4, 128, True, {"clip_search": True}),
+    ("rtn-3-128-clip", "rtn", 3, 128, None, {"clip_search": True}),
+    ("gptq-3-128-act-clip", "gptq", 3, 128, True, {"clip_search": True}),
+    ("gptq-4-128", "gptq", 4, 128, False),
+    ("gptq-4-64", "gptq", 4, 64, False),
+    ("gptq-4-64-static", "gptq", 4, 64, True, {"static_groups": True}),  # = llmc "static"
+    ("gptq-3-128", "gptq", 3, 128, False),
     ("rtn-4-pc", "rtn", 4, -1, None),
     ("gptq-4-pc-act", "gptq", 4, -1, True),
+    ("gptq-4-pc", "gptq", 4, -1, False),
+    ("bnb-nf4", "bnb-nf4", 4, 64, None),
+    ("rtn-4-64-clip", "rtn", 4, 64, None, {"clip_search": True}),
+    ("gptq-4-64-act-clip", "gptq", 4, 64, True, {"clip_search": True}),
 ]
 
 
@@ -68,15 +83,28 @@ def hellaswag(model, tokenizer, limit: int) -> float | None:
     return scores.get("acc_norm") if isinstance(scores, dict) else None
 
 
-def stage_config(method: str, bits: int, group_size: int | None, act_order: bool | None) -> dict:
+def stage_config(
+    method: str,
+    bits: int,
+    group_size: int | None,
+    act_order: bool | None,
+    options: dict | None = None,
+) -> dict:
     """The pass config dict of a row (the same keys a recipe stage has)."""
     if method == "gptq":
         return dict(
-            type="quantize", method="gptq", bits=bits, group_size=group_size, act_order=act_order
+            type="quantize",
+            method="gptq",
+            bits=bits,
+            group_size=group_size,
+            act_order=act_order,
+            **(options or {}),
         )
     if method == "rtn":
-        return dict(type="quantize", method="rtn", bits=bits, group_size=group_size)
-    return dict(type="quantize", method=method)
+        return dict(
+            type="quantize", method="rtn", bits=bits, group_size=group_size, **(options or {})
+        )
+    return dict(type="quantize", method=method, **(options or {}))
 
 
 def run_row(spec: dict, work: Path) -> dict:
@@ -110,20 +138,25 @@ def run_row(spec: dict, work: Path) -> dict:
         seed=0,
     )
     ctx._token_cache[("calib", calib.shape[0], calib.shape[1])] = calib
-    wall, cpu, rss = 0.0, 0.0, peak_rss_bytes()
+    wall, cpu, rss, resolved = 0.0, 0.0, peak_rss_bytes(), None
     if spec["method"] != "fp32":
-        config = stage_config(spec["method"], spec["bits"], spec["group_size"], spec["act_order"])
+        config = stage_config(
+            spec["method"], spec["bits"], spec["group_size"], spec["act_order"], spec["options"]
+        )
         pass_cls = get_pass("quantize", config["method"])
+        resolved = pass_cls.Config(**config)
         start, cpu0 = time.perf_counter(), cpu_seconds()
-        model = pass_cls(pass_cls.Config(**config)).run(model, ctx)
+        model = pass_cls(resolved).run(model, ctx)
         wall, cpu, rss = time.perf_counter() - start, cpu_seconds() - cpu0, peak_rss_bytes()
     out = save_checkpoint(model, tokenizer, work / spec["id"])
     del model
     model, _ = load_checkpoint(out, dtype=torch.float32)  # evaluate the saved artifact
-    ppl = perplexity(model, tokens["eval"], EVAL_SEQ).ppl
+    ppl = perplexity(model, tokens["eval"], EVAL_SEQ, batch_size=4).ppl
     acc = hellaswag(model, tokenizer, spec["hellaswag_limit"])
     return dict(
+        id=spec["id"],
         method=spec["method"],
+        options=spec["options"],
         bits=spec["bits"],
         group_size=spec["group_size"],
         act_order=spec["act_order"],
@@ -135,6 +168,7 @@ def run_row(spec: dict, work: Path) -> dict:
         peak_rss_bytes=rss,
         tool="slmcompress",
         calibration=f"{calib.shape[0]}x{calib.shape[1]}",
+        config=resolved.model_dump(mode="json") if resolved is not None else None,
         warnings=ctx.warnings,
     )
 
@@ -187,7 +221,7 @@ def run_llmc(python: str, work: Path, group: int, timeout: int) -> dict:
         method="gptq",
         bits=4,
         group_size=group,
-        act_order=False,
+        act_order="static",  # GPTQModifier's default actorder (static groups, act-ordered solve)
         hellaswag_acc_norm=None,
         tool="llm-compressor",
     )
@@ -294,28 +328,36 @@ def render_md(result: dict) -> str:
     lines = [
         f"# Quantization benchmark: SmolLM2-135M ({result['setup']})",
         "",
-        "| tool | method | bits | group | act_order | ppl | Δppl | HellaSwag acc_norm | size MB | wall s | CPU s "
-        "| peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| row | tool | method | bits | group | act_order | options | ppl | Δppl "
+        "| HellaSwag acc_norm | size MB | wall s | CPU s | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        head = (
+            f"| {r.get('id', '')} | {r.get('tool')} | {r.get('method')} | {r.get('bits')} "
+            f"| {r.get('group_size')} | {r.get('act_order')} "
+            f"| {', '.join(f'{k}={v}' for k, v in (r.get('options') or {}).items())} |"
+        )
         if "ppl" not in r:
-            lines.append(
-                f"| {r.get('tool')} | {r.get('method')} | {r.get('bits')} | {r.get('group_size')} | | "
-                f"error: {r.get('error')} | | | | | | |"
-            )
+            lines.append(f"{head} error: {r.get('error')} | | | | | | |")
             continue
         delta = f"{r['ppl'] - base:+.2f}" if base else ""
         acc = f"{r['hellaswag_acc_norm']:.3f}" if r.get("hellaswag_acc_norm") is not None else "n/a"
         lines.append(
-            f"| {r['tool']} | {r['method']} | {r['bits']} | {r['group_size']} | {r['act_order']} | "
-            f"{r['ppl']:.2f} | {delta} | {acc} | {r['size_mb']:.1f} | {r['wall_s']:.1f} | {r.get('cpu_s', 0):.1f} | "
-            f"{r['peak_rss_bytes'] / 1e9:.2f} |"
+            f"{head} {r['ppl']:.2f} | {delta} | {acc} | {r['size_mb']:.1f} | {r['wall_s']:.1f} "
+            f"| {r.get('cpu_s', 0):.1f} | {r['peak_rss_bytes'] / 1e9:.2f} |"
         )
     depth = result.get("depth_scaling")
     if depth:
         lines += ["", f"Depth scaling (random Llama, GPTQ 4-bit, 32x256 tokens): {depth}"]
+    if result.get("notes"):
+        lines += ["", "## Notes", ""] + [f"- {note}" for note in result["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def add_row(result: dict, row: dict) -> None:
+    """Append ``row``, replacing an earlier row with the same id."""
+    result["rows"] = [r for r in result["rows"] if r.get("id") != row["id"]] + [row]
 
 
 def save(result: dict) -> None:
@@ -333,6 +375,13 @@ def main() -> None:
     parser.add_argument("--calib", default="128x512", help="calibration n_samples x seq_len")
     parser.add_argument("--only", nargs="*", help="row ids to run")
     parser.add_argument("--hellaswag-limit", type=int, default=100)
+    parser.add_argument(
+        "--hellaswag-rows", nargs="*", help="row ids that get HellaSwag (default: all rows)"
+    )
+    parser.add_argument(
+        "--append", action="store_true", help="keep the rows already in quantize.json (same setup)"
+    )
+    parser.add_argument("--work-dir", help="reuse this directory's tokens.pt (default: a new one)")
     parser.add_argument("--llmc-python", help="interpreter with llmcompressor installed")
     parser.add_argument(
         "--llmc-group", type=int, default=64, help="llm-compressor refuses 128 on hidden 576"
@@ -347,32 +396,49 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     n, t = (int(v) for v in args.calib.split("x"))
-    work = Path(tempfile.mkdtemp(prefix="bench-quantize-"))
-    write_tokens(work, n, t)
-    result = {
-        "setup": f"C4 calibration {n}x{t} seed 0; WikiText-2 test first {EVAL_TOKENS} tokens, "
+    work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-quantize-"))
+    work.mkdir(parents=True, exist_ok=True)
+    if not (work / "tokens.pt").exists():
+        write_tokens(work, n, t)
+    setup = (
+        f"C4 calibration {n}x{t} seed 0; WikiText-2 test first {EVAL_TOKENS} tokens, "
         f"{EVAL_SEQ}-token windows; HellaSwag first {args.hellaswag_limit} val items; "
-        f"2-core CPU, float32",
-        "rows": [],
-    }
-    for row_id, method, bits, group, act in ROWS:
+        f"2-core CPU, float32"
+    )
+    previous = (
+        json.loads((RESULTS / "quantize.json").read_text())
+        if (RESULTS / "quantize.json").exists()
+        else {}
+    )
+    result = {"setup": setup, "rows": []}
+    if args.append:
+        if previous.get("setup") != setup:
+            parser.error(f"--append: quantize.json has another setup: {previous.get('setup')}")
+        result = previous
+    for key in ("depth_scaling", "notes"):  # kept unless re-measured / rewritten
+        if key in previous:
+            result.setdefault(key, previous[key])
+    for row_id, method, bits, group, act, *extra in ROWS:
         if args.only and row_id not in args.only:
             continue
         if row_id == "llmc":
             if args.llmc_python:
                 log.info("row llm-compressor")
-                result["rows"].append(
-                    run_llmc(args.llmc_python, work, args.llmc_group, timeout=3600)
+                add_row(
+                    result,
+                    {"id": row_id, **run_llmc(args.llmc_python, work, args.llmc_group, 3600)},
                 )
                 save(result)
             continue
+        hellaswag = args.hellaswag_rows is None or row_id in args.hellaswag_rows
         spec = dict(
             id=row_id,
             method=method,
             bits=bits,
             group_size=group,
             act_order=act,
-            hellaswag_limit=args.hellaswag_limit,
+            options=extra[0] if extra else {},
+            hellaswag_limit=args.hellaswag_limit if hellaswag else 0,
         )
         log.info("row %s", row_id)
         row = spawn(["--child", json.dumps(spec), "--work", str(work)])
@@ -383,7 +449,7 @@ def main() -> None:
             row_id,
             {k: row.get(k) for k in ("ppl", "wall_s", "peak_rss_bytes", "error")},
         )
-        result["rows"].append(row)
+        add_row(result, {"id": row_id, **row})
         save(result)
     if args.depth_layers:
         small, big = (
