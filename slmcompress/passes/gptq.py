@@ -57,8 +57,8 @@ _RESIDUAL_GROUPS = [
 class GPTQConfig(ClipSearchOptions):
     """``type: quantize, method: gptq`` (AutoGPTQ/GPTQModel option names).
 
-    ``clip_search`` (see :class:`ClipSearchOptions`) picks each group's range when the group
-    starts, from the error-compensated weights; ``clip_weighted`` weights each column's
+    ``clip_search`` (see :class:`ClipSearchOptions`; on by default here) picks each group's
+    range when the group starts, from the error-compensated weights; ``clip_weighted`` weights each column's
     error by the Hessian diagonal (its mean squared input).
     """
 
@@ -71,6 +71,9 @@ class GPTQConfig(ClipSearchOptions):
     block_size: int = Field(128, ge=1)
     true_sequential: bool = True
     static_groups: bool = False
+    # on by default for GPTQ: SmolLM2-135M 32x512, g128 act_order: 4-bit ppl 48.06 -> 44.97,
+    # 3-bit 117.47 -> 79.01 (benchmarks/results/quantize.md)
+    clip_search: bool = True
     clip_weighted: bool = True
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
     n_samples: int | None = Field(None, ge=1)

@@ -295,6 +295,11 @@ def test_real_model_gptq_beats_rtn_perplexity(real_model, make_ctx):
     assert gptq_ppl < rtn_ppl - 1.0, (gptq_ppl, rtn_ppl)
 
 
+def test_clip_search_is_on_by_default_for_gptq():
+    assert GPTQConfig(type="quantize", method="gptq").clip_search
+    assert not RTNConfig(type="quantize").clip_search
+
+
 def test_clip_search_reaches_the_solver_and_round_trips(
     tiny_llama, make_ctx, tokenizer, tmp_path, monkeypatch
 ):
@@ -306,7 +311,9 @@ def test_clip_search_reaches_the_solver_and_round_trips(
         return original(*args, **kwargs)
 
     monkeypatch.setattr(gptq_module, "gptq_quantize", spy)
-    plain = gptq(bits=3, group_size=32).run(copy.deepcopy(tiny_llama), make_ctx())
+    plain = gptq(bits=3, group_size=32, clip_search=False).run(
+        copy.deepcopy(tiny_llama), make_ctx()
+    )
     assert set(calls) == {None}
     calls.clear()
     model = gptq(
