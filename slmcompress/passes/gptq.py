@@ -84,6 +84,19 @@ class GPTQConfig(ClipSearchOptions):
     max_memory: str | None = None  # host budget, e.g. "24GiB" (default: 80% of available RAM)
     activation_offload: Literal["auto", "cpu", "disk"] = "auto"
 
+    def quantization_config(self) -> dict:
+        """The ``quantization_config`` a checkpoint quantized with these settings carries."""
+        return gptq_quantization_config(
+            self.bits,
+            self.group_size,
+            self.sym,
+            self.act_order,
+            self.damp_percent,
+            method="gptq",
+            true_sequential=self.true_sequential,
+            static_groups=self.static_groups,
+        )
+
     @field_validator("group_size")
     @classmethod
     def _check_group_size(cls, value: int) -> int:
@@ -144,36 +157,36 @@ class GPTQPass(Pass):
         with progress_bar(f"gptq w{cfg.bits} g{cfg.group_size}", total=n_layers) as advance:
             for step in layerwise(model, tokens, ctx.device, cfg.batch_size):
                 name = f"{prefix}.{step.index}"
-                local = {n: m for n, m in step.layer.named_modules() if f"{name}.{n}" in targets}
-                results = self._quantize_layer(step, name, local, ctx) if local else {}
-                for lname, res in results.items():
-                    install_quant_linear(
-                        model,
-                        f"{name}.{lname}",
-                        res.codes,
-                        res.scales,
-                        res.zeros,
-                        res.g_idx,
-                        cfg.bits,
-                        cfg.group_size,
-                    )
-                errors[name] = {
-                    lname: round(res.stats["rel_output_err"], 6) for lname, res in results.items()
-                }
+                errors[name] = self.quantize_step(step, name, model, targets, ctx)
                 advance(info=_error_line(errors[name]))
-        model.config.quantization_config = gptq_quantization_config(
-            cfg.bits,
-            cfg.group_size,
-            cfg.sym,
-            cfg.act_order,
-            cfg.damp_percent,
-            method="gptq",
-            true_sequential=cfg.true_sequential,
-            static_groups=cfg.static_groups,
-        )
+        model.config.quantization_config = cfg.quantization_config()
         ctx.extra_metrics["gptq_layer_errors"] = errors
         ctx.extra_metrics["quantized_linears"] = sum(len(e) for e in errors.values())
         return model
+
+    def quantize_step(
+        self, step: LayerStep, name: str, model: nn.Module, targets: set[str], ctx: Context
+    ) -> dict[str, float]:
+        """GPTQ the target linears of decoder layer ``name`` and swap in their ``QuantLinear``s.
+
+        Shared by the in-memory loop and the streaming driver (``model`` is then the skeleton
+        the step's layer belongs to). Returns each linear's relative output error.
+        """
+        cfg: GPTQConfig = self.config
+        local = {n: m for n, m in step.layer.named_modules() if f"{name}.{n}" in targets}
+        results = self._quantize_layer(step, name, local, ctx) if local else {}
+        for lname, res in results.items():
+            install_quant_linear(
+                model,
+                f"{name}.{lname}",
+                res.codes,
+                res.scales,
+                res.zeros,
+                res.g_idx,
+                cfg.bits,
+                cfg.group_size,
+            )
+        return {lname: round(res.stats["rel_output_err"], 6) for lname, res in results.items()}
 
     def _targets(self, model: PreTrainedModel, ctx: Context) -> set[str]:
         """Names of the linears to quantize; everything left out is reported with ctx.warn."""

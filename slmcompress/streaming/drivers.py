@@ -49,8 +49,6 @@ def gptq_streaming(
 
     Writes a sharded GPTQ v1 checkpoint to ``out_dir`` (atomically) and returns it.
     """
-    from slmcompress.quant.convert import gptq_quantization_config, install_quant_linear
-
     cfg = gptq_pass.config
     stream = StreamingModel(Path(model_dir), ctx.dtype)
     targets = gptq_pass._targets(stream.model, ctx)
@@ -68,33 +66,11 @@ def gptq_streaming(
     layer_indices = [max_layers - 1] if max_layers else None
     for step in run.steps(layer_indices):
         name = f"{prefix}.{step.index}"
-        local = {n: m for n, m in step.layer.named_modules() if f"{name}.{n}" in targets}
-        results = gptq_pass._quantize_layer(step, name, local, ctx) if local else {}
-        for lname, res in results.items():
-            install_quant_linear(
-                stream.model,
-                f"{name}.{lname}",
-                res.codes,
-                res.scales,
-                res.zeros,
-                res.g_idx,
-                cfg.bits,
-                cfg.group_size,
-            )
-        errors = {lname: round(res.stats["rel_output_err"], 6) for lname, res in results.items()}
+        errors = gptq_pass.quantize_step(step, name, stream.model, targets, ctx)
         run.save_result(step.index, _prefixed(step.layer, name), {"errors": errors})
     if max_layers and max_layers < stream.num_layers():
         return None  # partial run (benchmarks): results stay in the work dir for a later resume
-    qcfg = gptq_quantization_config(
-        cfg.bits,
-        cfg.group_size,
-        cfg.sym,
-        cfg.act_order,
-        cfg.damp_percent,
-        method="gptq",
-        true_sequential=cfg.true_sequential,
-        static_groups=cfg.static_groups,
-    )
+    qcfg = cfg.quantization_config()
     errors = {
         f"{prefix}.{i}": run.load_result(i)[1].get("errors", {}) for i in range(stream.num_layers())
     }
