@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
+import os
 import platform
 import shutil
 import time
@@ -46,11 +48,11 @@ TARGET = {"ffn_hidden_size": 768, "num_attention_heads": 6, "num_key_value_heads
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tokens", type=int, default=24576, help="training tokens per variant")
+    parser.add_argument("--tokens", type=int, default=98304, help="training tokens per variant")
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--micro-batch", type=int, default=4)
     parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--top-k", type=int, default=64)
     parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--hellaswag-limit", type=int, default=100)
@@ -58,6 +60,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave default)")
     parser.add_argument("--work", type=Path, default=Path("runs/bench-distill"))
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["pruned-only", "ce", "kd", "kd-cache"],
+        choices=["pruned-only", "ce", "kd", "kd-hidden", "kd-cache"],
+    )
+    parser.add_argument(
+        "--append", action="store_true", help="keep the other variants' rows (same setup)"
+    )
     return parser.parse_args()
 
 
@@ -138,38 +149,70 @@ def train(
     return model, row
 
 
+#: variant -> DistillConfig overrides (pruned-only and kd-cache are handled specially)
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ce": {"alpha": 1.0},
+    "kd": {"loss": "forward_kl"},
+    "kd-hidden": {"loss": "forward_kl", "hidden_weight": 1.0},
+    "kd-cache": {"loss": "forward_kl"},
+}
+
+
 def main() -> None:
     args = parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
+    load_start = os.getloadavg()[0]
     torch.manual_seed(0)
     teacher_loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
     teacher, tokenizer = teacher_loaded.model, teacher_loaded.tokenizer
     eval_ids = eval_tokens(tokenizer, EvalSpec(max_tokens=args.eval_tokens, seq_len=512))
-    t0 = time.perf_counter()
-    teacher_metrics = measure(teacher, tokenizer, eval_ids, args.hellaswag_limit)
-    log.info("teacher %s (%.0fs)", teacher_metrics, time.perf_counter() - t0)
+    previous = load_previous(args) if args.append else {"rows": [], "details": {}}
+    rows: list[dict[str, Any]] = [r for r in previous["rows"] if r["variant"] not in args.variants]
+    details: dict[str, Any] = previous["details"]
+    if previous.get("teacher") and args.append:
+        teacher_metrics = previous["teacher"]
+    else:
+        t0 = time.perf_counter()
+        teacher_metrics = measure(teacher, tokenizer, eval_ids, args.hellaswag_limit)
+        log.info("teacher %s (%.0fs)", teacher_metrics, time.perf_counter() - t0)
     pruned = prune(teacher, tokenizer, args)
-    rows = [
-        {
-            "variant": "pruned-only",
-            **measure(pruned, tokenizer, eval_ids, args.hellaswag_limit),
-            "tokens": 0,
-            "wall_s": 0.0,
-            "tokens_per_s": 0.0,
-            "device": "cpu",
-        }
-    ]
-    log.info("%s", rows[-1])
-    notes: dict[str, Any] = {}
-    for variant, overrides in (("ce", {"alpha": 1.0}), ("kd", {"loss": "forward_kl"})):
+    if "pruned-only" in args.variants:
+        rows.append(
+            {
+                "variant": "pruned-only",
+                **measure(pruned, tokenizer, eval_ids, args.hellaswag_limit),
+                "tokens": 0,
+                "wall_s": 0.0,
+                "tokens_per_s": 0.0,
+                "device": "cpu",
+            }
+        )
+        log.info("%s", rows[-1])
+    for variant in [v for v in VARIANTS if v in args.variants]:
+        overrides = dict(VARIANTS[variant])
+        if variant == "kd-cache":
+            overrides["teacher_cache"] = str(build_cache(teacher, tokenizer, args, details))
         model, row = train(variant, pruned, tokenizer, args, **overrides)
+        details[variant] = {k[1:]: row.pop(k) for k in list(row) if k.startswith("_")}
         rows.append(
             {"variant": variant, **measure(model, tokenizer, eval_ids, args.hellaswag_limit), **row}
         )
         log.info("%s", rows[-1])
+        del model
+    order = ["pruned-only", *VARIANTS]
+    rows.sort(key=lambda r: order.index(r["variant"]))
+    details["setup"] = setup_line(args)
+    details.setdefault("load_average", {})
+    for variant in args.variants:
+        details["load_average"][variant] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
+    write_results(args, teacher_metrics, teacher, pruned, rows, details)
+
+
+def build_cache(teacher, tokenizer, args, details: dict[str, Any]) -> Path:
+    """The top-k teacher cache over exactly the sequences the trainings visit."""
     cache_dir = args.work / "teacher-cache"
     shutil.rmtree(cache_dir, ignore_errors=True)
     n_seq = -(-args.tokens // (args.seq_len * args.micro_batch)) * args.micro_batch
@@ -185,16 +228,33 @@ def main() -> None:
         batch_size=args.micro_batch,
         model_name="smollm2-135m",
     )
-    notes["cache_build_s"] = round(time.perf_counter() - start, 1)
-    notes["cache_bytes"] = sum(p.stat().st_size for p in cache_dir.iterdir())
-    model, row = train(
-        "kd-cache", pruned, tokenizer, args, teacher_cache=str(cache_dir), loss="forward_kl"
+    details["cache_build_s"] = round(time.perf_counter() - start, 1)
+    details["cache_bytes"] = sum(p.stat().st_size for p in cache_dir.iterdir())
+    return cache_dir
+
+
+def load_previous(args) -> dict[str, Any]:
+    """The committed results, to add or replace variants trained with the same setup."""
+    path = args.out / "distill.json"
+    if not path.exists():
+        return {"rows": [], "details": {}}
+    previous = json.loads(path.read_text())
+    old_setup = previous.get("details", {}).get("setup")
+    if old_setup != setup_line(args):
+        raise SystemExit(f"--append: {path} was made with another setup ({old_setup})")
+    return {
+        "rows": previous["rows"],
+        "details": previous.get("details", {}),
+        "teacher": previous.get("teacher"),
+    }
+
+
+def setup_line(args) -> str:
+    return (
+        f"tokens={args.tokens} seq_len={args.seq_len} micro_batch={args.micro_batch} lr={args.lr} "
+        f"warmup={args.warmup} top_k={args.top_k} eval_tokens={args.eval_tokens} "
+        f"hellaswag_limit={args.hellaswag_limit} calib_samples={args.calib_samples}"
     )
-    rows.append(
-        {"variant": "kd-cache", **measure(model, tokenizer, eval_ids, args.hellaswag_limit), **row}
-    )
-    log.info("%s", rows[-1])
-    write_results(args, teacher_metrics, teacher, pruned, rows, notes)
 
 
 def recovery(rows: list[dict[str, Any]], teacher_ppl: float, variant: str) -> float:
@@ -203,19 +263,25 @@ def recovery(rows: list[dict[str, Any]], teacher_ppl: float, variant: str) -> fl
     return 100 * (by["pruned-only"] - by[variant]) / (by["pruned-only"] - teacher_ppl)
 
 
-def write_results(args, teacher_metrics, teacher, pruned, rows, notes) -> None:
-    public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
+def write_results(args, teacher_metrics, teacher, pruned, rows, details) -> None:
     atomic_write_json(
-        args.out / "distill.json", {"teacher_ppl": teacher_metrics["ppl"], "rows": public}
+        args.out / "distill.json",
+        {
+            "teacher_ppl": teacher_metrics["ppl"],
+            "rows": rows,
+            "teacher": teacher_metrics,
+            "details": details,
+        },
     )
     atomic_write_text(
-        args.out / "distill.md", render_md(args, teacher_metrics, teacher, pruned, rows, notes)
+        args.out / "distill.md", render_md(args, teacher_metrics, teacher, pruned, rows, details)
     )
 
 
-def render_md(args, teacher_metrics, teacher, pruned, rows, notes) -> str:
+def render_md(args, teacher_metrics, teacher, pruned, rows, details) -> str:
     t_ppl = teacher_metrics["ppl"]
     ne_before, ne_after = count_params(teacher)[1], count_params(pruned)[1]
+    trained = [r["variant"] for r in rows if r["variant"] in details]
     lines = [
         "# Distillation benchmark: healing a width-pruned SmolLM2-135M",
         "",
@@ -240,18 +306,21 @@ def render_md(args, teacher_metrics, teacher, pruned, rows, notes) -> str:
     lines += [
         "",
         "recovery % = (ppl_pruned - ppl_variant) / (ppl_pruned - ppl_teacher).",
-        f"Teacher cache build (teacher forward + top-k, not in kd-cache's wall s): {notes['cache_build_s']} s, "
-        f"{notes['cache_bytes'] / 1e6:.1f} MB on disk.",
+    ]
+    if "cache_build_s" in details:
+        lines.append(
+            f"Teacher cache build (teacher forward + top-k, not in kd-cache's wall s): "
+            f"{details['cache_build_s']} s, {details['cache_bytes'] / 1e6:.1f} MB on disk."
+        )
+    lines += [
         "Train loss first -> last step: "
         + ", ".join(
-            f"{r['variant']} {r['_first_loss']:.3f} -> {r['_final_loss']:.3f}"
-            for r in rows
-            if "_first_loss" in r
+            f"{v} {details[v]['first_loss']:.3f} -> {details[v]['final_loss']:.3f}" for v in trained
         ),
         f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; the 2 CPU cores were shared with other jobs, so wall times are noisy.",
-        "Loss curves: "
-        + ", ".join(f"`distill_{r['variant']}_curve.png`" for r in rows if "_first_loss" in r),
+        f"{torch.get_num_threads()} threads; 1-minute load average at start/end of each variant's "
+        f"run: {details.get('load_average', {})}.",
+        "Loss curves: " + ", ".join(f"`distill_{v}_curve.png`" for v in trained),
         "",
     ]
     return "\n".join(lines)
