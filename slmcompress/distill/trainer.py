@@ -27,6 +27,7 @@ from slmcompress.distill.checkpointing import (
     load_training_state,
     save_training_state,
 )
+from slmcompress.distill.hidden import HiddenCapture, hidden_state_loss
 from slmcompress.distill.losses import LossName, TopK, distill_loss
 from slmcompress.progress import progress_bar
 
@@ -51,6 +52,7 @@ class TrainSettings:
     loss: LossName = "forward_kl"
     temperature: float = 1.0
     alpha: float = 0.0
+    hidden_weight: float = 0.0
     eval_every: int = 0
     save_every: int = 0
     seed: int = 0
@@ -122,6 +124,7 @@ class Trainer:
         on_step: Callable[[int], None] | None = None,
         show_progress: bool = True,
         where: str = "distill",
+        teacher_hidden: HiddenCapture | None = None,
     ) -> None:
         self.model, self.sequences, self.teacher, self.s = model, sequences, teacher, settings
         self.work_dir, self.device, self.eval_fn, self.on_step = (
@@ -136,6 +139,10 @@ class Trainer:
         self.fingerprint = {**fingerprint, "settings": shaping, "world_size": dist.world_size()}
         self.show_progress = show_progress and dist.is_main()
         self.where = where
+        self.teacher_hidden = teacher_hidden  # hooks on the teacher layers matched to the student's
+        self.student_hidden: HiddenCapture | None = None
+        if settings.hidden_weight > 0 and teacher_hidden is None:
+            raise ValueError("hidden_weight > 0 needs the teacher's hidden-state capture")
         self.order = batch_order(sequences.shape[0], settings.seed)
         self.optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
         self.scheduler = LambdaLR(self.optimizer, self._lr_lambda)
@@ -155,6 +162,18 @@ class Trainer:
             log.info("resuming distillation from step %d (%s)", meta["step"], self.work_dir)
         tokens_per_step = self.s.global_batch(dist.world_size()) * self.sequences.shape[1]
         self.model.train()
+        if self.teacher_hidden is not None:
+            self.student_hidden = HiddenCapture(self.model)
+        try:
+            self._loop(result, tokens_per_step)
+        finally:
+            if self.student_hidden is not None:
+                self.student_hidden.remove()
+                self.student_hidden = None
+        self.model.eval()
+        return result
+
+    def _loop(self, result: TrainResult, tokens_per_step: int) -> None:
         with progress_bar("distill", total=self.s.max_steps, enabled=self.show_progress) as advance:
             advance(result.resumed_from)
             for step in range(result.resumed_from, self.s.max_steps):
@@ -169,8 +188,6 @@ class Trainer:
                 advance(1, info=f"loss {record['loss']:.4f}  {result.tokens_per_s:,.0f} tok/s")
                 if self.on_step is not None:
                     self.on_step(step + 1)
-        self.model.eval()
-        return result
 
     def _step(self, step: int) -> dict[str, Any]:
         """One optimizer step over ``grad_accum`` micro-batches."""
@@ -180,11 +197,18 @@ class Trainer:
             input_ids = self.sequences[ids].to(self.device)  # (B, T)
             with torch.no_grad():
                 targets = self.teacher(ids, input_ids)
+            teacher_states = self.teacher_hidden.pop() if self.teacher_hidden else None
+            if self.student_hidden is not None:
+                self.student_hidden.pop()  # drop states recorded by evaluation forwards
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
             loss, parts = distill_loss(
                 logits, input_ids, targets, self.s.loss, self.s.temperature, self.s.alpha
             )
+            if teacher_states is not None and self.student_hidden is not None:
+                hidden = hidden_state_loss(self.student_hidden.pop(), teacher_states)
+                loss = loss + self.s.hidden_weight * hidden
+                parts["hidden"] = hidden.item()
             (loss / self.s.grad_accum).backward()
             for name, value in {"loss": loss.item(), **parts}.items():
                 totals[name] = totals.get(name, 0.0) + value / self.s.grad_accum

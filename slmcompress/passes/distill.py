@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 from transformers import PreTrainedModel
 
 from slmcompress import dist
+from slmcompress.calib import decoder_layers
 from slmcompress.data import DataSpec, check_disjoint, eval_tokens, packed_sequences, spec_identity
 from slmcompress.distill.checkpointing import weights_digest
 from slmcompress.distill.distributed import (
@@ -31,6 +32,7 @@ from slmcompress.distill.distributed import (
     prepare_teacher,
     shard_model,
 )
+from slmcompress.distill.hidden import HiddenCapture, layer_map
 from slmcompress.distill.losses import LossName, TopK, top_k_logits
 from slmcompress.distill.teacher_cache import TeacherCache, tokenizer_fingerprint
 from slmcompress.distill.trainer import TeacherFn, Trainer, TrainResult, TrainSettings, plot_history
@@ -59,6 +61,11 @@ class DistillConfig(PassConfig):
     alpha: float = Field(
         0.0, ge=0, le=1, description="weight of next-token CE; 1 = CE-only fine-tuning"
     )
+    hidden_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of the intermediate hidden-state loss (1 - cos per matched layer); 0: off",
+    )
     lr: float = Field(1e-4, gt=0)
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
@@ -86,6 +93,10 @@ class DistillConfig(PassConfig):
             raise ValueError("give exactly one of max_steps or max_tokens")
         if self.teacher_cache and self.teacher:
             raise ValueError("give teacher or teacher_cache, not both")
+        if self.hidden_weight > 0 and (self.teacher_cache or self.alpha >= 1.0):
+            raise ValueError(
+                "hidden_weight needs a live teacher (a teacher_cache stores logits only; alpha=1 has none)"
+            )
         return self
 
     def data_spec(self, ctx_calibration: DataSpec) -> DataSpec:
@@ -143,6 +154,7 @@ class DistillPass(Pass):
             ctx.device,
             eval_fn=self._eval_fn(ctx),
             where=where,
+            teacher_hidden=self._teacher_hidden,
         )
         result = trainer.train()
         if dist.is_distributed():
@@ -170,6 +182,7 @@ class DistillPass(Pass):
             loss=cfg.loss,
             temperature=cfg.temperature,
             alpha=cfg.alpha,
+            hidden_weight=cfg.hidden_weight,
             eval_every=cfg.eval_every,
             save_every=cfg.save_every,
             seed=ctx.seed,
@@ -215,12 +228,15 @@ class DistillPass(Pass):
     ) -> tuple[TeacherFn, str]:
         """A function giving the teacher's targets for a batch, and the teacher's name."""
         cfg: DistillConfig = self.config
+        self._teacher_hidden = None
         if cfg.alpha >= 1.0:
             return (lambda ids, input_ids: None), "none (alpha=1: CE only)"
         if cache is not None:
             return self._cached_teacher(cache, ctx, where), f"cache:{cache.manifest['model']}"
         source = cfg.teacher or ctx.teacher or ctx.original_model
         teacher = self._load_teacher(source, student, ctx, where)
+        if cfg.hidden_weight > 0:
+            self._teacher_hidden = self._hidden_capture(teacher, student, where)
         top_k = cfg.top_k
 
         def live(ids: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | TopK:
@@ -228,6 +244,26 @@ class DistillPass(Pass):
             return top_k_logits(logits, top_k) if top_k else logits
 
         return live, source
+
+    @staticmethod
+    def _hidden_capture(
+        teacher: PreTrainedModel, student: PreTrainedModel, where: str
+    ) -> HiddenCapture:
+        """Hooks on the teacher layers matched to the student's (equal hidden sizes only)."""
+        t_hidden, s_hidden = teacher.config.hidden_size, student.config.hidden_size
+        if t_hidden != s_hidden:
+            raise PassError(
+                f"{where}.hidden_weight: the student's hidden_size {s_hidden} differs from the "
+                f"teacher's {t_hidden} (embedding channels were pruned); the hidden-state loss "
+                "compares them directly, so set hidden_weight: 0"
+            )
+        n_student, n_teacher = len(decoder_layers(student)), len(decoder_layers(teacher))
+        if n_student > n_teacher:
+            raise PassError(
+                f"{where}.hidden_weight: the student has more layers ({n_student}) than the teacher "
+                f"({n_teacher})"
+            )
+        return HiddenCapture(teacher, layer_map(n_student, n_teacher))
 
     def _cached_teacher(self, cache: TeacherCache, ctx: Context, where: str) -> TeacherFn:
         cfg: DistillConfig = self.config
