@@ -215,7 +215,7 @@ class Runner:
         decision = should_stream(directory, max_memory or self.budget, self.dtype)
         if not decision.stream:
             return None
-        return f"not evaluated: {decision.reason}; raise max_memory to evaluate it"
+        return f"{NOT_EVALUATED} {decision.reason}; raise max_memory to evaluate it"
 
     def _stage_model(self, stage: Stage) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
         """The model a stage runs on: in memory, or a weightless skeleton the pass streams.
@@ -260,10 +260,12 @@ class Runner:
             "eval": self.resolved.eval_hash(),
         }
         report_path = directory / "report.json"
-        if report_path.is_file() and read_metadata(directory).get("input_key") == key:
-            return json.loads(report_path.read_text())["metrics"]
         source = self._source_dir()
         too_big = self._over_budget(source)
+        if report_path.is_file() and read_metadata(directory).get("input_key") == key:
+            cached = json.loads(report_path.read_text())
+            if too_big or not _skipped_for_budget(cached):  # else the raised budget allows it now
+                return cached["metrics"]
         if too_big:
             log.warning("input model: %s", too_big)
             metrics, timings, warnings = skipped_metrics(), {}, [too_big]
@@ -325,7 +327,8 @@ class Runner:
         if not self._must_rerun(stage) and self._is_complete(stage, stage_hash):
             log.info("stage %s is complete (hash %s): skipped", stage.dirname, stage_hash)
             report = json.loads((directory / "report.json").read_text())
-            if read_metadata(directory).get("eval_hash") != self.resolved.eval_hash():
+            stale = read_metadata(directory).get("eval_hash") != self.resolved.eval_hash()
+            if stale or _skipped_for_budget(report):  # a raised max_memory may now allow it
                 report = self._reevaluate(stage, directory, previous, original)
             if stage.pass_cls.changes_model:
                 self._model = None
@@ -349,8 +352,12 @@ class Runner:
         atomic_write_json(self.out / "run.json", manifest)
         return StageOutcome(stage.name, directory, "ran", wall, report)
 
-    def _context(self, stage: Stage, tokenizer: PreTrainedTokenizerBase) -> Context:
+    def _context(
+        self, stage: Stage, tokenizer: PreTrainedTokenizerBase, stage_hash: str
+    ) -> Context:
         work_dir = self.out / ".work" / stage.dirname
+        if dist.is_main():  # other ranks only read it, after rank 0 has claimed it
+            claim_work_dir(work_dir, stage_hash)
         work_dir.mkdir(parents=True, exist_ok=True)
         return Context(
             tokenizer=tokenizer,
@@ -373,7 +380,7 @@ class Runner:
         if not skip and stage.pass_cls.supports_distributed:
             model, tokenizer = self._ensure_model()
             seed_everything(self.recipe.seed)
-            stage.pass_cls(stage.config).run(model, self._context(stage, tokenizer))
+            stage.pass_cls(stage.config).run(model, self._context(stage, tokenizer, stage_hash))
         if stage.pass_cls.changes_model:
             self._model, self._model_dir = (
                 None,
@@ -387,7 +394,7 @@ class Runner:
         """Run the pass, write checkpoint + report into a temp dir, evaluate the saved artifact."""
         model, tokenizer = self._stage_model(stage)
         directory = self.out / stage.dirname
-        ctx = self._context(stage, tokenizer)
+        ctx = self._context(stage, tokenizer, stage_hash)
         work_dir = ctx.work_dir
         seed_everything(self.recipe.seed)
         log.info("stage %s: %s", stage.dirname, stage.pass_cls.__name__)
@@ -400,7 +407,7 @@ class Runner:
             checkpoint_dir = tmp if stage.pass_cls.changes_model else None
             if is_lazy(evaluated):  # over the memory budget: report sizes, not metrics
                 reason = self._over_budget(checkpoint_dir or self._input_dir()) or (
-                    "not evaluated: the model is over the memory budget"
+                    f"{NOT_EVALUATED} the model is over the memory budget"
                 )
                 ctx.warnings.append(reason)
                 metrics, timings = skipped_metrics(), {}
@@ -513,7 +520,7 @@ class Runner:
             previous,
             original,
             {**old["timings"], **timings},
-            old["warnings"],
+            [w for w in old["warnings"] if not w.startswith(NOT_EVALUATED)],
             old.get("extra"),
         )
         atomic_write_json(directory / "report.json", report)
@@ -542,3 +549,27 @@ def _pass_name(stage: Stage) -> str:
 def run_recipe(resolved: ResolvedRecipe, **kwargs: Any) -> RunResult:
     """Convenience wrapper: ``Runner(resolved, **kwargs).run()``."""
     return Runner(resolved, **kwargs).run()
+
+
+#: prefix of the report warning for a stage whose metrics were skipped (over the memory budget)
+NOT_EVALUATED = "not evaluated:"
+
+
+def _skipped_for_budget(report: dict[str, Any]) -> bool:
+    return any(str(w).startswith(NOT_EVALUATED) for w in report.get("warnings", []))
+
+
+def claim_work_dir(work_dir: Path, stage_hash: str) -> Path:
+    """The stage's scratch dir, emptied first if a crashed run of *another* stage hash left it.
+
+    Resume state (per-layer results, training checkpoints) is only valid for the exact
+    stage and inputs that wrote it; the chained stage hash covers both.
+    """
+    marker = work_dir / "STAGE_HASH"
+    if work_dir.exists() and (not marker.is_file() or marker.read_text() != stage_hash):
+        log.info("discarding %s: left by a run of another stage hash", work_dir)
+        shutil.rmtree(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    if not marker.is_file():
+        atomic_write_text(marker, stage_hash)
+    return work_dir

@@ -143,3 +143,21 @@ def test_write_failure_mid_stage_leaves_no_complete_looking_stage(
     assert not [p for p in out.iterdir() if p.name.startswith(".01-w4")]  # temp dir cleaned
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["stages"][0]["status"] == "failed"
+
+
+def test_scratch_of_another_stage_hash_is_discarded_and_own_scratch_kept(tmp_path):
+    from slmcompress.runner import claim_work_dir
+
+    work = tmp_path / ".work" / "01-x"
+    claim_work_dir(work, "hash-a")
+    (work / "layer-000.safetensors").write_bytes(b"resume state")
+    claim_work_dir(work, "hash-a")  # the same stage resumes: its state survives
+    assert (work / "layer-000.safetensors").is_file()
+    claim_work_dir(work, "hash-b")  # the parent or the config changed: start clean
+    assert not (work / "layer-000.safetensors").exists()
+    assert (work / "STAGE_HASH").read_text() == "hash-b"
+    legacy = tmp_path / ".work" / "02-y"
+    legacy.mkdir()
+    (legacy / "stale").write_text("no marker")
+    claim_work_dir(legacy, "hash-c")
+    assert not (legacy / "stale").exists()

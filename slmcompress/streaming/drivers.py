@@ -76,10 +76,12 @@ def gptq_streaming(
     }
     ctx.extra_metrics["gptq_layer_errors"] = errors
     ctx.extra_metrics["quantized_linears"] = sum(len(e) for e in errors.values())
+    from slmcompress.passes.gptq import error_vs_rtn  # the pass imports this module
+
+    ctx.extra_metrics["gptq_vs_rtn_output_err"] = error_vs_rtn(errors, ctx)
     out = assemble_checkpoint(
         run, out_dir, {"quantization_config": qcfg}, max_shard_bytes, metadata
     )
-    run.cleanup()
     return out
 
 
@@ -231,7 +233,6 @@ def activation_importance_streaming(
         neurons.append(tensors["neurons"])
         hidden = tensors["hidden"] if hidden is None else hidden + tensors["hidden"]
         cos.append(meta["cos_total"] / meta["cos_count"])
-    run.cleanup()
     return Importance(
         heads=heads,
         neurons=neurons,

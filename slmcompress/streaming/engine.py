@@ -342,10 +342,6 @@ class StreamingRun:
     def load_result(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return self.state.load_result(index)
 
-    def cleanup(self) -> None:
-        """Delete the run's scratch files (after the final artifact is published)."""
-        shutil.rmtree(self.root, ignore_errors=True)
-
 
 def streaming_layerwise(
     model_dir: Path,

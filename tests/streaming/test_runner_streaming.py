@@ -159,3 +159,25 @@ def test_budget_check_does_not_stream_architectures_it_does_not_know(tmp_path):
     GPT2Config(n_layer=2, n_embd=64, n_head=4).to_json_file(tmp_path / "gpt2" / "config.json")
     decision = should_stream(tmp_path / "gpt2", "1KB")
     assert not decision.stream and "not understood" in decision.reason
+
+
+def test_raising_max_memory_evaluates_the_stages_that_were_skipped(model_dir, tmp_path):
+    budget = str(should_stream(model_dir, "1TB").model_bytes - 1)
+    out = tmp_path / "o"
+    recipe = write_recipe(tmp_path / "r.yaml", str(model_dir), [GPTQ], out, max_memory=budget)
+    first = run_recipe(load_recipe(recipe))
+    assert _report(first.stages[0].directory)["metrics"]["wikitext2_ppl"] is None
+    checkpoint = _tensors(first.stages[0].directory)
+
+    recipe = write_recipe(tmp_path / "r.yaml", str(model_dir), [GPTQ], out, max_memory="64GB")
+    second = run_recipe(load_recipe(recipe))
+    assert second.stages[0].status == "skipped"  # the pass did not run again ...
+    report = _report(second.stages[0].directory)
+    assert report["metrics"]["wikitext2_ppl"] > 1  # ... but its checkpoint was evaluated
+    assert not any(w.startswith("not evaluated") for w in report["warnings"])
+    assert _report(out / "00-input")["metrics"]["wikitext2_ppl"] > 1
+    after = _tensors(second.stages[0].directory)
+    assert set(after) == set(checkpoint) and all(
+        torch.equal(after[k], checkpoint[k]) for k in after
+    )
+    assert not (out / ".work").exists() or not any((out / ".work").iterdir())
