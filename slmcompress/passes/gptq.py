@@ -37,6 +37,7 @@ from slmcompress.quant.gptq_solver import (
     HessianAccumulator,
     error_stats,
     gptq_quantize,
+    rtn_rel_output_err,
 )
 from slmcompress.registry import register_pass
 
@@ -162,6 +163,7 @@ class GPTQPass(Pass):
         model.config.quantization_config = cfg.quantization_config()
         ctx.extra_metrics["gptq_layer_errors"] = errors
         ctx.extra_metrics["quantized_linears"] = sum(len(e) for e in errors.values())
+        ctx.extra_metrics["gptq_vs_rtn_output_err"] = error_vs_rtn(errors, ctx)
         return model
 
     def quantize_step(
@@ -186,6 +188,8 @@ class GPTQPass(Pass):
                 cfg.bits,
                 cfg.group_size,
             )
+        rtn = ctx.extra_metrics.setdefault("rtn_layer_errors", {})
+        rtn[name] = {n: round(r.stats["rtn_rel_output_err"], 6) for n, r in results.items()}
         return {lname: round(res.stats["rel_output_err"], 6) for lname, res in results.items()}
 
     def _targets(self, model: PreTrainedModel, ctx: Context) -> set[str]:
@@ -305,7 +309,12 @@ class GPTQPass(Pass):
                 res.zeros[:, rows],
                 res.g_idx,
                 res.weight[rows],
-                error_stats(w, res.weight[rows], H),
+                {
+                    **error_stats(w, res.weight[rows], H),
+                    "rtn_rel_output_err": rtn_rel_output_err(
+                        w, H, cfg.bits, cfg.group_size, cfg.sym
+                    ),
+                },
             )
             results[name] = part
             deltas.append(part.weight - w)
@@ -540,3 +549,26 @@ def _layers_prefix(model: PreTrainedModel) -> str:
 def _error_line(errors: dict[str, float]) -> str:
     """Compact per-linear relative output errors for the progress bar."""
     return " ".join(f"{name.rsplit('.', 1)[-1]}={err:.2e}" for name, err in errors.items())
+
+
+def error_vs_rtn(errors: dict[str, dict[str, float]], ctx: Context) -> dict[str, float | int]:
+    """GPTQ's layer-output error as a fraction of plain RTN's, on the same calibration Hessians.
+
+    The layer objective GPTQ minimises; the report shows how much of it was removed
+    (layers restored from streaming resume state have no RTN figure and are left out).
+    """
+    rtn = ctx.extra_metrics.get("rtn_layer_errors", {})
+    ratios = sorted(
+        e / rtn[layer][name]
+        for layer, per in errors.items()
+        for name, e in per.items()
+        if rtn.get(layer, {}).get(name)
+    )
+    if not ratios:
+        return {"linears": 0}
+    return {
+        "linears": len(ratios),
+        "median_ratio": round(ratios[len(ratios) // 2], 4),
+        "mean_ratio": round(sum(ratios) / len(ratios), 4),
+        "max_ratio": round(ratios[-1], 4),
+    }

@@ -21,7 +21,13 @@ from dataclasses import dataclass, field
 import torch
 
 from slmcompress.errors import PassError
-from slmcompress.quant.qparams import compute_qparams, dequantize_weight, max_code, search_qparams
+from slmcompress.quant.qparams import (
+    compute_qparams,
+    dequantize_weight,
+    fake_quantize,
+    max_code,
+    search_qparams,
+)
 
 log = logging.getLogger(__name__)
 
@@ -353,6 +359,8 @@ def _gptq_quantize(
         codes, scales_t, zeros_t, g_idx
     )  # bit-identical to the checkpoint's dequant
     stats = error_stats(W_orig, Q, H_orig) if error else {}
+    if error:
+        stats["rtn_rel_output_err"] = rtn_rel_output_err(W_orig, H_orig, bits, group_size, sym)
     stats.update(
         obs_loss=float(losses), damp_percent=damp, damp_retries=retries, dead_inputs=int(dead.sum())
     )
@@ -369,3 +377,20 @@ def error_stats(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> dict[str, 
     err = ((delta @ H) * delta).sum().item()
     ref = ((W @ H) * W).sum().item()
     return {"rel_output_err": err / ref if ref > 0 else 0.0, "output_mse": err / (2 * W.shape[0])}
+
+
+def rtn_rel_output_err(
+    W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool
+) -> float:
+    """:func:`error_stats`' relative output error of plain min/max RTN (contiguous groups).
+
+    GPTQ's baseline on the same ``H``: the ratio shows how much of the layer objective
+    GPTQ removed.
+    """
+    step = W.shape[1] if group_size == -1 else group_size
+    Q = torch.empty_like(W)
+    for start in range(0, W.shape[1], step):
+        block = W[:, start : start + step]  # (out, g)
+        scale, zero = compute_qparams(block, bits, sym)
+        Q[:, start : start + step] = fake_quantize(block, _fp16_exact(scale), zero, bits)
+    return error_stats(W, Q, H)["rel_output_err"]
