@@ -30,32 +30,31 @@ RESULTS = ROOT / "benchmarks" / "results"
 EVAL_TOKENS, EVAL_SEQ = 8192, 512
 
 # (row id, method, bits, group_size, act_order[, extra pass options]); ordered by priority
-# (results are written incrementally). g64 rows sit next to llm-compressor, which refuses
-# group 128 on SmolLM2 (hidden 576 is not a multiple of 128).
+# (results are written incrementally). GPTQ rows use the pass defaults (clip_search on,
+# true_sequential on, damp 0.01) unless the options say otherwise. g64 rows sit next to
+# llm-compressor, which refuses group 128 on SmolLM2 (hidden 576 is not a multiple of 128).
 ROWS = [
     ("fp32", "fp32", 32, None, None),
     ("rtn-4-128", "rtn", 4, 128, None),
+    ("gptq-4-128", "gptq", 4, 128, False),
     ("gptq-4-128-act", "gptq", 4, 128, True),
     ("rtn-3-128", "rtn", 3, 128, None),
+    ("gptq-3-128", "gptq", 3, 128, False),
     ("gptq-3-128-act", "gptq", 3, 128, True),
+    ("rtn-4-pc", "rtn", 4, -1, None),
+    ("gptq-4-pc", "gptq", 4, -1, False),
+    ("gptq-4-pc-act", "gptq", 4, -1, True),
+    ("bnb-nf4", "bnb-nf4", 4, 64, None),
     ("rtn-4-64", "rtn", 4, 64, None),
     ("gptq-4-64-act", "gptq", 4, 64, True),
     ("llmc", "llm-compressor", 4, None, False),
-    # clip-ratio (mse) search for the group scales/zeros
+    # ablations of the GPTQ defaults (4-bit g128 act_order) and of clipping for RTN
+    ("gptq-4-128-act-noclip", "gptq", 4, 128, True, {"clip_search": False}),
     ("rtn-4-128-clip", "rtn", 4, 128, None, {"clip_search": True}),
-    ("gptq-4-128-act-clip", "gptq", 4, 128, True, {"clip_search": True}),
-    ("rtn-3-128-clip", "rtn", 3, 128, None, {"clip_search": True}),
-    ("gptq-3-128-act-clip", "gptq", 3, 128, True, {"clip_search": True}),
-    ("gptq-4-128", "gptq", 4, 128, False),
-    ("gptq-4-64", "gptq", 4, 64, False),
+    ("gptq-3-128-act-noclip", "gptq", 3, 128, True, {"clip_search": False}),
+    ("gptq-4-128-act-damp0.1", "gptq", 4, 128, True, {"damp_percent": 0.1}),
+    ("gptq-4-128-act-notrueseq", "gptq", 4, 128, True, {"true_sequential": False}),
     ("gptq-4-64-static", "gptq", 4, 64, True, {"static_groups": True}),  # = llmc "static"
-    ("gptq-3-128", "gptq", 3, 128, False),
-    ("rtn-4-pc", "rtn", 4, -1, None),
-    ("gptq-4-pc-act", "gptq", 4, -1, True),
-    ("gptq-4-pc", "gptq", 4, -1, False),
-    ("bnb-nf4", "bnb-nf4", 4, 64, None),
-    ("rtn-4-64-clip", "rtn", 4, 64, None, {"clip_search": True}),
-    ("gptq-4-64-act-clip", "gptq", 4, 64, True, {"clip_search": True}),
 ]
 
 
@@ -116,6 +115,7 @@ def run_row(spec: dict, work: Path) -> dict:
     from slmcompress.eval.perplexity import perplexity
     from slmcompress.models import load_model
     from slmcompress.passes.base import Context
+    from slmcompress.quant.quant_linear import cached_dequantization
     from slmcompress.registry import get_pass
 
     torch.manual_seed(0)
@@ -151,8 +151,9 @@ def run_row(spec: dict, work: Path) -> dict:
     out = save_checkpoint(model, tokenizer, work / spec["id"])
     del model
     model, _ = load_checkpoint(out, dtype=torch.float32)  # evaluate the saved artifact
-    ppl = perplexity(model, tokens["eval"], EVAL_SEQ, batch_size=4).ppl
-    acc = hellaswag(model, tokenizer, spec["hellaswag_limit"])
+    with cached_dequantization(model):  # the same numbers as the packed path, float speed
+        ppl = perplexity(model, tokens["eval"], EVAL_SEQ, batch_size=4).ppl
+        acc = hellaswag(model, tokenizer, spec["hellaswag_limit"])
     return dict(
         id=spec["id"],
         method=spec["method"],
@@ -328,10 +329,17 @@ def render_md(result: dict) -> str:
     lines = [
         f"# Quantization benchmark: SmolLM2-135M ({result['setup']})",
         "",
-        "| row | tool | method | bits | group | act_order | options | ppl | Δppl "
+        "| row | tool | method | bits | group | act_order | options | ppl | Δppl | % of RTN Δppl "
         "| HellaSwag acc_norm | size MB | wall s | CPU s | peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    rtn = {
+        (r["bits"], r["group_size"]): r["ppl"]
+        for r in rows
+        if r.get("method") == "rtn"
+        and not (r.get("options") or {}).get("clip_search")
+        and "ppl" in r
+    }
     for r in rows:
         head = (
             f"| {r.get('id', '')} | {r.get('tool')} | {r.get('method')} | {r.get('bits')} "
@@ -339,12 +347,18 @@ def render_md(result: dict) -> str:
             f"| {', '.join(f'{k}={v}' for k, v in (r.get('options') or {}).items())} |"
         )
         if "ppl" not in r:
-            lines.append(f"{head} error: {r.get('error')} | | | | | | |")
+            lines.append(f"{head} error: {r.get('error')} | | | | | | | |")
             continue
         delta = f"{r['ppl'] - base:+.2f}" if base else ""
+        ref = rtn.get((r.get("bits"), r.get("group_size")))
+        kept = (
+            f"{100 * (r['ppl'] - base) / (ref - base):.0f}%"
+            if base and ref and r.get("method") != "rtn" and ref != base
+            else ""
+        )
         acc = f"{r['hellaswag_acc_norm']:.3f}" if r.get("hellaswag_acc_norm") is not None else "n/a"
         lines.append(
-            f"{head} {r['ppl']:.2f} | {delta} | {acc} | {r['size_mb']:.1f} | {r['wall_s']:.1f} "
+            f"{head} {r['ppl']:.2f} | {delta} | {kept} | {acc} | {r['size_mb']:.1f} | {r['wall_s']:.1f} "
             f"| {r.get('cpu_s', 0):.1f} | {r['peak_rss_bytes'] / 1e9:.2f} |"
         )
     depth = result.get("depth_scaling")
