@@ -171,6 +171,7 @@ def run_row(spec: dict, work: Path) -> dict:
         calibration=f"{calib.shape[0]}x{calib.shape[1]}",
         config=resolved.model_dump(mode="json") if resolved is not None else None,
         warnings=ctx.warnings,
+        layer_err_vs_rtn=ctx.extra_metrics.get("gptq_vs_rtn_output_err"),
     )
 
 
@@ -330,8 +331,8 @@ def render_md(result: dict) -> str:
         f"# Quantization benchmark: SmolLM2-135M ({result['setup']})",
         "",
         "| row | tool | method | bits | group | act_order | options | ppl | Δppl | % of RTN Δppl "
-        "| HellaSwag acc_norm | size MB | wall s | CPU s | peak RSS GB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| layer err / RTN's | HellaSwag acc_norm | size MB | wall s | CPU s | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     rtn = {
         (r["bits"], r["group_size"]): r["ppl"]
@@ -347,7 +348,7 @@ def render_md(result: dict) -> str:
             f"| {', '.join(f'{k}={v}' for k, v in (r.get('options') or {}).items())} |"
         )
         if "ppl" not in r:
-            lines.append(f"{head} error: {r.get('error')} | | | | | | | |")
+            lines.append(f"{head} error: {r.get('error')} | | | | | | | | |")
             continue
         delta = f"{r['ppl'] - base:+.2f}" if base else ""
         ref = rtn.get((r.get("bits"), r.get("group_size")))
@@ -356,9 +357,11 @@ def render_md(result: dict) -> str:
             if base and ref and r.get("method") != "rtn" and ref != base
             else ""
         )
+        layer = (r.get("layer_err_vs_rtn") or {}).get("median_ratio")
+        layer = f"{100 * layer:.0f}%" if layer is not None else ""
         acc = f"{r['hellaswag_acc_norm']:.3f}" if r.get("hellaswag_acc_norm") is not None else "n/a"
         lines.append(
-            f"{head} {r['ppl']:.2f} | {delta} | {kept} | {acc} | {r['size_mb']:.1f} | {r['wall_s']:.1f} "
+            f"{head} {r['ppl']:.2f} | {delta} | {kept} | {layer} | {acc} | {r['size_mb']:.1f} | {r['wall_s']:.1f} "
             f"| {r.get('cpu_s', 0):.1f} | {r['peak_rss_bytes'] / 1e9:.2f} |"
         )
     depth = result.get("depth_scaling")
