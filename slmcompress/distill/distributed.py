@@ -21,6 +21,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from transformers import PreTrainedModel
 
 from slmcompress import dist
+from slmcompress.calib import decoder_layers
+from slmcompress.errors import PassError
 
 TeacherSharding = Literal["replicated", "sharded"]
 
@@ -29,11 +31,12 @@ def _mesh(device: torch.device):
     return init_device_mesh(device.type, (dist.world_size(),))
 
 
-def decoder_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks (HF causal LMs keep them at ``model.model.layers``)."""
-    inner = getattr(model, "model", None)
-    layers = getattr(inner, "layers", None)
-    return list(layers) if layers is not None else []
+def _blocks(model: nn.Module) -> list[nn.Module]:
+    """The decoder layers to shard one by one; none found: only the root is sharded."""
+    try:
+        return list(decoder_layers(model))
+    except PassError:
+        return []
 
 
 def shard_model(
@@ -43,7 +46,7 @@ def shard_model(
     from torch.distributed.fsdp import fully_shard
 
     mesh = _mesh(device)
-    for layer in decoder_layers(model):
+    for layer in _blocks(model):
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
