@@ -377,10 +377,15 @@ def add_row(result: dict, row: dict) -> None:
     result["rows"] = [r for r in result["rows"] if r.get("id") != row["id"]] + [row]
 
 
-def save(result: dict) -> None:
+def results_path(tag: str | None, suffix: str) -> Path:
+    """``quantize.json`` or, for a side study, ``quantize-<tag>.json`` (same for .md)."""
+    return RESULTS / (f"quantize-{tag}{suffix}" if tag else f"quantize{suffix}")
+
+
+def save(result: dict, tag: str | None = None) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quantize.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "quantize.md").write_text(render_md(result))
+    results_path(tag, ".json").write_text(json.dumps(result, indent=2) + "\n")
+    results_path(tag, ".md").write_text(render_md(result))
 
 
 def _ratio(big: dict, small: dict, key: str) -> float:
@@ -404,6 +409,7 @@ def main() -> None:
         "--llmc-group", type=int, default=64, help="llm-compressor refuses 128 on hidden 576"
     )
     parser.add_argument("--depth-layers", type=int, default=4)
+    parser.add_argument("--tag", help="write quantize-TAG.{json,md} (a side study) instead")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)
@@ -423,8 +429,8 @@ def main() -> None:
         f"2-core CPU, float32"
     )
     previous = (
-        json.loads((RESULTS / "quantize.json").read_text())
-        if (RESULTS / "quantize.json").exists()
+        json.loads(results_path(args.tag, ".json").read_text())
+        if results_path(args.tag, ".json").exists()
         else {}
     )
     result = {"setup": setup, "rows": []}
@@ -445,7 +451,7 @@ def main() -> None:
                     result,
                     {"id": row_id, **run_llmc(args.llmc_python, work, args.llmc_group, 3600)},
                 )
-                save(result)
+                save(result, args.tag)
             continue
         hellaswag = args.hellaswag_rows is None or row_id in args.hellaswag_rows
         spec = dict(
@@ -467,7 +473,7 @@ def main() -> None:
             {k: row.get(k) for k in ("ppl", "wall_s", "peak_rss_bytes", "error")},
         )
         add_row(result, {"id": row_id, **row})
-        save(result)
+        save(result, args.tag)
     if args.depth_layers:
         small, big = (
             spawn(["--depth", str(L)]) for L in (args.depth_layers, 2 * args.depth_layers)
@@ -477,8 +483,8 @@ def main() -> None:
             "peak_rss_ratio": _ratio(big, small, "peak_rss_bytes"),
             "pass_rss_growth_ratio": _ratio(big, small, "pass_rss_growth_bytes"),
         }
-        save(result)
-    log.info("wrote %s", RESULTS / "quantize.json")
+        save(result, args.tag)
+    log.info("wrote %s", results_path(args.tag, ".json"))
 
 
 if __name__ == "__main__":
