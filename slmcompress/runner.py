@@ -378,7 +378,7 @@ class Runner:
         directory = self.out / stage.dirname
         skip = not self._must_rerun(stage) and self._is_complete(stage, stage_hash)
         if not skip and stage.pass_cls.supports_distributed:
-            model, tokenizer = self._ensure_model()
+            model, tokenizer = self._stage_model(stage)  # the same budget check as rank 0
             seed_everything(self.recipe.seed)
             stage.pass_cls(stage.config).run(model, self._context(stage, tokenizer, stage_hash))
         if stage.pass_cls.changes_model:
