@@ -207,13 +207,22 @@ with torch.no_grad():
         logits = model(input_ids=w[None]).logits.float()
         nll += torch.nn.functional.cross_entropy(logits[0, :-1], w[1:], reduction="sum").item()
         count += w.numel() - 1
+# the in-memory weights are the dequantized ones; keep them for the parent's HellaSwag
+dense = {k: v.detach().clone().contiguous() for k, v in model.state_dict().items()
+         if not k.rsplit(".", 1)[-1].startswith(("weight_scale", "weight_zero_point", "weight_g_idx"))}
 model.save_pretrained(work / "llmc", save_compressed=True)
 size = sum(p.stat().st_size for p in (work / "llmc").glob("*.safetensors"))
+from safetensors.torch import save_file
+(work / "llmc-dense").mkdir(exist_ok=True)
+dense.pop("lm_head.weight", None)  # tied to the embedding
+save_file(dense, str(work / "llmc-dense" / "model.safetensors"), metadata={"format": "pt"})
+model.config.to_json_file(str(work / "llmc-dense" / "config.json"))
+tok.save_pretrained(work / "llmc-dense")
 print("LLMC_RESULT " + json.dumps(dict(ppl=math.exp(nll / count), wall_s=wall, cpu_s=cpu, peak_rss_bytes=rss, size_mb=size / 1e6)))
 """
 
 
-def run_llmc(python: str, work: Path, group: int, timeout: int) -> dict:
+def run_llmc(python: str, work: Path, group: int, timeout: int, hellaswag_limit: int) -> dict:
     """llm-compressor's GPTQModifier (W4A16 asym) in its own interpreter, same tokens."""
     from slmcompress.models import builtin_model_dir
 
@@ -239,7 +248,38 @@ def run_llmc(python: str, work: Path, group: int, timeout: int) -> dict:
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("LLMC_RESULT ")]
     if not lines:
         return {**row, "error": (proc.stderr.strip().splitlines() or ["no output"])[-1][:300]}
-    return {**row, **json.loads(lines[-1].removeprefix("LLMC_RESULT "))}
+    row.update(json.loads(lines[-1].removeprefix("LLMC_RESULT ")))
+    if hellaswag_limit:
+        row.update(
+            spawn(
+                ["--llmc-eval", str(work / "llmc-dense"), "--work", str(work)]
+                + ["--hellaswag-limit", str(hellaswag_limit)]
+            )
+        )
+    return row
+
+
+def eval_llmc_dense(model_dir: Path, work: Path, limit: int) -> dict:
+    """Child process: llm-compressor's fake-quantized weights, scored by our HellaSwag and ppl.
+
+    The dense save holds the dequantized weights; its ``quantization_config`` (for
+    compressed-tensors) is dropped so plain transformers loads the floats.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from slmcompress.eval.perplexity import perplexity
+
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("quantization_config", None)
+    (model_dir / "config.json").write_text(json.dumps(config))
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokens = torch.load(work / "tokens.pt")
+    return {
+        "ppl_our_eval": perplexity(model, tokens["eval"], EVAL_SEQ, batch_size=4).ppl,
+        "hellaswag_acc_norm": hellaswag(model, tokenizer, limit),
+    }
 
 
 def write_tokens(work: Path, n: int, t: int) -> None:
@@ -304,6 +344,10 @@ def child_main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.WARNING)
     if args.depth:
         print("ROW " + json.dumps(depth_scaling(args.depth)))
+        return
+    if args.llmc_eval:
+        row = eval_llmc_dense(Path(args.llmc_eval), Path(args.work), args.hellaswag_limit)
+        print("ROW " + json.dumps(row))
         return
     print("ROW " + json.dumps(run_row(json.loads(args.child), Path(args.work))))
 
@@ -413,8 +457,9 @@ def main() -> None:
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)
     parser.add_argument("--depth", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--llmc-eval", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.child or args.depth:
+    if args.child or args.depth or args.llmc_eval:
         child_main(args)
         return
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -449,7 +494,12 @@ def main() -> None:
                 log.info("row llm-compressor")
                 add_row(
                     result,
-                    {"id": row_id, **run_llmc(args.llmc_python, work, args.llmc_group, 3600)},
+                    {
+                        "id": row_id,
+                        **run_llmc(
+                            args.llmc_python, work, args.llmc_group, 3600, args.hellaswag_limit
+                        ),
+                    },
                 )
                 save(result, args.tag)
             continue
