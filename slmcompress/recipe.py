@@ -104,6 +104,14 @@ class Stage:
         return f"{self.index + 1:02d}-{self.name}"
 
 
+#: stage keys that change how a pass runs, never what it produces (streamed and in-memory
+#: outputs are bit-identical; checkpoint/eval cadence does not touch the weights). Left out
+#: of the stage hash so that, say, lowering max_memory after an OOM resumes the stage.
+RUNTIME_FIELDS = frozenset(
+    {"name", "streaming", "max_memory", "activation_offload", "eval_every", "save_every"}
+)
+
+
 @dataclass(frozen=True)
 class ResolvedRecipe:
     """A validated recipe, ready to run."""
@@ -132,9 +140,8 @@ class ResolvedRecipe:
         previous = _hash(base)
         hashes = []
         for stage in self.stages:
-            previous = _hash(
-                {"previous": previous, "name": stage.name, "config": stage.config.model_dump()}
-            )
+            config = stage.config.model_dump(exclude=RUNTIME_FIELDS)
+            previous = _hash({"previous": previous, "name": stage.name, "config": config})
             hashes.append(previous)
         return hashes
 

@@ -356,8 +356,10 @@ class Runner:
         self, stage: Stage, tokenizer: PreTrainedTokenizerBase, stage_hash: str
     ) -> Context:
         work_dir = self.out / ".work" / stage.dirname
-        if dist.is_main():  # other ranks only read it, after rank 0 has claimed it
+        if dist.is_main():
             claim_work_dir(work_dir, stage_hash)
+        if stage.pass_cls.supports_distributed:  # every rank is here: read only once it is claimed
+            dist.barrier()
         work_dir.mkdir(parents=True, exist_ok=True)
         return Context(
             tokenizer=tokenizer,

@@ -140,6 +140,16 @@ def test_overrides_and_stage_hash_chain(tmp_path):
         apply_overrides(base(), ["stages.7.bits=3"])
 
 
+def test_runtime_settings_leave_the_stage_hash_alone(tmp_path):
+    stage = {"type": "quantize", "method": "gptq", "bits": 4}
+    path = write(tmp_path, base(stages=[stage, {"type": "eval", "name": "after"}]))
+    a = load_recipe(path)
+    # how a stage runs is not what it produces: a new memory budget resumes, never re-runs
+    b = load_recipe(path, ["stages.0.max_memory=2GB", "stages.0.streaming=true"])
+    assert b.stage_hashes() == a.stage_hashes()
+    assert load_recipe(path, ["stages.0.damp_percent=0.1"]).stage_hashes() != a.stage_hashes()
+
+
 def test_every_shipped_recipe_validates():
     recipes = sorted((REPO / "recipes").glob("*.yaml"))
     assert recipes, "no recipes shipped"

@@ -32,13 +32,19 @@ def layer_map(n_student: int, n_teacher: int) -> list[int]:
 class HiddenCapture:
     """Forward hooks that record the outputs of chosen decoder layers, in call order."""
 
-    def __init__(self, model: nn.Module, indices: list[int] | None = None) -> None:
+    def __init__(
+        self, model: nn.Module, indices: list[int] | None = None, grad_only: bool = False
+    ) -> None:
+        """``grad_only``: ignore forwards without autograd (the student's held-out evals)."""
         layers = decoder_layers(model)
         chosen = range(len(layers)) if indices is None else indices
         self.states: list[torch.Tensor] = []
+        self.grad_only = grad_only
         self._handles = [layers[i].register_forward_hook(self._record) for i in chosen]
 
     def _record(self, module: nn.Module, args: tuple, output: torch.Tensor | tuple) -> None:
+        if self.grad_only and not torch.is_grad_enabled():
+            return
         self.states.append(output[0] if isinstance(output, tuple) else output)  # (B, T, H)
 
     def pop(self) -> list[torch.Tensor]:

@@ -163,7 +163,7 @@ class Trainer:
         tokens_per_step = self.s.global_batch(dist.world_size()) * self.sequences.shape[1]
         self.model.train()
         if self.teacher_hidden is not None:
-            self.student_hidden = HiddenCapture(self.model)
+            self.student_hidden = HiddenCapture(self.model, grad_only=True)
         try:
             self._loop(result, tokens_per_step)
         finally:
@@ -198,8 +198,6 @@ class Trainer:
             with torch.no_grad():
                 targets = self.teacher(ids, input_ids)
             teacher_states = self.teacher_hidden.pop() if self.teacher_hidden else None
-            if self.student_hidden is not None:
-                self.student_hidden.pop()  # drop states recorded by evaluation forwards
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
             loss, parts = distill_loss(

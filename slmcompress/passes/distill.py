@@ -156,7 +156,11 @@ class DistillPass(Pass):
             where=where,
             teacher_hidden=self._teacher_hidden,
         )
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        finally:
+            if self._teacher_hidden is not None:
+                self._teacher_hidden.remove()
         if dist.is_distributed():
             model = gather_full_model(model, cls, dtype) or model
         else:

@@ -189,8 +189,8 @@ class GPTQPass(Pass):
                 cfg.group_size,
             )
         rtn = ctx.extra_metrics.setdefault("rtn_layer_errors", {})
-        rtn[name] = {n: round(r.stats["rtn_rel_output_err"], 6) for n, r in results.items()}
-        return {lname: round(res.stats["rel_output_err"], 6) for lname, res in results.items()}
+        rtn[name] = {n: _sig(r.stats["rtn_rel_output_err"]) for n, r in results.items()}
+        return {lname: _sig(res.stats["rel_output_err"]) for lname, res in results.items()}
 
     def _targets(self, model: PreTrainedModel, ctx: Context) -> set[str]:
         """Names of the linears to quantize; everything left out is reported with ctx.warn."""
@@ -309,12 +309,7 @@ class GPTQPass(Pass):
                 res.zeros[:, rows],
                 res.g_idx,
                 res.weight[rows],
-                {
-                    **error_stats(w, res.weight[rows], H),
-                    "rtn_rel_output_err": rtn_rel_output_err(
-                        w, H, cfg.bits, cfg.group_size, cfg.sym
-                    ),
-                },
+                _stats_with_rtn(w, res.weight[rows], H, cfg),
             )
             results[name] = part
             deltas.append(part.weight - w)
@@ -572,3 +567,17 @@ def error_vs_rtn(errors: dict[str, dict[str, float]], ctx: Context) -> dict[str,
         "mean_ratio": round(sum(ratios) / len(ratios), 4),
         "max_ratio": round(ratios[-1], 4),
     }
+
+
+def _sig(value: float) -> float:
+    """Six significant digits (8-bit errors are ~1e-6: fixed decimals would zero them)."""
+    return float(f"{value:.6g}")
+
+
+def _stats_with_rtn(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, cfg: GPTQConfig) -> dict:
+    """:func:`error_stats` of one linear of a stacked solve, plus the plain-RTN baseline."""
+    stats = error_stats(W, Q, H)
+    stats["rtn_rel_output_err"] = rtn_rel_output_err(
+        W, H, cfg.bits, cfg.group_size, cfg.sym, stats["output_energy"]
+    )
+    return stats

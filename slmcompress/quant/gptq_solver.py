@@ -360,27 +360,46 @@ def _gptq_quantize(
     )  # bit-identical to the checkpoint's dequant
     stats = error_stats(W_orig, Q, H_orig) if error else {}
     if error:
-        stats["rtn_rel_output_err"] = rtn_rel_output_err(W_orig, H_orig, bits, group_size, sym)
+        stats["rtn_rel_output_err"] = rtn_rel_output_err(
+            W_orig, H_orig, bits, group_size, sym, stats["output_energy"]
+        )
     stats.update(
         obs_loss=float(losses), damp_percent=damp, damp_retries=retries, dead_inputs=int(dead.sum())
     )
     return GPTQResult(codes, scales_t, zeros_t, g_idx, Q, stats)
 
 
-def error_stats(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> dict[str, float]:
+def output_energy(W: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr(W H W^T)`` = ``||W X||^2`` on the calibration inputs (the relative errors' denominator)."""
+    return ((W @ H) * W).sum().item()
+
+
+def error_stats(
+    W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor, ref: float | None = None
+) -> dict[str, float]:
     """Layer-output reconstruction error on the calibration inputs, from H alone.
 
     ``||(W - Q) X||^2 / ||W X||^2 = tr(ΔW H ΔW^T) / tr(W H W^T)`` (relative output MSE)
     and ``tr(ΔW H ΔW^T) / (2 out)`` (the mean squared output error per output channel).
+    ``ref``: :func:`output_energy` when the caller already has it.
     """
     delta = W - Q  # (out, in)
     err = ((delta @ H) * delta).sum().item()
-    ref = ((W @ H) * W).sum().item()
-    return {"rel_output_err": err / ref if ref > 0 else 0.0, "output_mse": err / (2 * W.shape[0])}
+    ref = output_energy(W, H) if ref is None else ref
+    return {
+        "rel_output_err": err / ref if ref > 0 else 0.0,
+        "output_mse": err / (2 * W.shape[0]),
+        "output_energy": ref,
+    }
 
 
 def rtn_rel_output_err(
-    W: torch.Tensor, H: torch.Tensor, bits: int, group_size: int, sym: bool
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int,
+    group_size: int,
+    sym: bool,
+    ref: float | None = None,
 ) -> float:
     """:func:`error_stats`' relative output error of plain min/max RTN (contiguous groups).
 
@@ -393,4 +412,4 @@ def rtn_rel_output_err(
         block = W[:, start : start + step]  # (out, g)
         scale, zero = compute_qparams(block, bits, sym)
         Q[:, start : start + step] = fake_quantize(block, _fp16_exact(scale), zero, bits)
-    return error_stats(W, Q, H)["rel_output_err"]
+    return error_stats(W, Q, H, ref)["rel_output_err"]

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from slmcompress.passes.base import Context
+from slmcompress.recipe import RUNTIME_FIELDS
 from slmcompress.streaming.engine import StreamingRun, StreamOptions
 from slmcompress.streaming.loader import StreamingModel
 from slmcompress.streaming.sharded_writer import (
@@ -29,7 +30,6 @@ from slmcompress.versions import versions
 log = logging.getLogger(__name__)
 
 #: config keys that change how a run uses memory, not its result (a resume may change them)
-_RUNTIME_KEYS = {"streaming", "max_memory", "activation_offload", "name"}
 
 
 # ---------------------------------------------------------------- GPTQ
@@ -58,7 +58,7 @@ def gptq_streaming(
         options or StreamOptions(),
         batch_size=cfg.batch_size,
         pass_name="gptq",
-        key={"gptq": cfg.model_dump(exclude=_RUNTIME_KEYS)},
+        key={"gptq": cfg.model_dump(exclude=RUNTIME_FIELDS)},
     )
     run = StreamingRun(stream, tokens, ctx.device, ctx.work_dir, options, ctx.dtype)
     gptq_pass._groups_cache = {}
@@ -67,12 +67,17 @@ def gptq_streaming(
     for step in run.steps(layer_indices):
         name = f"{prefix}.{step.index}"
         errors = gptq_pass.quantize_step(step, name, stream.model, targets, ctx)
-        run.save_result(step.index, _prefixed(step.layer, name), {"errors": errors})
+        rtn = ctx.extra_metrics["rtn_layer_errors"].get(name, {})
+        meta = {"errors": errors, "rtn_errors": rtn}
+        run.save_result(step.index, _prefixed(step.layer, name), meta)
     if max_layers and max_layers < stream.num_layers():
         return None  # partial run (benchmarks): results stay in the work dir for a later resume
     qcfg = cfg.quantization_config()
-    errors = {
-        f"{prefix}.{i}": run.load_result(i)[1].get("errors", {}) for i in range(stream.num_layers())
+    metas = {f"{prefix}.{i}": run.load_result(i)[1] for i in range(stream.num_layers())}
+    errors = {name: meta.get("errors", {}) for name, meta in metas.items()}
+    # resumed layers were quantized by an earlier process: their RTN figures come from disk
+    ctx.extra_metrics["rtn_layer_errors"] = {
+        name: meta.get("rtn_errors", {}) for name, meta in metas.items()
     }
     ctx.extra_metrics["gptq_layer_errors"] = errors
     ctx.extra_metrics["quantized_linears"] = sum(len(e) for e in errors.values())

@@ -126,3 +126,15 @@ def test_hidden_size_mismatch_is_a_one_line_error():
     teacher, student = _llama(1, hidden_size=96), _llama(2)
     with pytest.raises(PassError, match=r"stages\[0\]\.hidden_weight: the student's hidden_size"):
         DistillPass._hidden_capture(teacher, student, "stages[0]")
+
+
+def test_grad_only_capture_ignores_evaluation_forwards():
+    model = _llama(0)
+    capture = HiddenCapture(model, grad_only=True)
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with torch.no_grad():
+        model(input_ids=ids)
+    assert capture.pop() == []
+    model(input_ids=ids)
+    assert len(capture.pop()) == model.config.num_hidden_layers
+    capture.remove()
