@@ -164,7 +164,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     args.out.mkdir(parents=True, exist_ok=True)
-    load_start = os.getloadavg()[0]
     torch.manual_seed(0)
     teacher_loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
     teacher, tokenizer = teacher_loaded.model, teacher_loaded.tokenizer
@@ -191,7 +190,9 @@ def main() -> None:
             }
         )
         log.info("%s", rows[-1])
+    details.setdefault("load_average", {})
     for variant in [v for v in VARIANTS if v in args.variants]:
+        load_before = os.getloadavg()[0]
         overrides = dict(VARIANTS[variant])
         if variant == "kd-cache":
             overrides["teacher_cache"] = str(build_cache(teacher, tokenizer, args, details))
@@ -201,13 +202,11 @@ def main() -> None:
             {"variant": variant, **measure(model, tokenizer, eval_ids, args.hellaswag_limit), **row}
         )
         log.info("%s", rows[-1])
+        details["load_average"][variant] = [round(load_before, 2), round(os.getloadavg()[0], 2)]
         del model
     order = ["pruned-only", *VARIANTS]
     rows.sort(key=lambda r: order.index(r["variant"]))
     details["setup"] = setup_line(args)
-    details.setdefault("load_average", {})
-    for variant in args.variants:
-        details["load_average"][variant] = [round(load_start, 2), round(os.getloadavg()[0], 2)]
     write_results(args, teacher_metrics, teacher, pruned, rows, details)
 
 
