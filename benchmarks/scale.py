@@ -233,6 +233,8 @@ def bit_exact_small(work: Path) -> bool:
         head_dim=64,
     )
     LlamaForCausalLM(config).save_pretrained(work / "small")
+    for stale in ("w1", "w2", "small-q"):  # --reuse: never resume from an older run's layers
+        shutil.rmtree(work / stale, ignore_errors=True)
     tokens = torch.randint(0, 1000, (4, 64), generator=torch.Generator().manual_seed(0))
 
     class Ctx:
