@@ -6,9 +6,11 @@ pruning; ``benchmarks/distill.py`` measures it (variant ``kd-hidden``) rather th
 
 The outputs are captured with forward hooks on the decoder blocks, not through
 ``output_hidden_states``, whose semantics (which entry is normed, which layers are
-recorded) have changed across transformers releases. Student layer ``i`` of ``L_s`` is
-matched to teacher layer ``round((i + 1) * L_t / L_s) - 1`` (identity when no layer was
-dropped; evenly spaced after depth pruning). The distance is ``1 - cos`` per position,
+recorded) have changed across transformers releases. After depth pruning by slmcompress
+each student layer is matched to the teacher layer it was cut from (the student's config
+lists them under ``slmcompress_source_layers``) when the teacher is the pruned model;
+otherwise student layer ``i`` of ``L_s`` is matched to teacher layer
+``round((i + 1) * L_t / L_s) - 1``. The distance is ``1 - cos`` per position,
 which ignores the residual stream's scale (it grows with depth and differs after pruning)
 and needs no learned projection, so it requires equal hidden sizes.
 """
@@ -22,10 +24,21 @@ from torch import nn
 from slmcompress.calib import decoder_layers
 
 
-def layer_map(n_student: int, n_teacher: int) -> list[int]:
-    """Teacher layer index matched to each student layer (evenly spaced, last to last)."""
+def layer_map(n_student: int, n_teacher: int, source_layers: list[int] | None = None) -> list[int]:
+    """Teacher layer index matched to each student layer.
+
+    ``source_layers``: the teacher layers the student's layers were pruned from (recorded
+    by depth pruning); otherwise evenly spaced, last to last.
+    """
     if n_student > n_teacher:
         raise ValueError(f"student has more layers ({n_student}) than the teacher ({n_teacher})")
+    if source_layers is not None:
+        if len(source_layers) != n_student or max(source_layers) >= n_teacher:
+            raise ValueError(
+                f"source layers {source_layers} do not fit a {n_student}-layer student "
+                f"of a {n_teacher}-layer teacher"
+            )
+        return list(source_layers)
     return [round((i + 1) * n_teacher / n_student) - 1 for i in range(n_student)]
 
 

@@ -40,6 +40,7 @@ from slmcompress.errors import DataError, PassError
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.fsutil import atomic_write_json
 from slmcompress.passes.base import Context, Pass, PassConfig
+from slmcompress.prune.planner import SOURCE_LAYERS_KEY
 from slmcompress.registry import register_pass
 
 
@@ -240,7 +241,10 @@ class DistillPass(Pass):
         source = cfg.teacher or ctx.teacher or ctx.original_model
         teacher = self._load_teacher(source, student, ctx, where)
         if cfg.hidden_weight > 0:
-            self._teacher_hidden = self._hidden_capture(teacher, student, where)
+            pruned_from_teacher = source == ctx.original_model
+            self._teacher_hidden = self._hidden_capture(
+                teacher, student, where, pruned_from_teacher
+            )
         top_k = cfg.top_k
 
         def live(ids: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor | TopK:
@@ -251,9 +255,16 @@ class DistillPass(Pass):
 
     @staticmethod
     def _hidden_capture(
-        teacher: PreTrainedModel, student: PreTrainedModel, where: str
+        teacher: PreTrainedModel,
+        student: PreTrainedModel,
+        where: str,
+        pruned_from_teacher: bool = False,
     ) -> HiddenCapture:
-        """Hooks on the teacher layers matched to the student's (equal hidden sizes only)."""
+        """Hooks on the teacher layers matched to the student's (equal hidden sizes only).
+
+        ``pruned_from_teacher``: the student was pruned from this teacher, so the layers
+        depth pruning kept (recorded in its config) are the ones to match.
+        """
         t_hidden, s_hidden = teacher.config.hidden_size, student.config.hidden_size
         if t_hidden != s_hidden:
             raise PassError(
@@ -267,7 +278,10 @@ class DistillPass(Pass):
                 f"{where}.hidden_weight: the student has more layers ({n_student}) than the teacher "
                 f"({n_teacher})"
             )
-        return HiddenCapture(teacher, layer_map(n_student, n_teacher))
+        source_layers = getattr(student.config, SOURCE_LAYERS_KEY, None)
+        if not pruned_from_teacher or (source_layers and max(source_layers) >= n_teacher):
+            source_layers = None  # another teacher: its layers do not correspond
+        return HiddenCapture(teacher, layer_map(n_student, n_teacher, source_layers))
 
     def _cached_teacher(self, cache: TeacherCache, ctx: Context, where: str) -> TeacherFn:
         cfg: DistillConfig = self.config

@@ -143,6 +143,11 @@ def _check_gqa(current: ArchSizes, new: ArchSizes, where: str) -> None:
 
 
 # ---------------------------------------------------------------- parameter counts
+#: config.json key listing, after depth pruning, the original layer index of every layer
+#: (distillation matches the student's hidden states to those teacher layers)
+SOURCE_LAYERS_KEY = "slmcompress_source_layers"
+
+
 def pruned_config(
     config: PretrainedConfig, sizes: ArchSizes, kept_layers: list[int] | None = None
 ) -> PretrainedConfig:
@@ -163,6 +168,10 @@ def pruned_config(
     if data.get("layer_types") is not None:
         keep = kept_layers if kept_layers is not None else list(range(sizes.num_layers))
         data["layer_types"] = [data["layer_types"][i] for i in keep]
+    origin = data.get(SOURCE_LAYERS_KEY)
+    if kept_layers is not None and (origin or kept_layers != list(range(config.num_hidden_layers))):
+        # which layers of the *unpruned* model survive, composed over repeated depth pruning
+        data[SOURCE_LAYERS_KEY] = [origin[i] for i in kept_layers] if origin else list(kept_layers)
     return config.__class__.from_dict(data)
 
 

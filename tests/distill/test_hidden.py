@@ -138,3 +138,31 @@ def test_grad_only_capture_ignores_evaluation_forwards():
     model(input_ids=ids)
     assert len(capture.pop()) == model.config.num_hidden_layers
     capture.remove()
+
+
+def test_layer_map_follows_the_layers_depth_pruning_kept():
+    assert layer_map(2, 4, [0, 3]) == [0, 3]
+    with pytest.raises(ValueError, match="do not fit"):
+        layer_map(2, 4, [0, 4])
+
+
+def test_student_pruned_from_the_teacher_is_matched_to_its_source_layers():
+    from slmcompress.prune.planner import SOURCE_LAYERS_KEY
+
+    teacher = _llama(1, num_hidden_layers=4)
+    student = _llama(2, num_hidden_layers=2)
+    setattr(student.config, SOURCE_LAYERS_KEY, [0, 1])
+    ids = torch.zeros(1, 4, dtype=torch.long)
+    with torch.no_grad():
+        reference = teacher(input_ids=ids, output_hidden_states=True).hidden_states
+    capture = DistillPass._hidden_capture(teacher, student, "s", pruned_from_teacher=True)
+    with torch.no_grad():
+        teacher(input_ids=ids)
+    states = capture.pop()
+    torch.testing.assert_close(states[0], reference[1])  # teacher layers 0 and 1, not 1 and 3
+    torch.testing.assert_close(states[1], reference[2])
+    capture.remove()
+    other = DistillPass._hidden_capture(teacher, student, "s", pruned_from_teacher=False)
+    with torch.no_grad():
+        teacher(input_ids=ids)
+    torch.testing.assert_close(other.pop()[0], reference[2])  # evenly spaced: layers 1 and 3

@@ -119,3 +119,20 @@ def test_select_layers_per_layer_and_contiguous():
     assert select_layers(scores, 4, "contiguous") == [0, 1, 2, 5]  # block 3..4 has the lowest sum
     blocks = torch.tensor([5.0, 0.1, 5.0, 5.0, 5.0])  # block scores given directly (k=2)
     assert select_layers(scores, 4, "contiguous", blocks) == [0, 3, 4, 5]
+
+
+def test_depth_pruned_config_records_the_original_layers_composed_over_stages():
+    from dataclasses import replace
+
+    from slmcompress.prune.planner import SOURCE_LAYERS_KEY, pruned_config, sizes_of
+
+    config = LlamaForCausalLM(tiny_llama_config(num_hidden_layers=4)).config
+    width_only = pruned_config(config, sizes_of(config), [0, 1, 2, 3])
+    assert getattr(width_only, SOURCE_LAYERS_KEY, None) is None
+    once = pruned_config(config, replace(sizes_of(config), num_layers=3), [0, 2, 3])
+    assert getattr(once, SOURCE_LAYERS_KEY) == [0, 2, 3]
+    twice = pruned_config(once, replace(sizes_of(once), num_layers=2), [0, 2])
+    assert getattr(twice, SOURCE_LAYERS_KEY) == [0, 3]
+    again = pruned_config(twice, sizes_of(twice), [0, 1])  # later width-only pruning keeps it
+    assert getattr(again, SOURCE_LAYERS_KEY) == [0, 3]
+    assert AutoConfig.for_model(**again.to_dict()).to_dict()[SOURCE_LAYERS_KEY] == [0, 3]
