@@ -114,3 +114,15 @@ def write_recipe(path: Path, model: str, stages: list[dict], output_dir: Path, *
     data.update(extra)
     path.write_text(yaml.safe_dump(data))
     return path
+
+
+@pytest.fixture
+def single_thread():
+    """Tiny matmuls on a shared 2-core box are far faster without OpenMP threads spinning.
+
+    Use with ``pytestmark = pytest.mark.usefixtures("single_thread")``.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

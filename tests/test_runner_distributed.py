@@ -8,14 +8,13 @@ model and waiting forever in FSDP's first collective.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _dist_utils import free_port, init_rank
 from conftest import write_recipe
 
 DISTILL = {
@@ -30,15 +29,7 @@ DISTILL = {
 
 
 def _rank(rank: int, world: int, port: int, recipe: str, out: str) -> None:
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    init_rank(rank, world, port)
     from slmcompress.errors import SlmError
     from slmcompress.recipe import load_recipe
     from slmcompress.runner import run_recipe
@@ -52,15 +43,9 @@ def _rank(rank: int, world: int, port: int, recipe: str, out: str) -> None:
     torch.distributed.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _run_two_ranks(recipe: Path, out: Path, timeout_s: float = 300) -> list[str]:
     out.mkdir(parents=True, exist_ok=True)
-    context = mp.spawn(_rank, args=(2, _free_port(), str(recipe), str(out)), nprocs=2, join=False)
+    context = mp.spawn(_rank, args=(2, free_port(), str(recipe), str(out)), nprocs=2, join=False)
     deadline = time.monotonic() + timeout_s
     while not context.join(timeout=5):
         if time.monotonic() > deadline:

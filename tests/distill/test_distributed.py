@@ -8,13 +8,12 @@ checkpoint path (gather on rank 0, reload on every rank) is covered too.
 from __future__ import annotations
 
 import json
-import os
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from _dist_utils import free_port, init_rank
 from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
@@ -89,15 +88,7 @@ class _Killed(RuntimeError):
 
 def _worker(rank: int, world: int, port: int, teacher: str, out: str, sharding: str) -> None:
     """One torchrun-like rank: a run killed after its first checkpoint, then resumed."""
-    os.environ.update(
-        MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(port),
-        RANK=str(rank),
-        WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank),
-    )
-    torch.set_num_threads(1)
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world)
+    init_rank(rank, world, port)
     import slmcompress.distill.trainer as trainer_module
 
     real_save = trainer_module.save_training_state
@@ -117,12 +108,6 @@ def _worker(rank: int, world: int, port: int, teacher: str, out: str, sharding: 
         LlamaForCausalLM.save_pretrained(model, Path(out) / "model")
         (Path(out) / "history.json").write_text(json.dumps(history))
     torch.distributed.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -145,7 +130,7 @@ def teacher_dir(tmp_path, tokenizer) -> Path:
 def _check_against_single_process(tmp_path: Path, teacher_dir: Path, sharding: str) -> None:
     out = tmp_path / "dist"
     mp.spawn(
-        _worker, args=(2, _free_port(), str(teacher_dir), str(out), sharding), nprocs=2, join=True
+        _worker, args=(2, free_port(), str(teacher_dir), str(out), sharding), nprocs=2, join=True
     )
     history = json.loads((out / "history.json").read_text())
     previous = torch.get_num_threads()

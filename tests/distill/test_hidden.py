@@ -19,12 +19,7 @@ from slmcompress.passes.distill import DistillConfig, DistillPass
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _llama(seed: int, **overrides) -> LlamaForCausalLM:

@@ -17,13 +17,7 @@ from slmcompress.errors import PassError
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    """Tiny matmuls on a shared 2-core box are far faster without OpenMP threads spinning."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 class Killed(RuntimeError):

@@ -22,12 +22,7 @@ from slmcompress.recipe import load_recipe
 RECIPES = Path(__file__).resolve().parents[2] / "recipes"
 
 
-@pytest.fixture(autouse=True)
-def single_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
