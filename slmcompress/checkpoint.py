@@ -107,20 +107,18 @@ def _check_safetensors(path: Path) -> None:
 
     Reads the header only (no mmap), so checking a multi-GB shard costs no address space.
     """
+    from slmcompress.streaming.loader import parse_header
+
     if not path.is_file():
         raise CheckpointError(f"checkpoint: weight shard {path} is missing")
     try:
-        with path.open("rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            if header_len <= 0 or header_len > 100 * 2**20:
-                raise ValueError(f"implausible header length {header_len}")
-            header = json.loads(handle.read(header_len))
+        data_start, header = parse_header(path)
         if not isinstance(header, dict):
             raise ValueError("header is not a JSON object")
         end = max(
             (v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0
         )
-        if path.stat().st_size < 8 + header_len + end:
+        if path.stat().st_size < data_start + end:
             raise ValueError("file is shorter than its header says (truncated)")
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
         raise CheckpointError(f"checkpoint: {path} is corrupt or truncated ({exc})") from exc

@@ -240,7 +240,7 @@ class Runner:
             if too_big and stage.pass_cls.changes_model:
                 raise SlmError(
                     f"stage {stage.dirname}: the model is over the memory budget "
-                    f"({too_big.removeprefix('not evaluated: ').split(';')[0]}) and "
+                    f"({too_big.removeprefix(NOT_EVALUATED).split(';')[0].strip()}) and "
                     f"{_pass_name(stage)} cannot stream it; only quantize.gptq and "
                     f"prune (method activation or random) can"
                 )
@@ -261,11 +261,16 @@ class Runner:
         }
         report_path = directory / "report.json"
         source = self._source_dir()
-        too_big = self._over_budget(source)
+        too_big = None
         if report_path.is_file() and read_metadata(directory).get("input_key") == key:
             cached = json.loads(report_path.read_text())
-            if too_big or not _skipped_for_budget(cached):  # else the raised budget allows it now
+            if not _skipped_for_budget(cached):
                 return cached["metrics"]
+            too_big = self._over_budget(source)
+            if too_big:  # still over the budget: nothing new to measure
+                return cached["metrics"]
+        else:
+            too_big = self._over_budget(source)
         if too_big:
             log.warning("input model: %s", too_big)
             metrics, timings, warnings = skipped_metrics(), {}, [too_big]

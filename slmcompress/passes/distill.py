@@ -273,15 +273,14 @@ class DistillPass(Pass):
                 "compares them directly, so set hidden_weight: 0"
             )
         n_student, n_teacher = len(decoder_layers(student)), len(decoder_layers(teacher))
-        if n_student > n_teacher:
-            raise PassError(
-                f"{where}.hidden_weight: the student has more layers ({n_student}) than the teacher "
-                f"({n_teacher})"
-            )
         source_layers = getattr(student.config, SOURCE_LAYERS_KEY, None)
         if not pruned_from_teacher or (source_layers and max(source_layers) >= n_teacher):
             source_layers = None  # another teacher: its layers do not correspond
-        return HiddenCapture(teacher, layer_map(n_student, n_teacher, source_layers))
+        try:
+            indices = layer_map(n_student, n_teacher, source_layers)
+        except ValueError as exc:  # e.g. a student deeper than its teacher
+            raise PassError(f"{where}.hidden_weight: {exc}") from exc
+        return HiddenCapture(teacher, indices)
 
     def _cached_teacher(self, cache: TeacherCache, ctx: Context, where: str) -> TeacherFn:
         cfg: DistillConfig = self.config

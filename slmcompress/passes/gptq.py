@@ -550,7 +550,7 @@ def error_vs_rtn(errors: dict[str, dict[str, float]], ctx: Context) -> dict[str,
     """GPTQ's layer-output error as a fraction of plain RTN's, on the same calibration Hessians.
 
     The layer objective GPTQ minimises; the report shows how much of it was removed
-    (layers restored from streaming resume state have no RTN figure and are left out).
+    (linears without an RTN figure, e.g. from resume state of an older version, are left out).
     """
     rtn = ctx.extra_metrics.get("rtn_layer_errors", {})
     ratios = sorted(

@@ -29,8 +29,6 @@ from slmcompress.versions import versions
 
 log = logging.getLogger(__name__)
 
-#: config keys that change how a run uses memory, not its result (a resume may change them)
-
 
 # ---------------------------------------------------------------- GPTQ
 @torch.no_grad()
@@ -73,7 +71,7 @@ def gptq_streaming(
     if max_layers and max_layers < stream.num_layers():
         return None  # partial run (benchmarks): results stay in the work dir for a later resume
     qcfg = cfg.quantization_config()
-    metas = {f"{prefix}.{i}": run.load_result(i)[1] for i in range(stream.num_layers())}
+    metas = {f"{prefix}.{i}": run.load_meta(i) for i in range(stream.num_layers())}
     errors = {name: meta.get("errors", {}) for name, meta in metas.items()}
     # resumed layers were quantized by an earlier process: their RTN figures come from disk
     ctx.extra_metrics["rtn_layer_errors"] = {

@@ -342,6 +342,9 @@ class StreamingRun:
     def load_result(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return self.state.load_result(index)
 
+    def load_meta(self, index: int) -> dict[str, Any]:
+        return self.state.load_meta(index)
+
 
 def streaming_layerwise(
     model_dir: Path,

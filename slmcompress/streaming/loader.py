@@ -61,19 +61,26 @@ class TensorEntry:
     shape: tuple[int, ...]
 
 
+def parse_header(path: Path) -> tuple[int, dict]:
+    """(data section offset, header dict) of a safetensors file, read without mmap.
+
+    Raises ``OSError`` / ``ValueError``; :func:`read_header` words them for the user.
+    """
+    with open(path, "rb") as handle:
+        header_len = int.from_bytes(handle.read(8), "little")
+        if header_len <= 0 or header_len > 100_000_000:
+            raise ValueError(f"implausible header length {header_len}")
+        return 8 + header_len, json.loads(handle.read(header_len))
+
+
 def read_header(path: Path) -> tuple[int, dict]:
     """Parse a safetensors header; return (data section offset, header dict)."""
     try:
-        with open(path, "rb") as handle:
-            header_len = int.from_bytes(handle.read(8), "little")
-            if header_len <= 0 or header_len > 100_000_000:
-                raise ValueError(f"implausible header length {header_len}")
-            header = json.loads(handle.read(header_len))
+        return parse_header(path)
     except FileNotFoundError:
         raise CheckpointError(f"checkpoint: weight shard {path} is missing") from None
     except (ValueError, OSError) as exc:
         raise CheckpointError(f"checkpoint: weight shard {path} is corrupt ({exc})") from exc
-    return 8 + header_len, header
 
 
 def shard_entries(path: Path) -> dict[str, TensorEntry]:

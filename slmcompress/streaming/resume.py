@@ -28,6 +28,7 @@ from safetensors.torch import save_file
 
 from slmcompress.errors import PassError
 from slmcompress.fsutil import atomic_write_json
+from slmcompress.streaming.loader import read_header
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +132,21 @@ class ResumeState:
 
     def load_result(self, layer: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and metadata saved for ``layer``."""
-        path = self.result_path(layer)
-        if not path.is_file():
-            raise PassError(f"resume: result of layer {layer} is missing ({path})")
+        path = self._existing_result(layer)
         with safe_open(str(path), framework="pt") as handle:
             meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
             return {k: handle.get_tensor(k) for k in handle.keys()}, meta
+
+    def load_meta(self, layer: int) -> dict[str, Any]:
+        """Only the metadata saved for ``layer`` (its header; no tensor is read)."""
+        _, header = read_header(self._existing_result(layer))
+        return json.loads(header.get("__metadata__", {}).get("meta", "{}"))
+
+    def _existing_result(self, layer: int) -> Path:
+        path = self.result_path(layer)
+        if not path.is_file():
+            raise PassError(f"resume: result of layer {layer} is missing ({path})")
+        return path
 
     # ------------------------------------------------------------ progress
     def mark_finished(self, layer: int) -> None:
