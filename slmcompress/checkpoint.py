@@ -8,6 +8,7 @@ package is needed to read them.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 from pathlib import Path
@@ -20,13 +21,16 @@ from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
-from slmcompress.errors import CheckpointError
+from slmcompress.errors import CheckpointError, first_line
 from slmcompress.fsutil import atomic_dir
+from slmcompress.quant.gptq_format import packed_shapes, parse_gptq_config
 from slmcompress.quant.quant_linear import QuantLinear
+from slmcompress.remote_code import check_local_code, hf_kwargs
 from slmcompress.versions import versions
 
 log = logging.getLogger(__name__)
@@ -94,12 +98,65 @@ def validate_checkpoint(directory: Path) -> dict[str, Any]:
     if not config_path.is_file():
         raise CheckpointError(f"checkpoint: {directory} has no config.json")
     try:
-        config = json.loads(config_path.read_text())
-    except ValueError as exc:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"checkpoint: {config_path} is not valid JSON") from exc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"checkpoint: {config_path} must hold a JSON object")
+    if config.get("quantization_config") is not None:
+        qcfg = config["quantization_config"]
+        if isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq":
+            parse_gptq_config(qcfg, str(config_path))
     for path in safetensors_files(directory):
         _check_safetensors(path)
     return config
+
+
+def check_tensor_shapes(directory: Path, config: PretrainedConfig) -> None:
+    """Compare every stored tensor's shape with what ``config`` implies; name the first misfit.
+
+    Reads safetensors headers and a meta-device skeleton only, so it costs no weight memory.
+    Without it a wrong shape surfaces as transformers' multi-line load report, or as a
+    shape error inside a GPTQ kernel.
+    """
+    from slmcompress.streaming.loader import read_header
+
+    qcfg = getattr(config, "quantization_config", None)
+    fmt = parse_gptq_config(qcfg, str(directory / "config.json")) if qcfg else None
+    float_config = copy.deepcopy(config)
+    if qcfg:
+        del float_config.quantization_config
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(float_config)
+    expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
+    headers = {path: read_header(path)[1] for path in safetensors_files(directory)}
+    for path, header in headers.items():
+        for key in header:
+            prefix = key.removesuffix(".qweight")
+            if fmt is None or prefix == key:
+                continue
+            linear = _linear_or_none(skeleton, prefix)
+            if linear is None:
+                raise CheckpointError(
+                    f"checkpoint: {path.name}: {key} has no Linear {prefix!r} in config.json"
+                )
+            expected.update(packed_shapes(prefix, linear.in_features, linear.out_features, fmt))
+    for path, header in headers.items():
+        for key, info in header.items():
+            shape = tuple(info.get("shape", ())) if isinstance(info, dict) else None
+            if key in expected and shape != expected[key]:
+                raise CheckpointError(
+                    f"checkpoint: {path.name}: tensor {key} has shape {list(shape or ())}, "
+                    f"config.json implies {list(expected[key])}"
+                )
+
+
+def _linear_or_none(model: nn.Module, name: str) -> nn.Linear | None:
+    try:
+        module = model.get_submodule(name)
+    except AttributeError:
+        return None
+    return module if isinstance(module, nn.Linear) else None
 
 
 def _check_safetensors(path: Path) -> None:
@@ -130,21 +187,27 @@ def load_checkpoint(
     """Load a float or GPTQ checkpoint written by slmcompress (or any HF safetensors dir)."""
     directory = Path(directory)
     config = validate_checkpoint(directory)
+    check_local_code(directory, "checkpoint")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(directory)
+        tokenizer = AutoTokenizer.from_pretrained(directory, **hf_kwargs())
     except Exception as exc:  # noqa: BLE001
         raise CheckpointError(
-            f"checkpoint: cannot load the tokenizer in {directory}: {exc}"
+            f"checkpoint: cannot load the tokenizer in {directory}: {first_line(exc)}"
         ) from exc
+    try:
+        hf_config = AutoConfig.from_pretrained(directory, **hf_kwargs())
+    except Exception as exc:  # noqa: BLE001 - unknown model_type, bad values, ...
+        raise CheckpointError(
+            f"checkpoint: {directory}/config.json cannot be read: {first_line(exc)}"
+        ) from exc
+    check_tensor_shapes(directory, hf_config)
     qcfg = config.get("quantization_config") or {}
-    if qcfg.get("quant_method") == "gptq":
+    if isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq":
         return load_gptq_checkpoint(directory, qcfg, dtype), tokenizer
     try:
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **hf_kwargs())
     except Exception as exc:  # noqa: BLE001
-        raise CheckpointError(
-            f"checkpoint: cannot load {directory}: {str(exc).splitlines()[0]}"
-        ) from exc
+        raise CheckpointError(f"checkpoint: cannot load {directory}: {first_line(exc)}") from exc
     return model, tokenizer
 
 
@@ -152,16 +215,13 @@ def load_gptq_checkpoint(
     directory: Path, qcfg: dict[str, Any], dtype: torch.dtype
 ) -> PreTrainedModel:
     """Build the float skeleton, swap in QuantLinear where the checkpoint has ``qweight``, load."""
-    if qcfg.get("checkpoint_format", "gptq") != "gptq":
-        raise CheckpointError(
-            f"checkpoint: {directory}: only checkpoint_format 'gptq' (v1) is supported"
-        )
-    config = AutoConfig.from_pretrained(directory)
+    fmt = parse_gptq_config(qcfg, f"{directory}/config.json")
+    config = AutoConfig.from_pretrained(directory, **hf_kwargs())
     config.quantization_config = None
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = _read_state(directory)
-    bits, group_size = int(qcfg["bits"]), int(qcfg["group_size"])
+    bits, group_size = fmt.bits, fmt.group_size
     for prefix in sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight")):
         replace_module(model, prefix, _quant_linear_for(model, prefix, state, bits, group_size))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from slmcompress.errors import SlmError
+from slmcompress.errors import SlmError, first_line, one_line
 
 app = typer.Typer(
     add_completion=False,
@@ -36,22 +36,51 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 
 def cli_errors(func: F) -> F:
-    """Report user errors as one line + exit 2; Ctrl-C as exit 130."""
+    """Report user errors as one line + exit 2, anything unexpected as one line + exit 1.
+
+    An unexpected exception is a bug, not bad input: its traceback goes to the log at debug
+    level (``--verbose``) so unattended jobs still get a single ``error:`` line.
+    """
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return func(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
         except SlmError as exc:
-            err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+            _print_error(one_line(str(exc)))
             raise typer.Exit(2) from None
         except KeyboardInterrupt:
             err_console.print(
                 "[bold red]interrupted[/]: completed stages are kept; rerun to resume"
             )
             raise typer.Exit(130) from None
+        except Exception as exc:  # noqa: BLE001 - last line of defence: never a bare traceback
+            logging.getLogger("slmcompress").debug("unexpected error", exc_info=True)
+            _print_error(
+                f"unexpected {type(exc).__name__}: {first_line(exc)} "
+                "(a bug: rerun with --verbose for the traceback and report it)"
+            )
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+def _print_error(message: str) -> None:
+    # soft_wrap: rich must not break the line at the terminal width
+    err_console.print(
+        f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True, markup=True
+    )
+
+
+TrustRemoteCode = Annotated[
+    bool,
+    typer.Option(
+        "--trust-remote-code",
+        help="Run Python code shipped with the model (auto_map). Off: such models are refused.",
+    ),
+]
 
 
 def emit_json(data: Any) -> None:
@@ -142,19 +171,20 @@ def eval_cmd(
     speed: Annotated[bool, typer.Option(help="Measure generation tokens/s.")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    trust_remote_code: TrustRemoteCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Evaluate any model: perplexity, task accuracy, size and speed."""
-    from slmcompress.data import EvalSpec
+    from slmcompress.cli_checks import check_context, eval_inputs
     from slmcompress.eval.report import evaluate, model_summary
     from slmcompress.models import load_model
-    from slmcompress.recipe import EvalOptions
+    from slmcompress.remote_code import remote_code
 
-    options = EvalOptions(tasks=[t for t in tasks.split(",") if t], limit=limit, speed=speed)
-    loaded = load_model(model, dtype=dtype, device=device)
-    metrics, timings = evaluate(
-        loaded.model, loaded.tokenizer, EvalSpec(max_tokens=ppl_tokens, seq_len=seq_len), options
-    )
+    spec, options = eval_inputs(tasks, limit, ppl_tokens, seq_len, speed)
+    with remote_code(trust_remote_code):
+        loaded = load_model(model, dtype=dtype, device=device)
+    check_context(loaded.model, seq_len, "--seq-len")
+    metrics, timings = evaluate(loaded.model, loaded.tokenizer, spec, options)
     summary = model_summary(loaded.model, loaded.local_dir)
     if as_json:
         emit_json({"model": model, "summary": summary, "metrics": metrics, "timings": timings})
@@ -215,14 +245,20 @@ def generate(
     chat: Annotated[bool, typer.Option(help="Wrap the prompt in the chat template.")] = False,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    trust_remote_code: TrustRemoteCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Serve a compressed model: generate text with a KV cache and print tokens/s."""
+    from slmcompress.cli_checks import check_generate_args, check_prompt_fits
     from slmcompress.generate import generate as run_generate
     from slmcompress.generate import prepare_for_serving
     from slmcompress.models import load_model
+    from slmcompress.remote_code import remote_code
 
-    loaded = load_model(model, dtype=dtype, device=device)
+    check_generate_args(prompt, max_new_tokens, temperature)
+    with remote_code(trust_remote_code):
+        loaded = load_model(model, dtype=dtype, device=device)
+    check_prompt_fits(loaded.model, loaded.tokenizer, prompt, max_new_tokens, chat)
     backends = prepare_for_serving(loaded.model)
     result = run_generate(loaded.model, loaded.tokenizer, prompt, max_new_tokens, temperature, chat)
     if as_json:
@@ -264,21 +300,24 @@ def teacher_cache(
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 4,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Cache a teacher's top-k logits (sharded safetensors) for distillation without the teacher."""
     from slmcompress.distill.cli_teacher_cache import teacher_cache_command
+    from slmcompress.remote_code import remote_code
 
-    cache = teacher_cache_command(
-        model,
-        data,
-        top_k,
-        out,
-        seq_len=seq_len,
-        n_sequences=n_sequences,
-        batch_size=batch_size,
-        device=device,
-        dtype=dtype,
-    )
+    with remote_code(trust_remote_code):
+        cache = teacher_cache_command(
+            model,
+            data,
+            top_k,
+            out,
+            seq_len=seq_len,
+            n_sequences=n_sequences,
+            batch_size=batch_size,
+            device=device,
+            dtype=dtype,
+        )
     console.print(f"teacher cache ready: {out} ({cache!r})")
 
 

@@ -110,6 +110,8 @@ def check_spec(spec: DataSpec, where: str) -> None:
         or path.exists()
         or spec.source.startswith((".", "/", "~"))
     ):
+        if path.is_dir():
+            raise DataError(f"{where}.source: {spec.source} is a directory, not a data file")
         if not path.is_file():
             raise DataError(f"{where}.source: data file {spec.source} does not exist")
         if path.stat().st_size == 0:
@@ -137,9 +139,19 @@ def _load_texts_cached(source: str, split: str | None, text_field: str) -> tuple
 
 
 def _read_file(path: Path, fmt: str, text_field: str) -> list[str]:
+    if path.is_dir():
+        raise DataError(f"data: {path} is a directory, not a data file")
     if not path.is_file():
         raise DataError(f"data: file {path} does not exist")
-    raw = path.read_text(encoding="utf-8")
+    try:
+        raw = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"data: {path} is not UTF-8 text (byte {exc.start} cannot be decoded); "
+            "give a .txt or .jsonl text file"
+        ) from None
+    except OSError as exc:
+        raise DataError(f"data: cannot read {path}: {exc.strerror or exc}") from None
     if not raw.strip():
         raise DataError(f"data: file {path} is empty")
     if fmt == "text":
@@ -154,10 +166,18 @@ def _read_file(path: Path, fmt: str, text_field: str) -> list[str]:
             record = json.loads(line)
         except ValueError as exc:
             raise DataError(f"data: {path}:{number} is not valid JSON") from exc
+        if not isinstance(record, dict):
+            raise DataError(
+                f"data: {path}:{number} is a JSON {type(record).__name__}, not an object "
+                f"with a {text_field!r} field"
+            )
         if fmt == "hellaswag":
             rows.append(record["ctx"] + " " + record["endings"][record["label"]])
         elif text_field not in record:
             raise DataError(f"data: {path}:{number} has no field {text_field!r}")
+        elif not isinstance(record[text_field], str):
+            kind = type(record[text_field]).__name__
+            raise DataError(f"data: {path}:{number}: field {text_field!r} is a {kind}, not text")
         else:
             rows.append(record[text_field])
     if fmt == "wikitext_rows":

@@ -29,3 +29,14 @@ class CheckpointError(SlmError):
 
 class PassError(SlmError):
     """A pass cannot run with this model/config (e.g. a shape it cannot handle)."""
+
+
+def first_line(exc: BaseException) -> str:
+    """The first non-empty line of an exception's text (library errors can span pages)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return lines[0] if lines else type(exc).__name__
+
+
+def one_line(text: str) -> str:
+    """Collapse a message onto one line, so ``error: ...`` is always exactly one line."""
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())

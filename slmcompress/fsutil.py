@@ -88,3 +88,58 @@ def clean_stale_tmp(root: Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
+
+
+def replace_problem(target: Path, marker: str) -> str | None:
+    """Why :func:`atomic_dir` must not replace ``target``, or ``None`` when it may.
+
+    Only an empty directory or one of our own outputs (it holds ``marker``) may be
+    replaced: a mistyped ``--out ~/data`` must never delete the user's files.
+    """
+    target = Path(target)
+    if not target.exists():
+        return None
+    if not target.is_dir():
+        return f"{target} is a file, not a directory"
+    if any(target.iterdir()) and not (target / marker).is_file():
+        return f"{target} is not empty and was not written by slmcompress (no {marker})"
+    return None
+
+
+#: the lock file an slmcompress writer holds in a directory it owns while it runs
+LOCK_FILE = ".slmcompress.lock"
+
+
+class DirectoryBusy(RuntimeError):
+    """Another live process holds the directory's lock (``pid`` is the holder's, if known)."""
+
+    def __init__(self, directory: Path, pid: str) -> None:
+        super().__init__(f"{directory} is in use by another slmcompress process (pid {pid})")
+        self.directory, self.pid = directory, pid
+
+
+@contextlib.contextmanager
+def exclusive_lock(directory: Path) -> Iterator[Path]:
+    """Hold an exclusive ``flock`` on ``directory/.slmcompress.lock`` for the block.
+
+    The kernel drops a flock when its holder dies, so a crashed run never leaves a stale
+    lock behind (unlike a pid file). The holder writes its pid into the file so a second
+    writer can name it. ``filelock`` truncates the file on every attempt, which would erase
+    the holder's pid, hence plain ``fcntl``.
+    """
+    import fcntl
+
+    directory = Path(directory)
+    path = directory / LOCK_FILE
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise DirectoryBusy(directory, holder) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield path
+    finally:
+        os.close(fd)  # releases the flock

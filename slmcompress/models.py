@@ -24,8 +24,9 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from slmcompress.errors import ModelSourceError
+from slmcompress.errors import ModelSourceError, first_line
 from slmcompress.fsutil import atomic_dir
+from slmcompress.remote_code import check_local_code, hf_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -131,10 +132,14 @@ def builtin_model_dir(alias: str) -> Path:
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a GGUF file (dequantized) with transformers; drop its quantization_config."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(
+            path.parent, gguf_file=path.name, trust_remote_code=False
+        )
+        model = AutoModelForCausalLM.from_pretrained(
+            path.parent, gguf_file=path.name, dtype=dtype, trust_remote_code=False
+        )
     except Exception as exc:  # noqa: BLE001 - any loader failure is a bad model file
-        raise ModelSourceError(f"model: cannot load GGUF {path}: {_first_line(exc)}") from exc
+        raise ModelSourceError(f"model: cannot load GGUF {path}: {first_line(exc)}") from exc
     # The weights are now plain floats; a leftover gguf quantization_config would make
     # save_pretrained/from_pretrained treat them as quantized.
     if hasattr(model.config, "quantization_config"):
@@ -144,11 +149,6 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
         model.__dict__.pop(attr, None)
     model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     return model, tokenizer
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def is_local_path(source: str) -> bool:
@@ -186,6 +186,8 @@ def check_model_source(source: str) -> None:
             raise ModelSourceError(f"model: directory {path} has no config.json")
         if path.is_file() and path.suffix != ".gguf":
             raise ModelSourceError(f"model: {path} is a file but not a .gguf")
+        if path.is_dir():
+            check_local_code(path)
 
 
 def load_model(source: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
@@ -217,12 +219,12 @@ def load_model(source: str, dtype: str = "auto", device: str = "auto") -> Loaded
 def _load_hub(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load from the Hugging Face hub (or its local cache when offline)."""
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(source, **hf_kwargs())
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, **hf_kwargs())
     except Exception as exc:  # noqa: BLE001
         raise ModelSourceError(
             f"model: cannot load hub id {source!r} (offline or unknown; use a built-in alias, "
-            f"a local directory or a .gguf file): {_first_line(exc)}"
+            f"a local directory or a .gguf file): {first_line(exc)}"
         ) from exc
     return model, tokenizer
 

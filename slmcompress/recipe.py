@@ -20,6 +20,7 @@ from slmcompress.errors import ModelSourceError, RecipeError, SlmError
 from slmcompress.models import check_model_source, resolve_dtype
 from slmcompress.passes.base import Pass, PassConfig
 from slmcompress.registry import get_pass
+from slmcompress.remote_code import remote_code
 
 
 class EvalOptions(BaseModel):
@@ -75,11 +76,15 @@ class Recipe(BaseModel):
                 raise ValueError(str(exc)) from exc
         return value
 
+    # run model-supplied code (a checkpoint's auto_map modules); never without this opt-in
+    trust_remote_code: bool = False
+
     @field_validator("name")
     @classmethod
     def _safe_name(cls, name: str) -> str:
-        if "/" in name or name.startswith("."):
-            raise ValueError("must not contain '/' or start with '.'")
+        problem = path_name_problem(name)
+        if problem:
+            raise ValueError(problem)
         return name
 
     @field_validator("device")
@@ -88,6 +93,21 @@ class Recipe(BaseModel):
         if device not in ("auto", "cpu") and not device.startswith("cuda"):
             raise ValueError("must be auto, cpu, cuda or cuda:N")
         return device
+
+
+#: a name becomes a directory name (``NN-name`` plus a temp suffix while it is written)
+MAX_NAME_BYTES = 200
+
+
+def path_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a run or stage directory name, or ``None`` if it can."""
+    if "/" in name or "\\" in name or name.startswith("."):
+        return "must not contain '/' or '\\' or start with '.'"
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        return "must not contain control characters (NUL, newline, ...)"
+    if len(name.encode("utf-8")) > MAX_NAME_BYTES:
+        return f"is {len(name.encode('utf-8'))} bytes long; at most {MAX_NAME_BYTES}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -203,6 +223,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         for part in parts[:-1]:
             node = _child(node, part, path, create=True)
         last = parts[-1]
+        if not isinstance(node, (dict, list)):
+            parent = ".".join(parts[:-1])
+            raise RecipeError(f"--set {path}: {parent!r} is a value, not a mapping or list")
         if isinstance(node, list):
             node[_index(node, last, path)] = value
         else:
@@ -242,7 +265,8 @@ def parse_recipe(
         raise RecipeError(format_validation_error(exc)) from exc
     stages = [_parse_stage(i, raw) for i, raw in enumerate(recipe.stages)]
     resolved = ResolvedRecipe(recipe=recipe, stages=stages, source_path=source_path)
-    _validate_cross_stage(resolved, check_sources)
+    with remote_code(recipe.trust_remote_code):
+        _validate_cross_stage(resolved, check_sources)
     return resolved
 
 
@@ -272,8 +296,9 @@ def _validate_cross_stage(resolved: ResolvedRecipe, check_sources: bool = True) 
             raise RecipeError(
                 f"stages[{i}].name: {name!r} is used by an earlier stage; names must be unique"
             )
-        if "/" in name or name.startswith("."):
-            raise RecipeError(f"stages[{i}].name: must not contain '/' or start with '.'")
+        problem = path_name_problem(name)
+        if problem:
+            raise RecipeError(f"stages[{i}].name: {problem}")
     resolve_dtype(recipe.dtype)
     if check_sources:
         check_model_source(recipe.model)

@@ -14,6 +14,8 @@ are written, so "exists with a matching hash" means "complete". Resume = skip th
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import random
@@ -25,11 +27,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmcompress import dist
 from slmcompress.checkpoint import load_checkpoint, read_metadata, write_checkpoint_into
-from slmcompress.errors import RecipeError, SlmError
+from slmcompress.errors import RecipeError, SlmError, first_line, one_line
 from slmcompress.eval.report import (
     build_report,
     evaluate,
@@ -39,10 +42,20 @@ from slmcompress.eval.report import (
     skipped_metrics,
     summary_from_checkpoint,
 )
-from slmcompress.fsutil import atomic_dir, atomic_write_json, atomic_write_text, clean_stale_tmp
+from slmcompress.fsutil import (
+    LOCK_FILE,
+    TMP_MARKER,
+    DirectoryBusy,
+    atomic_dir,
+    atomic_write_json,
+    atomic_write_text,
+    clean_stale_tmp,
+    exclusive_lock,
+)
 from slmcompress.models import load_model, resolve_device, resolve_dtype
 from slmcompress.passes.base import Context
 from slmcompress.recipe import ResolvedRecipe, Stage
+from slmcompress.remote_code import remote_code
 from slmcompress.streaming.engine import machine_budget, should_stream
 from slmcompress.streaming.loader import build_skeleton
 from slmcompress.streaming.wiring import (
@@ -121,22 +134,50 @@ class Runner:
 
     # ---------------------------------------------------------------- public
     def run(self) -> RunResult:
-        """Run (or resume) every stage; raise SlmError on the first failure."""
+        """Run (or resume) every stage; raise SlmError on the first failure.
+
+        Rank 0 holds an exclusive lock on ``output_dir`` for the whole run, so a second
+        ``slmcompress run`` into the same directory fails at once instead of swapping stage
+        directories under the first one. Other ranks never touch the lock.
+        """
         if self.from_stage is not None and not 1 <= self.from_stage <= len(self.resolved.stages):
             raise RecipeError(f"--from-stage: must be between 1 and {len(self.resolved.stages)}")
+        with remote_code(self.recipe.trust_remote_code):
+            if not dist.is_main():
+                return self._run_stages()
+            self._make_output_dir()
+            try:
+                with exclusive_lock(self.out):
+                    return self._run_stages()
+            except DirectoryBusy as exc:
+                raise RecipeError(
+                    f"output_dir: {self.out} is in use by another slmcompress run (pid "
+                    f"{exc.pid}); wait for it to finish or choose another output_dir"
+                ) from None
+            except (OSError, SafetensorError) as exc:
+                raise SlmError(f"output_dir: {self.out}: {io_problem(exc)}") from exc
+
+    def _run_stages(self) -> RunResult:
         start = time.perf_counter()
         manifest: dict[str, Any] = {"stages": [{} for _ in self.resolved.stages]}
         original: dict[str, Any] = {}
-        if dist.is_main():
-            self._prepare_output_dir()
-            manifest = self._new_manifest()
-            original = self._input_report()
-        result = RunResult(output_dir=self.out)
-        previous = original
-        for stage, stage_hash in zip(self.resolved.stages, self.hashes, strict=True):
-            outcome = self._run_or_skip(stage, stage_hash, previous, original, manifest)
-            result.stages.append(outcome)
-            previous = outcome.report["metrics"] if outcome.report else previous
+        try:
+            if dist.is_main():
+                self._prepare_output_dir()
+                manifest = self._new_manifest()
+                original = self._input_report()
+            result = RunResult(output_dir=self.out)
+            previous = original
+            for stage, stage_hash in zip(self.resolved.stages, self.hashes, strict=True):
+                outcome = self._run_or_skip(stage, stage_hash, previous, original, manifest)
+                result.stages.append(outcome)
+                previous = outcome.report["metrics"] if outcome.report else previous
+        except BaseException as exc:
+            if dist.is_main() and "status" in manifest:
+                failed = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+                manifest.update(status=failed, error=one_line(first_line(exc)))
+                self._write_manifest(manifest)
+            raise
         if dist.is_main():
             manifest["status"] = "complete"
             atomic_write_json(self.out / "run.json", manifest)
@@ -145,28 +186,50 @@ class Runner:
         result.wall_s = time.perf_counter() - start
         return result
 
+    def _write_manifest(self, manifest: dict[str, Any]) -> None:
+        """Record a failure in run.json; a full disk must not hide the original error."""
+        with contextlib.suppress(OSError):
+            atomic_write_json(self.out / "run.json", manifest)
+
     # ---------------------------------------------------------------- output dir
+    def _make_output_dir(self) -> None:
+        if self.out.exists() and not self.out.is_dir():
+            raise RecipeError(f"output_dir: {self.out} is a file, not a directory")
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RecipeError(
+                f"output_dir: cannot create {self.out}: {exc.strerror or exc}"
+            ) from None
+
     def _prepare_output_dir(self) -> None:
-        manifest_path = self.out / "run.json"
-        if self.out.exists() and any(self.out.iterdir()):
-            if not manifest_path.is_file():
-                if not self.force:
-                    raise RecipeError(
-                        f"output_dir: {self.out} exists and is not an slmcompress run (use --force)"
-                    )
-            else:
-                old = json.loads(manifest_path.read_text())
-                if old.get("recipe") != self.resolved.identity() and not self.force:
-                    raise RecipeError(
-                        f"output_dir: {self.out} holds a run of a different recipe "
-                        f"({old.get('recipe', {}).get('name')!r}); use --force or another output_dir"
-                    )
-        self.out.mkdir(parents=True, exist_ok=True)
+        """Refuse a directory that is not ours; with ``--force`` remove only what we wrote."""
+        old = read_run_manifest(self.out)
+        foreign = [e.name for e in self.out.iterdir() if not _is_scratch(e.name)]
+        if old is None and foreign:
+            raise RecipeError(
+                f"output_dir: {self.out} is not empty and holds no slmcompress run (no run.json, "
+                f"found {foreign[0]!r}); choose a new or empty directory (--force only "
+                "replaces a run of ours)"
+            )
+        if old is not None and old.get("recipe") != self.resolved.identity() and not self.force:
+            raise RecipeError(
+                f"output_dir: {self.out} holds a run of a different recipe "
+                f"({old.get('recipe', {}).get('name')!r}); use --force or another output_dir"
+            )
         clean_stale_tmp(self.out)
-        if self.force:  # stale per-layer resume state must not leak into the new run either
+        for name in [INPUT_DIR] + [s.dirname for s in self.resolved.stages]:
+            if (self.out / name).exists() and not _written_by_us(self.out / name):
+                raise RecipeError(
+                    f"output_dir: {self.out / name} was not written by slmcompress and a stage "
+                    "would replace it; move it away or rename the stage"
+                )
+        if self.force and old is not None:  # stale resume state must not leak into the new run
             shutil.rmtree(self.out / ".work", ignore_errors=True)
+            listed = {str(s.get("dir")) for s in old.get("stages", []) if isinstance(s, dict)}
             for entry in self.out.iterdir():
-                if entry.is_dir() and entry.name[:2].isdigit() and entry.name != INPUT_DIR:
+                ours = entry.name in listed and entry.name != INPUT_DIR
+                if ours and entry.is_dir() and _written_by_us(entry):
                     shutil.rmtree(entry)
 
     def _new_manifest(self) -> dict[str, Any]:
@@ -346,11 +409,14 @@ class Runner:
         start = time.perf_counter()
         try:
             report = self._execute(stage, stage_hash, previous, original)
-        except (SlmError, OSError) as exc:
-            entry.update(status="failed", error=str(exc))
-            atomic_write_json(self.out / "run.json", manifest)
-            if isinstance(exc, OSError):
-                raise SlmError(f"stage {stage.dirname}: cannot write its output: {exc}") from exc
+        except BaseException as exc:
+            failed = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
+            entry.update(status=failed, error=one_line(first_line(exc)))
+            self._write_manifest(manifest)
+            if isinstance(exc, (OSError, SafetensorError)):
+                raise SlmError(
+                    f"stage {stage.dirname}: cannot write its output: {io_problem(exc)}"
+                ) from exc
             raise
         wall = time.perf_counter() - start
         entry.update(status="complete", wall_s=wall, finished=time.time())
@@ -564,6 +630,46 @@ NOT_EVALUATED = "not evaluated:"
 
 def _skipped_for_budget(report: dict[str, Any]) -> bool:
     return any(str(w).startswith(NOT_EVALUATED) for w in report.get("warnings", []))
+
+
+def read_run_manifest(directory: Path) -> dict[str, Any] | None:
+    """The ``run.json`` of an output dir, ``None`` if there is none; unreadable is an error."""
+    path = Path(directory) / "run.json"
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError, OSError) as exc:
+        raise RecipeError(f"output_dir: {path} is not a valid run manifest ({exc})") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"output_dir: {path} is not a valid run manifest")
+    return data
+
+
+def _is_scratch(name: str) -> bool:
+    """Entries an interrupted run of ours may leave before run.json exists."""
+    return name == LOCK_FILE or (name.startswith(".") and (TMP_MARKER in name or ".old-" in name))
+
+
+def _written_by_us(directory: Path) -> bool:
+    """A stage or input directory of ours: its slmcompress.json names a stage or input key."""
+    try:
+        meta = read_metadata(directory)
+    except (ValueError, OSError):
+        return False
+    return isinstance(meta, dict) and ("stage_hash" in meta or "input_key" in meta)
+
+
+def io_problem(exc: BaseException) -> str:
+    """One line for a write failure; a full disk says so, whichever library raised it."""
+    text = first_line(exc)
+    errno_ = getattr(exc, "errno", None)
+    full = errno_ in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
+        word in text for word in ("No space left", "File too large", "FileTooLarge", "quota")
+    )
+    if full:
+        return f"disk full or file size limit hit ({text})"
+    return text
 
 
 def claim_work_dir(work_dir: Path, stage_hash: str) -> Path:

@@ -33,7 +33,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from slmcompress.data import DataSpec, packed_sequences, resolved_split
 from slmcompress.distill.losses import TopK, top_k_logits
 from slmcompress.errors import DataError, PassError
-from slmcompress.fsutil import atomic_write_json
+from slmcompress.fsutil import LOCK_FILE, DirectoryBusy, atomic_write_json, exclusive_lock
 from slmcompress.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -112,10 +112,14 @@ def _write_shard(path: Path, input_ids: torch.Tensor, targets: TopK, dtype: torc
         "indices": targets.indices.to(torch.int32).contiguous(),  # (n, T, K)
     }
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    with open(tmp, "rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp))
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a full disk must not leave a torn temp file behind
+        raise
 
 
 @torch.no_grad()
@@ -159,13 +163,59 @@ def build_teacher_cache(
         raise DataError(f"teacher cache: values_dtype must be one of {', '.join(VALUE_DTYPES)}")
     sequences = packed_sequences(tokenizer, data_spec, seq_len)  # (N, T)
     n = n_sequences or sequences.shape[0]
-    if n > sequences.shape[0] or n == 0:
+    if n > sequences.shape[0] or n < 1:
         raise DataError(
             f"teacher cache: {data_spec.source} has {sequences.shape[0]} sequences of "
             f"{seq_len} tokens, {n} requested"
         )
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = _cache_dir(Path(out_dir))
+    try:
+        with exclusive_lock(out_dir):
+            return _fill_cache(
+                model, tokenizer, data_spec, sequences[:n], seq_len, top_k, out_dir,
+                batch_size, shard_size, values_dtype, model_name, show_progress,
+            )  # fmt: skip
+    except DirectoryBusy as exc:
+        raise DataError(
+            f"teacher cache: {out_dir} is being written by another slmcompress process "
+            f"(pid {exc.pid}); wait for it or use another --out"
+        ) from None
+
+
+def _cache_dir(out_dir: Path) -> Path:
+    """Create ``out_dir``; refuse a file, or a non-empty directory that is not a cache."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"teacher cache: {out_dir} is a file, not a directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(f"teacher cache: cannot create {out_dir}: {exc.strerror or exc}") from None
+    ours = {MANIFEST, PARTIAL, LOCK_FILE}
+    names = {e.name for e in out_dir.iterdir()}
+    if names and not names & {MANIFEST, PARTIAL} and names - ours:
+        raise DataError(
+            f"teacher cache: {out_dir} is not empty and is not a teacher cache; "
+            "use a new or empty --out"
+        )
+    return out_dir
+
+
+def _fill_cache(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    data_spec: DataSpec,
+    sequences: torch.Tensor,
+    seq_len: int,
+    top_k: int,
+    out_dir: Path,
+    batch_size: int,
+    shard_size: int,
+    values_dtype: str,
+    model_name: str | None,
+    show_progress: bool,
+) -> Path:
+    """Write the shards still missing (the caller holds the directory's lock)."""
+    n = sequences.shape[0]
     name = model_name or str(getattr(model, "name_or_path", "") or model.config.name_or_path)
     header = _header(name, tokenizer, data_spec, seq_len, top_k, n, shard_size, values_dtype)
     shards = _done_shards(out_dir, header)

@@ -75,6 +75,7 @@ def quantize_with_bnb(
             quantization_config=_bnb_config(cfg),
             device_map={"": str(device)},
             dtype=model.dtype,
+            trust_remote_code=False,  # our own float copy: no code to run
         )
     except Exception as exc:  # noqa: BLE001 - bnb backends fail in many ways; report one line
         raise PassError(

@@ -141,7 +141,7 @@ def _config_if_cheap(source: str) -> PretrainedConfig | None:
     if not (directory / "config.json").is_file():
         return None
     try:
-        return AutoConfig.from_pretrained(directory)
+        return AutoConfig.from_pretrained(directory, trust_remote_code=False)
     except Exception:  # noqa: BLE001 - the model source check reports unreadable configs
         return None
 

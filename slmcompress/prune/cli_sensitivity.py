@@ -44,7 +44,7 @@ def sensitivity_command(
     per_layer: Annotated[
         bool, typer.Option(help="Also prune one layer at a time (layers: drop each alone).")
     ] = False,
-    out: Annotated[Path, typer.Option(help="Output directory (replaced atomically).")] = Path(
+    out: Annotated[Path, typer.Option(help="Output directory (an earlier result here is replaced).")] = Path(
         "runs/sensitivity"
     ),
     method: Annotated[str, typer.Option(help="activation | magnitude | random")] = "activation",

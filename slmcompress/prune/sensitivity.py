@@ -27,7 +27,7 @@ from slmcompress.data import CalibrationSpec, EvalSpec, calibration_tokens, eval
 from slmcompress.errors import PassError
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.eval.report import count_params
-from slmcompress.fsutil import atomic_dir
+from slmcompress.fsutil import atomic_dir, replace_problem
 from slmcompress.prune.importance import (
     Importance,
     activation_importance,
@@ -227,7 +227,8 @@ def sensitivity(
         tokenizer: its tokenizer (calibration and evaluation text).
         axis: ``heads`` | ``mlp`` | ``hidden`` | ``layers``, or several.
         ratios: fractions of the axis to remove, e.g. ``[0.1, 0.25, 0.5]``.
-        out_dir: output directory (replaced atomically).
+        out_dir: output directory, replaced atomically; an existing one must be an
+            earlier sensitivity output (holds ``sensitivity.json``) or empty.
         per_layer: also prune one layer at a time (``layers``: drop each layer alone).
         method: importance: ``activation`` | ``magnitude`` | ``random``.
         calibration: calibration data (default: 16 C4 sequences of 256 tokens).
@@ -241,6 +242,9 @@ def sensitivity(
             raise PassError(f"axis: unknown axis {name!r}; valid: {', '.join(AXES)}")
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise PassError(f"ratios: need fractions between 0 and 1, got {list(ratios)}")
+    problem = replace_problem(Path(out_dir), "sensitivity.json")
+    if problem:
+        raise PassError(f"out: {problem}")
     calibration = calibration or CalibrationSpec(source="c4", n_samples=16, seq_len=256)
     evaluation = evaluation or EvalSpec(max_tokens=4096, seq_len=512)
     device = device or next(model.parameters()).device

@@ -29,6 +29,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from slmcompress.calib import decoder_layers
 from slmcompress.errors import CheckpointError
+from slmcompress.remote_code import check_local_code, hf_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,8 @@ def build_skeleton(
     ``allow_quantized`` builds the float architecture of a quantized checkpoint (a stand-in
     that is never run; streaming itself reads float checkpoints only).
     """
-    config = AutoConfig.from_pretrained(model_dir)
+    check_local_code(model_dir)
+    config = AutoConfig.from_pretrained(model_dir, **hf_kwargs())
     if getattr(config, "quantization_config", None) and allow_quantized:
         del config.quantization_config  # a placeholder for what the config describes, no weights
     elif getattr(config, "quantization_config", None):

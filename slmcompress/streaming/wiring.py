@@ -47,7 +47,9 @@ def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved beside a checkpoint (streamed stages never load the model)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(directory)
+    from slmcompress.remote_code import hf_kwargs
+
+    return AutoTokenizer.from_pretrained(directory, **hf_kwargs())
 
 
 def move_streamed_checkpoint(
