@@ -120,26 +120,30 @@ class DirectoryBusy(RuntimeError):
 
 @contextlib.contextmanager
 def exclusive_lock(directory: Path) -> Iterator[Path]:
-    """Hold an exclusive ``flock`` on ``directory/.slmcompress.lock`` for the block.
+    """Hold an exclusive ``flock`` on ``directory`` itself for the block.
 
     The kernel drops a flock when its holder dies, so a crashed run never leaves a stale
-    lock behind (unlike a pid file). The holder writes its pid into the file so a second
-    writer can name it. ``filelock`` truncates the file on every attempt, which would erase
-    the holder's pid, hence plain ``fcntl``.
+    lock (unlike a pid file alone). Locking the directory's own descriptor, not a lock file,
+    means a refused attempt writes nothing into a directory that may be the user's; the
+    holder then records its pid in ``.slmcompress.lock`` so a second writer can name it.
     """
     import fcntl
 
     directory = Path(directory)
-    path = directory / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
-            raise DirectoryBusy(directory, holder) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        yield path
+            raise DirectoryBusy(directory, _lock_holder(directory / LOCK_FILE)) from None
+        atomic_write_text(directory / LOCK_FILE, f"{os.getpid()}\n")
+        yield directory / LOCK_FILE
     finally:
         os.close(fd)  # releases the flock
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        return path.read_text().strip() or "unknown"
+    except OSError:
+        return "unknown"

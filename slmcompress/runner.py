@@ -146,6 +146,7 @@ class Runner:
             if not dist.is_main():
                 return self._run_stages()
             self._make_output_dir()
+            self._refuse_foreign(read_run_manifest(self.out))  # before the lock writes its pid
             try:
                 with exclusive_lock(self.out):
                     return self._run_stages()
@@ -205,13 +206,7 @@ class Runner:
     def _prepare_output_dir(self) -> None:
         """Refuse a directory that is not ours; with ``--force`` remove only what we wrote."""
         old = read_run_manifest(self.out)
-        foreign = [e.name for e in self.out.iterdir() if not _is_scratch(e.name)]
-        if old is None and foreign:
-            raise RecipeError(
-                f"output_dir: {self.out} is not empty and holds no slmcompress run (no run.json, "
-                f"found {foreign[0]!r}); choose a new or empty directory (--force only "
-                "replaces a run of ours)"
-            )
+        self._refuse_foreign(old)
         if old is not None and old.get("recipe") != self.resolved.identity() and not self.force:
             raise RecipeError(
                 f"output_dir: {self.out} holds a run of a different recipe "
@@ -231,6 +226,15 @@ class Runner:
                 ours = entry.name in listed and entry.name != INPUT_DIR
                 if ours and entry.is_dir() and _written_by_us(entry):
                     shutil.rmtree(entry)
+
+    def _refuse_foreign(self, old: dict[str, Any] | None) -> None:
+        foreign = sorted(e.name for e in self.out.iterdir() if not _is_scratch(e.name))
+        if old is None and foreign:
+            raise RecipeError(
+                f"output_dir: {self.out} is not empty and holds no slmcompress run (no run.json, "
+                f"found {foreign[0]!r}); choose a new or empty directory (--force only "
+                "replaces a run of ours)"
+            )
 
     def _new_manifest(self) -> dict[str, Any]:
         manifest = {
