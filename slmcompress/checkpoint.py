@@ -11,8 +11,9 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors import safe_open
@@ -28,10 +29,13 @@ from transformers import (
 
 from slmcompress.errors import CheckpointError, first_line
 from slmcompress.fsutil import atomic_dir
-from slmcompress.quant.gptq_format import packed_shapes, parse_gptq_config
+from slmcompress.quant.gptq_format import GPTQFormat, packed_shapes, parse_gptq_config
 from slmcompress.quant.quant_linear import QuantLinear
 from slmcompress.remote_code import check_local_code, hf_kwargs
 from slmcompress.versions import versions
+
+if TYPE_CHECKING:
+    from slmcompress.streaming.loader import StreamingModel
 
 log = logging.getLogger(__name__)
 
@@ -235,6 +239,42 @@ def load_gptq_checkpoint(
     model.tie_weights()
     model.config.quantization_config = qcfg
     return model.eval()
+
+
+def open_streaming_model(directory: Path, dtype: torch.dtype) -> StreamingModel:
+    """A checkpoint (float or GPTQ) whose layers are read from disk one at a time."""
+    from slmcompress.streaming.loader import StreamingModel
+
+    config = validate_checkpoint(directory)
+    check_local_code(directory, "checkpoint")
+    qcfg = config.get("quantization_config")
+    if not qcfg:
+        return StreamingModel(directory, dtype)
+    fmt = parse_gptq_config(qcfg, f"{directory}/config.json")
+    return StreamingModel(directory, dtype, prepare=quant_linear_swapper(fmt))
+
+
+def quant_linear_swapper(fmt: GPTQFormat) -> Callable[[nn.Module, Any], None]:
+    """A ``StreamingModel`` prepare hook: a ``QuantLinear`` wherever the shards hold ``qweight``.
+
+    Called on the meta skeleton, so the swapped modules' buffers are meta too and load
+    from the shards like any other tensor when their layer is reached.
+    """
+
+    def prepare(model: nn.Module, source: Any) -> None:
+        for name, module in list(model.named_modules()):
+            if isinstance(module, nn.Linear) and f"{name}.qweight" in source:
+                quant = QuantLinear(
+                    module.in_features,
+                    module.out_features,
+                    fmt.bits,
+                    fmt.group_size,
+                    bias=f"{name}.bias" in source,
+                )
+                quant.cache_weight = True  # dequantize once per resident layer, not per batch
+                replace_module(model, name, quant)
+
+    return prepare
 
 
 def _read_state(directory: Path) -> dict[str, torch.Tensor]:

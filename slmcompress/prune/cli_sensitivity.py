@@ -44,9 +44,9 @@ def sensitivity_command(
     per_layer: Annotated[
         bool, typer.Option(help="Also prune one layer at a time (layers: drop each alone).")
     ] = False,
-    out: Annotated[Path, typer.Option(help="Output directory (an earlier result here is replaced).")] = Path(
-        "runs/sensitivity"
-    ),
+    out: Annotated[
+        Path, typer.Option(help="Output directory (an earlier result here is replaced).")
+    ] = Path("runs/sensitivity"),
     method: Annotated[str, typer.Option(help="activation | magnitude | random")] = "activation",
     head_pruning: Annotated[str, typer.Option(help="within_groups | kv_groups")] = "within_groups",
     depth_metric: Annotated[str, typer.Option(help="loss | cosine (layers axis)")] = "loss",

@@ -19,6 +19,7 @@ import copy
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -232,11 +233,10 @@ def materialise(
         _set_tensor(module, name, nn.Parameter(tensor, requires_grad=False))
     for name, buf in list(module.named_buffers(recurse=True)):
         if buf.device.type == "meta":  # only persistent buffers can be on meta here
-            _set_tensor(
-                module,
-                name,
-                source.get(_resolve(prefix + name, source, fallback), dtype).to(device),
-            )
+            key = _resolve(prefix + name, source, fallback)
+            # a buffer keeps the dtype its module declares (GPTQ scales stay fp16)
+            own = buf.dtype if buf.is_floating_point() else None
+            _set_tensor(module, name, source.get(key, own).to(device))
         elif buf.device != device:
             _set_tensor(module, name, buf.to(device))
     return module
@@ -271,11 +271,21 @@ def _set_tensor(module: nn.Module, dotted: str, value: torch.Tensor) -> None:
 class StreamingModel:
     """A meta skeleton plus its weight source; materialises parts on demand."""
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        dtype: torch.dtype = torch.float32,
+        prepare: Callable[[nn.Module, WeightSource], None] | None = None,
+    ) -> None:
+        """``prepare`` may swap modules of the meta skeleton before any weight is read (a
+        quantized checkpoint's ``QuantLinear``s); without it only float checkpoints load."""
         self.model_dir = Path(model_dir)
         self.source = WeightSource(self.model_dir)  # validates every shard up front
         self.dtype = dtype
-        self.model = build_skeleton(self.model_dir, dtype)
+        self.model = build_skeleton(self.model_dir, dtype, allow_quantized=prepare is not None)
+        if prepare is not None:
+            with torch.device("meta"):
+                prepare(self.model, self.source)
         self.layers = decoder_layers(self.model)
         self.layer_prefix = _module_prefix(self.model, self.layers) + "."
         self._pristine = [copy.deepcopy(layer) for layer in self.layers]  # meta: costs no memory
@@ -324,7 +334,9 @@ class StreamingModel:
         """Fail fast when the index names no shard for some layer (a shard left out of the index)."""
         for index in range(self.num_layers()):
             prefix = f"{self.layer_prefix}{index}."
-            for name, _ in self.layers[index].named_parameters():
+            layer = self.layers[index]
+            loaded = [n for n, b in layer.named_buffers() if b.device.type == "meta"]
+            for name in [n for n, _ in layer.named_parameters()] + loaded:
                 if prefix + name not in self.source:
                     raise CheckpointError(
                         f"checkpoint: {self.model_dir} has no tensor {prefix + name!r} (a shard is missing from the index?)"
