@@ -39,7 +39,6 @@ from slmcompress.eval.report import (
     model_summary,
     render_report_md,
     render_summary_md,
-    skipped_metrics,
     summary_from_checkpoint,
 )
 from slmcompress.fsutil import (
@@ -340,7 +339,8 @@ class Runner:
             too_big = self._over_budget(source)
         if too_big:
             log.warning("input model: %s", too_big)
-            metrics, timings, warnings = skipped_metrics(), {}, [too_big]
+            metrics, timings = self._streamed_metrics(source, self.out / ".work" / INPUT_DIR)
+            warnings = [streamed_warning(too_big)]
             summary = summary_from_checkpoint(source)
         else:
             model, tokenizer = self._ensure_model()
@@ -482,12 +482,13 @@ class Runner:
         with atomic_dir(directory) as tmp:
             evaluated = self._write_stage(stage, stage_hash, new_model, tokenizer, ctx, tmp)
             checkpoint_dir = tmp if stage.pass_cls.changes_model else None
-            if is_lazy(evaluated):  # over the memory budget: report sizes, not metrics
-                reason = self._over_budget(checkpoint_dir or self._input_dir()) or (
+            if is_lazy(evaluated):  # over the memory budget: perplexity streamed, not the rest
+                evaluated_dir = checkpoint_dir or self._input_dir()
+                reason = self._over_budget(evaluated_dir) or (
                     f"{NOT_EVALUATED} the model is over the memory budget"
                 )
-                ctx.warnings.append(reason)
-                metrics, timings = skipped_metrics(), {}
+                ctx.warnings.append(streamed_warning(reason))
+                metrics, timings = self._streamed_metrics(evaluated_dir, work_dir / "eval")
             else:
                 metrics, timings = evaluate(
                     evaluated, tokenizer, self.recipe.data.eval, self.recipe.eval
@@ -607,6 +608,26 @@ class Runner:
         atomic_write_json(directory / "slmcompress.json", meta)
         return report
 
+    def _streamed_metrics(
+        self, directory: Path, work_dir: Path
+    ) -> tuple[dict[str, Any], dict[str, float]]:
+        """Perplexity of a checkpoint over the budget, one layer resident at a time."""
+        from slmcompress.eval.streamed import evaluate_streamed
+
+        try:
+            return evaluate_streamed(
+                directory,
+                load_tokenizer(directory),
+                self.recipe.data.eval,
+                self.recipe.eval,
+                self.device,
+                self.dtype,
+                work_dir,
+                self.budget,
+            )
+        finally:
+            shutil.rmtree(work_dir, ignore_errors=True)
+
     def _write_summary(self) -> None:
         rows = []
         for directory in [self.out / INPUT_DIR] + [
@@ -630,6 +651,15 @@ def run_recipe(resolved: ResolvedRecipe, **kwargs: Any) -> RunResult:
 
 #: prefix of the report warning for a stage whose metrics were skipped (over the memory budget)
 NOT_EVALUATED = "not evaluated:"
+
+
+def streamed_warning(reason: str) -> str:
+    """The report warning of a model evaluated by streaming: which metrics are missing."""
+    why = reason.removeprefix(NOT_EVALUATED).strip()
+    return (
+        f"{NOT_EVALUATED} task accuracy and generation speed ({why}); "
+        "perplexity was measured by a streamed forward, one decoder layer at a time"
+    )
 
 
 def _skipped_for_budget(report: dict[str, Any]) -> bool:

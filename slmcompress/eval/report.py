@@ -74,11 +74,6 @@ def model_summary(model: PreTrainedModel, checkpoint_dir: Path | None) -> dict[s
     }
 
 
-def skipped_metrics() -> dict[str, Any]:
-    """Every metric ``None``: the stage's model was not evaluated (the report says why)."""
-    return dict.fromkeys(METRIC_LABELS)
-
-
 def summary_from_checkpoint(directory: Path) -> dict[str, Any]:
     """:func:`model_summary` from config.json and the shard index alone (model never loaded).
 

@@ -9,7 +9,9 @@ checkpoints both stream.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -17,11 +19,9 @@ from transformers import PreTrainedTokenizerBase
 from slmcompress.checkpoint import open_streaming_model
 from slmcompress.data import EvalSpec, eval_tokens
 from slmcompress.eval.perplexity import PerplexityResult
+from slmcompress.eval.report import METRIC_LABELS
 from slmcompress.streaming.engine import StreamOptions
 from slmcompress.streaming.forward import nll_head, streamed_forward
-
-#: report metrics a streamed evaluation measures; the others need the model in memory
-STREAMED_METRICS = ("wikitext2_ppl",)
 
 
 def streamed_perplexity(
@@ -49,3 +49,32 @@ def streamed_perplexity(
     count = per_window.numel()
     mean = float(per_window.sum()) / count
     return PerplexityResult(math.exp(mean), mean, windows.numel(), count, spec.seq_len)
+
+
+def evaluate_streamed(
+    model_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    spec: EvalSpec,
+    options: Any,
+    device: torch.device,
+    dtype: torch.dtype,
+    work_dir: Path,
+    max_memory: int | str | None = None,
+) -> tuple[dict[str, Any], dict[str, float]]:
+    """The report metrics a model over the memory budget can have: perplexity, streamed.
+
+    Task accuracy (lm-eval drives the whole model per request) and generation speed
+    (a KV cache across all layers) need the model resident; they stay ``None``.
+    """
+    metrics: dict[str, Any] = dict.fromkeys(METRIC_LABELS)
+    timings: dict[str, float] = {}
+    if options.ppl:
+        start = time.perf_counter()
+        result = streamed_perplexity(
+            model_dir, tokenizer, spec, device, dtype, work_dir, max_memory
+        )
+        metrics.update(
+            wikitext2_ppl=result.ppl, eval_tokens=result.n_tokens, eval_seq_len=result.seq_len
+        )
+        timings["ppl_s"] = time.perf_counter() - start
+    return metrics, timings
