@@ -300,6 +300,10 @@ def teacher_cache(
     batch_size: Annotated[int, typer.Option(help="Teacher batch size.")] = 4,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    max_memory: Annotated[
+        str | None,
+        typer.Option(help="Host budget (e.g. 24GiB); a teacher above it is streamed."),
+    ] = None,
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Cache a teacher's top-k logits (sharded safetensors) for distillation without the teacher."""
@@ -317,6 +321,7 @@ def teacher_cache(
             batch_size=batch_size,
             device=device,
             dtype=dtype,
+            max_memory=max_memory,
         )
     console.print(f"teacher cache ready: {out} ({cache!r})")
 

@@ -9,10 +9,26 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from transformers import AutoConfig
+
 from slmcompress.data import DataSpec, EvalSpec, check_disjoint, check_spec
-from slmcompress.distill.teacher_cache import VALUE_DTYPES, TeacherCache, build_teacher_cache
+from slmcompress.distill.teacher_cache import (
+    VALUE_DTYPES,
+    TeacherCache,
+    build_streamed_teacher_cache,
+    build_teacher_cache,
+)
 from slmcompress.errors import DataError
-from slmcompress.models import load_model
+from slmcompress.models import (
+    check_model_source,
+    load_model,
+    resolve_device,
+    resolve_dtype,
+    resolve_model_dir,
+)
+from slmcompress.remote_code import hf_kwargs
+from slmcompress.streaming.engine import machine_budget, should_stream
+from slmcompress.streaming.wiring import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +56,13 @@ def teacher_cache_command(
     values_dtype: str = "float32",
     device: str = "auto",
     dtype: str = "auto",
+    max_memory: str | None = None,
     show_progress: bool = True,
 ) -> TeacherCache:
-    """Load ``model``, cache its top-k logits on ``data`` into ``out`` (resuming), return the reader.
+    """Cache ``model``'s top-k logits on ``data`` into ``out`` (resuming), return the reader.
 
+    A teacher over ``max_memory`` (default: the runner's share of this machine's RAM) is
+    never loaded: each shard is one streamed forward, one decoder layer resident at a time.
     Refuses the evaluation split (WikiText-2 test): training on it would leak into every report.
     """
     spec = parse_data_spec(data)
@@ -51,24 +70,43 @@ def teacher_cache_command(
     check_disjoint(spec, EvalSpec(), "--data")
     if top_k < 1:
         raise DataError("--top-k: must be at least 1")
+    for option, value, least in (("--seq-len", seq_len, 2), ("--batch-size", batch_size, 1)):
+        if value < least:
+            raise DataError(f"{option}: must be at least {least}, got {value}")
+    if n_sequences is not None and n_sequences < 1:
+        raise DataError(f"--n-sequences: must be at least 1, got {n_sequences}")
     if values_dtype not in VALUE_DTYPES:
         raise DataError(f"--values-dtype: must be one of {', '.join(VALUE_DTYPES)}")
-    loaded = load_model(model, dtype=dtype, device=device)
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        raise DataError(f"--seq-len: {seq_len} exceeds {model}'s max_position_embeddings {limit}")
-    build_teacher_cache(
-        loaded.model,
-        loaded.tokenizer,
-        spec,
-        seq_len,
-        top_k,
-        Path(out),
-        n_sequences,
+    check_model_source(model)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    decision = should_stream(model, max_memory or machine_budget(), torch_dtype)
+    common = dict(
         batch_size=batch_size,
         shard_size=shard_size,
         values_dtype=values_dtype,
         model_name=model,
         show_progress=show_progress,
     )
+    if decision.stream:
+        log.info("teacher %s: %s; streaming it one layer at a time", model, decision.reason)
+        directory = resolve_model_dir(model)
+        tokenizer = load_tokenizer(directory)
+        _check_seq_len(AutoConfig.from_pretrained(directory, **hf_kwargs()), seq_len, model)
+        build_streamed_teacher_cache(
+            directory, tokenizer, spec, seq_len, top_k, Path(out), n_sequences,
+            device=dev, dtype=torch_dtype, max_memory=max_memory or machine_budget(), **common,
+        )  # fmt: skip
+    else:
+        loaded = load_model(model, dtype=dtype, device=device)
+        _check_seq_len(loaded.model.config, seq_len, model)
+        build_teacher_cache(
+            loaded.model, loaded.tokenizer, spec, seq_len, top_k, Path(out), n_sequences, **common
+        )
     return TeacherCache(Path(out), verify=True)
+
+
+def _check_seq_len(config, seq_len: int, model: str) -> None:
+    limit = getattr(config, "max_position_embeddings", None)
+    if limit is not None and seq_len > limit:
+        raise DataError(f"--seq-len: {seq_len} exceeds {model}'s max_position_embeddings {limit}")

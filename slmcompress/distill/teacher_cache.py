@@ -22,6 +22,8 @@ import json
 import logging
 import math
 import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -159,27 +161,158 @@ def build_teacher_cache(
         n_sequences: how many packed sequences to cache (default: all of the data).
         values_dtype: ``float32`` (exact) | ``bfloat16`` | ``float16`` (half the size).
     """
-    if values_dtype not in VALUE_DTYPES:
-        raise DataError(f"teacher cache: values_dtype must be one of {', '.join(VALUE_DTYPES)}")
-    sequences = packed_sequences(tokenizer, data_spec, seq_len)  # (N, T)
-    n = n_sequences or sequences.shape[0]
-    if n > sequences.shape[0] or n < 1:
-        raise DataError(
-            f"teacher cache: {data_spec.source} has {sequences.shape[0]} sequences of "
-            f"{seq_len} tokens, {n} requested"
+    name = model_name or str(getattr(model, "name_or_path", "") or model.config.name_or_path)
+    job = _CacheJob(tokenizer, data_spec, seq_len, top_k, n_sequences, shard_size, values_dtype)
+    return job.write(
+        Path(out_dir),
+        name,
+        lambda _index, ids: teacher_top_k(model, ids, top_k, batch_size),
+        show_progress,
+    )
+
+
+def build_streamed_teacher_cache(
+    model_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    data_spec: DataSpec,
+    seq_len: int,
+    top_k: int,
+    out_dir: Path,
+    n_sequences: int | None = None,
+    *,
+    device: torch.device,
+    dtype: torch.dtype,
+    max_memory: int | str | None = None,
+    batch_size: int = 4,
+    shard_size: int = 256,
+    values_dtype: str = "float32",
+    model_name: str | None = None,
+    show_progress: bool = True,
+) -> Path:
+    """The same cache from a teacher larger than memory: one streamed forward per shard.
+
+    Each shard (``shard_size`` sequences) is one pass over the weights, so a shard should
+    hold enough tokens that computing on them costs more than reading the model (see
+    ``plan``). A kill resumes at the last finished shard, and inside it at the last
+    finished decoder layer (``out_dir/.work``).
+    """
+    from slmcompress.checkpoint import open_streaming_model
+    from slmcompress.streaming.engine import StreamOptions
+    from slmcompress.streaming.forward import streamed_forward, top_k_head
+
+    stream = open_streaming_model(Path(model_dir), dtype)
+    job = _CacheJob(tokenizer, data_spec, seq_len, top_k, n_sequences, shard_size, values_dtype)
+    options = StreamOptions(
+        max_memory=max_memory,
+        batch_size=batch_size,
+        pass_name="forward",
+        key={"head": "top_k", "top_k": top_k},
+    )
+
+    def compute(index: int, ids: torch.Tensor) -> TopK:
+        work = Path(out_dir) / ".work" / f"shard-{index:05d}"
+        rows = streamed_forward(stream, ids, top_k_head(top_k), device, work, options)
+        shutil.rmtree(work, ignore_errors=True)
+        shape = (*ids.shape, top_k)  # (n, T, K)
+        return TopK(values=rows["values"].view(shape), indices=rows["indices"].view(shape))
+
+    written = job.write(Path(out_dir), model_name or str(model_dir), compute, show_progress)
+    shutil.rmtree(Path(out_dir) / ".work", ignore_errors=True)
+    return written
+
+
+class _CacheJob:
+    """What a cache holds (sequences and header fields); writes the shards still missing."""
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        data_spec: DataSpec,
+        seq_len: int,
+        top_k: int,
+        n_sequences: int | None,
+        shard_size: int,
+        values_dtype: str,
+    ) -> None:
+        if values_dtype not in VALUE_DTYPES:
+            raise DataError(f"teacher cache: values_dtype must be one of {', '.join(VALUE_DTYPES)}")
+        sequences = packed_sequences(tokenizer, data_spec, seq_len)  # (N, T)
+        n = n_sequences or sequences.shape[0]
+        if n > sequences.shape[0] or n < 1:
+            raise DataError(
+                f"teacher cache: {data_spec.source} has {sequences.shape[0]} sequences of "
+                f"{seq_len} tokens, {n} requested"
+            )
+        self.sequences = sequences[:n]
+        self.tokenizer, self.data_spec, self.seq_len, self.top_k = (
+            tokenizer,
+            data_spec,
+            seq_len,
+            top_k,
         )
-    out_dir = _cache_dir(Path(out_dir))
-    try:
-        with exclusive_lock(out_dir):
-            return _fill_cache(
-                model, tokenizer, data_spec, sequences[:n], seq_len, top_k, out_dir,
-                batch_size, shard_size, values_dtype, model_name, show_progress,
-            )  # fmt: skip
-    except DirectoryBusy as exc:
-        raise DataError(
-            f"teacher cache: {out_dir} is being written by another slmcompress process "
-            f"(pid {exc.pid}); wait for it or use another --out"
-        ) from None
+        self.shard_size, self.values_dtype = shard_size, values_dtype
+
+    def write(
+        self,
+        out_dir: Path,
+        model_name: str,
+        compute: Callable[[int, torch.Tensor], TopK],
+        show_progress: bool,
+    ) -> Path:
+        """Take the directory's lock, then write what an earlier run did not finish."""
+        out_dir = _cache_dir(out_dir)
+        try:
+            with exclusive_lock(out_dir):
+                return self._fill(out_dir, model_name, compute, show_progress)
+        except DirectoryBusy as exc:
+            raise DataError(
+                f"teacher cache: {out_dir} is being written by another slmcompress process "
+                f"(pid {exc.pid}); wait for it or use another --out"
+            ) from None
+
+    def _fill(
+        self,
+        out_dir: Path,
+        model_name: str,
+        compute: Callable[[int, torch.Tensor], TopK],
+        show_progress: bool,
+    ) -> Path:
+        n = self.sequences.shape[0]
+        header = _header(
+            model_name,
+            self.tokenizer,
+            self.data_spec,
+            self.seq_len,
+            self.top_k,
+            n,
+            self.shard_size,
+            self.values_dtype,
+        )
+        shards = _done_shards(out_dir, header)
+        if shards is None:
+            log.info("teacher cache %s is complete", out_dir)
+            return out_dir
+        n_shards = math.ceil(n / self.shard_size)
+        with progress_bar("teacher cache", total=n_shards, enabled=show_progress) as advance:
+            advance(len(shards), info="resumed" if shards else "")
+            for index in range(len(shards), n_shards):
+                start, stop = index * self.shard_size, min(n, (index + 1) * self.shard_size)
+                path = out_dir / f"shard-{index:05d}.safetensors"
+                ids = self.sequences[start:stop]  # (n, T)
+                _write_shard(path, ids, compute(index, ids), VALUE_DTYPES[self.values_dtype])
+                shards.append(
+                    {
+                        "file": path.name,
+                        "start": start,
+                        "count": stop - start,
+                        "sha256": file_sha256(path),
+                    }
+                )
+                atomic_write_json(out_dir / PARTIAL, {**header, "shards": shards})
+                advance(1)
+        atomic_write_json(out_dir / MANIFEST, {**header, "shards": shards, "complete": True})
+        (out_dir / PARTIAL).unlink(missing_ok=True)
+        return out_dir
 
 
 def _cache_dir(out_dir: Path) -> Path:
@@ -190,60 +323,13 @@ def _cache_dir(out_dir: Path) -> Path:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DataError(f"teacher cache: cannot create {out_dir}: {exc.strerror or exc}") from None
-    ours = {MANIFEST, PARTIAL, LOCK_FILE}
+    ours = {MANIFEST, PARTIAL, LOCK_FILE, ".work"}
     names = {e.name for e in out_dir.iterdir()}
     if names and not names & {MANIFEST, PARTIAL} and names - ours:
         raise DataError(
             f"teacher cache: {out_dir} is not empty and is not a teacher cache; "
             "use a new or empty --out"
         )
-    return out_dir
-
-
-def _fill_cache(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    data_spec: DataSpec,
-    sequences: torch.Tensor,
-    seq_len: int,
-    top_k: int,
-    out_dir: Path,
-    batch_size: int,
-    shard_size: int,
-    values_dtype: str,
-    model_name: str | None,
-    show_progress: bool,
-) -> Path:
-    """Write the shards still missing (the caller holds the directory's lock)."""
-    n = sequences.shape[0]
-    name = model_name or str(getattr(model, "name_or_path", "") or model.config.name_or_path)
-    header = _header(name, tokenizer, data_spec, seq_len, top_k, n, shard_size, values_dtype)
-    shards = _done_shards(out_dir, header)
-    if shards is None:
-        log.info("teacher cache %s is complete", out_dir)
-        return out_dir
-    n_shards = math.ceil(n / shard_size)
-    with progress_bar("teacher cache", total=n_shards, enabled=show_progress) as advance:
-        advance(len(shards), info="resumed" if shards else "")
-        for index in range(len(shards), n_shards):
-            start, stop = index * shard_size, min(n, (index + 1) * shard_size)
-            path = out_dir / f"shard-{index:05d}.safetensors"
-            ids = sequences[start:stop]
-            _write_shard(
-                path, ids, teacher_top_k(model, ids, top_k, batch_size), VALUE_DTYPES[values_dtype]
-            )
-            shards.append(
-                {
-                    "file": path.name,
-                    "start": start,
-                    "count": stop - start,
-                    "sha256": file_sha256(path),
-                }
-            )
-            atomic_write_json(out_dir / PARTIAL, {**header, "shards": shards})
-            advance(1)
-    atomic_write_json(out_dir / MANIFEST, {**header, "shards": shards, "complete": True})
-    (out_dir / PARTIAL).unlink(missing_ok=True)
     return out_dir
 
 
