@@ -139,6 +139,8 @@ class DistillPass(Pass):
         settings = self._settings(ctx)
         sequences, cache, data_id = self._training_data(ctx, where)
         sequences = self._take(sequences, settings, where, data_id)
+        if cache is None and cfg.alpha < 1.0:
+            cache = self._streamed_cache(model, ctx, sequences.shape[0], where)
         teacher_fn, teacher_name = self._teacher(model, ctx, cache, where)
         fingerprint = {"student": weights_digest(model), "teacher": teacher_name, "data": data_id}
         cls, dtype = type(model), next(model.parameters()).dtype
@@ -212,6 +214,58 @@ class DistillPass(Pass):
             None,
             json.dumps(spec_identity(spec)),
         )
+
+    def _streamed_cache(
+        self, student: PreTrainedModel, ctx: Context, n_sequences: int, where: str
+    ) -> TeacherCache | None:
+        """A teacher over the memory budget is never loaded: its top-k logits are cached first.
+
+        One streamed forward per cache shard (one decoder layer resident) over exactly the
+        training sequences. A cached teacher holds top-k logits only, so the options that
+        need the whole distribution or its hidden states are refused.
+        """
+        from slmcompress.distill.teacher_cache import build_streamed_teacher_cache
+        from slmcompress.models import resolve_model_dir
+        from slmcompress.streaming.engine import machine_budget, should_stream
+        from slmcompress.streaming.wiring import load_tokenizer
+
+        cfg: DistillConfig = self.config
+        source = cfg.teacher or ctx.teacher or ctx.original_model
+        budget = ctx.max_memory or machine_budget()
+        decision = should_stream(source, budget, ctx.dtype)
+        if not decision.stream:
+            return None
+        why = f"the teacher {source} is over the memory budget ({decision.reason})"
+        if not cfg.top_k:
+            raise PassError(
+                f"{where}.top_k: {why}, so it is streamed into a top-k logit cache; set top_k "
+                "(e.g. 64): full-vocabulary KD needs the teacher in memory"
+            )
+        if cfg.hidden_weight > 0:
+            raise PassError(
+                f"{where}.hidden_weight: {why}; a streamed teacher cache holds logits only, "
+                "not the hidden states this loss compares"
+            )
+        directory = resolve_model_dir(source)
+        tokenizer = load_tokenizer(directory)
+        if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(ctx.tokenizer):
+            raise PassError(f"{where}.teacher: {source}'s tokenizer differs from the student's")
+        t_vocab = json.loads((directory / "config.json").read_text()).get("vocab_size")
+        if t_vocab != student.config.vocab_size:
+            raise PassError(
+                f"{where}.teacher: {source} has vocab_size {t_vocab}, the student "
+                f"{student.config.vocab_size}; logits must align"
+            )
+        out = ctx.work_dir / "teacher-cache"
+        if dist.is_main():
+            ctx.log.info("distill: %s; caching its top-%d logits by streaming", why, cfg.top_k)
+            build_streamed_teacher_cache(
+                directory, ctx.tokenizer, cfg.data_spec(ctx.data.calibration), cfg.seq_len,
+                cfg.top_k, out, n_sequences, device=ctx.device, dtype=ctx.dtype,
+                max_memory=budget, model_name=source, show_progress=True,
+            )  # fmt: skip
+        dist.barrier()
+        return TeacherCache(out)
 
     def _take(
         self, sequences: torch.Tensor, s: TrainSettings, where: str, data_id: str

@@ -142,3 +142,56 @@ def test_streamed_teacher_cache_equals_the_in_memory_cache(tmp_path, tiny_model_
         assert torch.equal(a["indices"], b["indices"])
         assert torch.allclose(a["values"], b["values"], atol=1e-5)
     assert not (tmp_path / "str" / ".work").exists()
+
+
+def test_distill_from_a_teacher_over_the_budget_streams_its_cache(tmp_path, tokenizer):
+    """The teacher never loads: a top-k cache is streamed first, and the student trains on it
+    to the same result as with the teacher in memory."""
+    import json
+
+    from conftest import write_recipe
+
+    from slmcompress.errors import SlmError
+    from slmcompress.recipe import load_recipe
+    from slmcompress.runner import run_recipe
+    from slmcompress.streaming.engine import should_stream
+
+    teacher = tmp_path / "teacher"
+    write_sharded_model(
+        teacher,
+        small_config(vocab_size=49152, hidden_size=128, intermediate_size=256, num_hidden_layers=4),
+        max_shard_bytes=4_000_000,
+        tokenizer=tokenizer,
+    )
+    student = tmp_path / "student"
+    write_sharded_model(
+        student, small_config(vocab_size=49152, num_hidden_layers=2), tokenizer=tokenizer
+    )
+    budget = str(should_stream(teacher, "1TB").model_bytes - 1)
+    assert not should_stream(student, budget).stream
+    stage = {
+        "type": "distill", "name": "kd", "top_k": 16, "max_steps": 3, "seq_len": 64,
+        "eval_every": 0, "save_every": 0,
+    }  # fmt: skip
+
+    def run(name, stages, **extra):
+        recipe = write_recipe(
+            tmp_path / f"{name}.yaml", str(student), stages, tmp_path / name,
+            teacher=str(teacher), **extra,
+        )  # fmt: skip
+        return run_recipe(load_recipe(recipe))
+
+    streamed = run("s", [stage], max_memory=budget)
+    in_memory = run("m", [stage])
+
+    def report(result):
+        return json.loads((result.stages[0].directory / "report.json").read_text())
+
+    assert report(streamed)["extra"]["distill"]["teacher"].startswith("cache:")
+    assert report(in_memory)["extra"]["distill"]["teacher"] == str(teacher)
+    assert report(streamed)["metrics"]["wikitext2_ppl"] == pytest.approx(
+        report(in_memory)["metrics"]["wikitext2_ppl"], rel=1e-4
+    )
+    without_top_k = {k: v for k, v in stage.items() if k != "top_k"}
+    with pytest.raises(SlmError, match=r"stages\[0\]\.top_k: the teacher .* is over the memory"):
+        run("e", [without_top_k], max_memory=budget)
