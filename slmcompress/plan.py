@@ -340,6 +340,76 @@ def estimate_calibration_pass(
     return PassEstimate(pass_name, streaming, host_peak, device_peak, disk, time_s, offload, notes)
 
 
+#: float32 logits one lm_head chunk holds (streaming.forward.HEAD_CHUNK_BYTES)
+HEAD_CHUNK_BYTES = 256 * 2**20
+
+
+def compute_bound_tokens(elem: int, profile: DeviceProfile) -> int:
+    """Tokens per streamed pass above which computing on them outlasts reading the weights.
+
+    A forward costs ~2·params FLOP per token and reads params·elem bytes once per pass, so
+    compute >= I/O from ``elem·flops / (2·disk_bw)`` tokens: ~75k tokens for bf16 on the H100
+    profile (150 TFLOP/s, 2 GB/s), a few hundred on a CPU.
+    """
+    return int(elem * profile.flops / (2 * profile.disk_bw))
+
+
+def estimate_streamed_forward(
+    arch: Arch,
+    n_sequences: int,
+    seq_len: int,
+    batch_size: int,
+    elem: int,
+    profile: DeviceProfile,
+    host_budget: int | None = None,
+    top_k: int | None = None,
+    chunk_sequences: int | None = None,
+) -> PassEstimate:
+    """A streamed forward over ``n_sequences``: top-k teacher cache (``top_k``) or perplexity.
+
+    Weights are read once per chunk of ``chunk_sequences`` (a cache shard; all sequences for
+    evaluation); each chunk's boundary activations live in memory up to the budget, on disk
+    beyond. The lm_head runs on row chunks of at most ``HEAD_CHUNK_BYTES`` of logits.
+    """
+    host_budget = host_budget or profile.host_memory
+    chunk = min(chunk_sequences or n_sequences, n_sequences)
+    tokens, chunk_tokens, batch_tokens = (
+        n_sequences * seq_len,
+        chunk * seq_len,
+        batch_size * seq_len,
+    )
+    layer = layer_peak_bytes(arch, elem, batch_tokens, seq_len, "forward")
+    head = arch.embed_params() * elem + min(HEAD_CHUNK_BYTES, batch_tokens * arch.vocab * 4)
+    capture = capture_peak_bytes(arch, elem, batch_tokens)
+    per_token = top_k * 8 if top_k else 4  # fp32 values + int32 indices, or one fp32 NLL
+    results = chunk_tokens * per_token
+    acts = activation_bytes(arch, chunk_tokens, elem)
+    on_gpu = profile.kind == "cuda"
+    work = max(layer + head, capture) + results
+    host_work = (2 * batch_tokens * arch.hidden * elem + capture + results) if on_gpu else work
+    room = max(int(host_budget * DEFAULT_MEMORY_FRACTION / SLACK) - BASE_RSS - host_work, 0)
+    in_memory_acts = min(2 * acts, room)
+    offload = "cpu" if in_memory_acts >= 2 * acts else ("disk" if in_memory_acts == 0 else "auto")
+    host_peak = int(BASE_RSS + (host_work + in_memory_acts) * SLACK)
+    device_peak = int((layer + head) * SLACK) if on_gpu else host_peak
+    n_chunks = -(-n_sequences // chunk)
+    flops = (
+        2 * arch.params() * tokens + 4 * arch.layers * tokens * seq_len * arch.heads * arch.head_dim
+    )
+    io = n_chunks * arch.params() * elem / profile.disk_bw
+    disk = 2 * acts - in_memory_acts + (tokens * per_token if top_k else 0)
+    notes = []
+    if chunk_tokens < compute_bound_tokens(elem, profile):
+        notes.append(
+            f"{chunk_tokens} tokens per pass: reading the weights dominates; "
+            f"{compute_bound_tokens(elem, profile)}+ tokens per pass make it compute-bound"
+        )
+    name = f"teacher cache top-{top_k}" if top_k else "streamed eval"
+    return PassEstimate(
+        name, True, host_peak, device_peak, disk, flops / profile.flops + io, offload, notes
+    )
+
+
 def output_bytes(
     arch: Arch, pass_name: str, elem: int, bits: int = 4, group_size: int = 128
 ) -> int:
@@ -424,11 +494,54 @@ def plan_recipe(
     calib = resolved.recipe.data.calibration
     plans = []
     budget = resolved.recipe.max_memory
+    original = arch
+    evaluation = resolved.recipe.data.eval
+    eval_row = _streamed_eval_plan("input", arch, elem, evaluation, profile, budget)
+    plans += [eval_row] if eval_row else []
     for stage in resolved.stages:
         stage_budget = getattr(stage.config, "max_memory", None) or budget
-        plans.append(_plan_stage(stage, arch, elem, calib, profile, stage_budget))
+        if stage.pass_cls.pass_type == "distill":
+            plans.append(_plan_distill(stage, arch, elem, profile, original, stage_budget))
+        else:
+            plans.append(_plan_stage(stage, arch, elem, calib, profile, stage_budget))
         arch = _after_stage(stage, arch)
+        bits = (
+            getattr(stage.config, "bits", None) if stage.pass_cls.pass_type == "quantize" else None
+        )
+        eval_row = _streamed_eval_plan(stage.name, arch, elem, evaluation, profile, budget, bits)
+        plans += [eval_row] if eval_row else []
     return plans
+
+
+def _over_budget(arch: Arch, elem: int, budget: str | None, profile: DeviceProfile) -> bool:
+    """The runner's rule: the model at the compute dtype + runtime exceeds ``max_memory``."""
+    limit = parse_bytes(budget) if budget else int(profile.host_memory * DEFAULT_MEMORY_FRACTION)
+    return int(arch.params() * elem * SLACK) + BASE_RSS > limit
+
+
+def _streamed_eval_plan(
+    name: str,
+    arch: Arch,
+    elem: int,
+    evaluation: Any,
+    profile: DeviceProfile,
+    budget: str | None,
+    bits: int | None = None,
+) -> StagePlan | None:
+    """The report of a model over the budget: perplexity by a streamed forward (a row)."""
+    if not _over_budget(arch, elem, budget, profile):
+        return None
+    n = max(evaluation.max_tokens // evaluation.seq_len, 1)
+    est = estimate_streamed_forward(
+        arch, n, evaluation.seq_len, 1, elem, profile, _budget(budget, profile)
+    )
+    notes = ["over the memory budget: perplexity streamed; tasks and speed skipped"]
+    if bits:
+        notes.append("a quantized checkpoint over the budget streams at its float size here")
+    return StagePlan(
+        f"{name} eval", "eval (streamed)", True, est.host_peak, est.device_peak, est.disk,
+        est.time_s, notes + est.notes,
+    )  # fmt: skip
 
 
 def _profile(device_memory: int | str | None, host_memory: int | str | None) -> DeviceProfile:
@@ -518,8 +631,6 @@ def _plan_stage(
             est.time_s,
             notes,
         )
-    if kind == "distill":
-        return _plan_distill(stage, arch, elem, profile)
     model = int(arch.params() * elem * SLACK) + BASE_RSS
     disk = arch.params() * (elem if kind != "quantize.rtn" else 1)
     return StagePlan(
@@ -534,35 +645,56 @@ def _plan_stage(
     )
 
 
-def _plan_distill(stage: Any, arch: Arch, elem: int, profile: DeviceProfile) -> StagePlan:
-    """Student weights + fp32 grads + AdamW moments, the teacher's weights, logits of one micro-batch."""
+def _plan_distill(
+    stage: Any,
+    arch: Arch,
+    elem: int,
+    profile: DeviceProfile,
+    teacher: Arch | None = None,
+    budget: str | None = None,
+) -> StagePlan:
+    """Student weights + fp32 grads + AdamW moments, the teacher, logits of one micro-batch.
+
+    A teacher over the memory budget is not loaded: the stage first streams it into a
+    top-k cache over the training tokens (:func:`estimate_streamed_forward`).
+    """
     cfg = stage.config
+    teacher = teacher or arch
     student = arch.params()
     states = student * (elem + 4 + 8)
-    teacher = student * elem if not getattr(cfg, "teacher_cache", None) else 0
     t, mb = getattr(cfg, "seq_len", 512), getattr(cfg, "micro_batch_size", 1)
+    tokens = getattr(cfg, "max_tokens", None) or 0
+    streamed = not getattr(cfg, "teacher_cache", None) and _over_budget(
+        teacher, elem, budget, profile
+    )
+    cached = streamed or getattr(cfg, "teacher_cache", None)
+    teacher_bytes = 0 if cached else teacher.params() * elem
     logits = 3 * mb * t * arch.vocab * 4
     acts = mb * t * arch.hidden * arch.layers * 16 * elem
-    peak = int((states + teacher + logits + acts) * SLACK)
-    tokens = getattr(cfg, "max_tokens", None) or 0
+    peak = int((states + teacher_bytes + logits + acts) * SLACK)
     time_s = 8 * student * tokens / profile.flops if tokens else 0.0
-    notes = ["teacher weights approximated by the student's size (same architecture)"]
+    disk = 2 * student * elem + states
+    notes = []
+    host_peak = peak + BASE_RSS
+    if streamed:
+        k = getattr(cfg, "top_k", None) or 64
+        cache = estimate_streamed_forward(
+            teacher, max(tokens // t, 1), t, 4, elem, profile, _budget(budget, profile), k, 256
+        )
+        time_s += cache.time_s
+        disk += cache.disk
+        host_peak, peak = max(host_peak, cache.host_peak), max(peak, cache.device_peak)
+        notes.append(
+            f"teacher over the memory budget: streamed into a top-{k} cache first "
+            f"({_duration(cache.time_s)}, {format_bytes(cache.disk)} on disk)"
+        )
     if peak > profile.device_memory:
         world = -(-peak // profile.device_memory)
         notes.append(
             f"exceeds one device ({format_bytes(profile.device_memory)}): run with torchrun on at least "
             f"{world} devices (FSDP student, teacher_sharding: sharded)"
         )
-    return StagePlan(
-        stage.name,
-        "distill",
-        False,
-        peak + BASE_RSS,
-        peak,
-        2 * student * elem + states,
-        time_s,
-        notes,
-    )
+    return StagePlan(stage.name, "distill", False, host_peak, peak, disk, time_s, notes)
 
 
 def _after_stage(stage: Any, arch: Arch) -> Arch:

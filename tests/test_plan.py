@@ -84,10 +84,14 @@ def test_plan_recipe_for_its_own_model(gptq_recipe):
 
 
 def test_plan_recipe_for_70b_on_one_h100_and_on_this_cpu(gptq_recipe):
-    gpu = plan_recipe(
+    gpu_plan = plan_recipe(
         gptq_recipe, device_memory="80GB", host_memory="128GiB", config="llama-3-70b"
-    )[0]
-    cpu = plan_recipe(gptq_recipe, host_memory="24GiB", config="llama-3-70b")[0]
+    )
+    # the 70B's input report and its 4-bit output are evaluated by a streamed forward
+    assert [p.stage for p in gpu_plan] == ["input eval", "quantize-gptq", "quantize-gptq eval"]
+    assert all(p.streaming and p.device_peak < 80e9 for p in gpu_plan)
+    gpu = gpu_plan[1]
+    cpu = plan_recipe(gptq_recipe, host_memory="24GiB", config="llama-3-70b")[1]
     assert gpu.streaming and cpu.streaming
     assert gpu.device_peak < 80e9 and not any("exceeds" in n for n in gpu.notes)
     assert cpu.time_s > 100 * gpu.time_s
@@ -137,3 +141,32 @@ def test_plan_a_70b_recipe_whose_model_is_not_on_this_machine(tmp_path):
     assert "quantize.gptq" in result.output and "yes" in result.output  # streams: 141 GB > 120 GiB
     missing = CliRunner().invoke(app, ["plan", str(recipe)])  # no --config: the model must exist
     assert missing.exit_code != 0 and "does not exist" in missing.output
+
+
+def test_plan_of_a_distill_stage_whose_teacher_is_over_the_budget(tmp_path, tiny_model_dir):
+    from slmcompress.plan import compute_bound_tokens, estimate_streamed_forward, load_config
+
+    stages = [{"type": "distill", "top_k": 64, "max_tokens": 10_000_000, "seq_len": 2048}]
+
+    def distill_plan(max_memory):
+        path = write_recipe(
+            tmp_path / "r.yaml", str(tiny_model_dir), stages, tmp_path / "o", max_memory=max_memory
+        )
+        plans = plan_recipe(
+            load_recipe(path), device_memory="80GB", host_memory="128GiB", config="llama-3-70b"
+        )
+        return next(p for p in plans if p.pass_name == "distill")
+
+    streamed, resident = distill_plan("120GiB"), distill_plan("4TB")
+    assert any("streamed into a top-64 cache" in n for n in streamed.notes)
+    assert not any("cache" in n for n in resident.notes)
+    # the 70B bf16 teacher (141 GB) is never resident when streamed
+    assert resident.device_peak - streamed.device_peak > 140e9
+    assert streamed.time_s > resident.time_s  # the cache pass comes first
+    arch = Arch.from_config(load_config("llama-3-70b"))
+    cache = estimate_streamed_forward(
+        arch, 4883, 2048, 4, 2, PROFILES["h100"], 128 * GiB, top_k=64, chunk_sequences=256
+    )
+    assert cache.disk >= 10_000_000 * 64 * 8  # the cache itself: fp32 values + int32 indices
+    # a 512k-token pass is compute-bound on the H100 profile; the default shard is enough
+    assert 256 * 2048 > compute_bound_tokens(2, PROFILES["h100"]) == 75_000
