@@ -171,34 +171,45 @@ def eval_cmd(
     speed: Annotated[bool, typer.Option(help="Measure generation tokens/s.")] = True,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16 | float16")] = "auto",
+    max_memory: Annotated[
+        str | None,
+        typer.Option(help="Host budget (e.g. 24GiB); a model above it gets a streamed perplexity."),
+    ] = None,
     trust_remote_code: TrustRemoteCode = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Evaluate any model: perplexity, task accuracy, size and speed."""
-    from slmcompress.cli_checks import check_context, eval_inputs
-    from slmcompress.eval.report import evaluate, model_summary
-    from slmcompress.models import load_model
+    from slmcompress.cli_checks import eval_inputs
+    from slmcompress.eval.source import evaluate_source
     from slmcompress.remote_code import remote_code
 
     spec, options = eval_inputs(tasks, limit, ppl_tokens, seq_len, speed)
     with remote_code(trust_remote_code):
-        loaded = load_model(model, dtype=dtype, device=device)
-    check_context(loaded.model, seq_len, "--seq-len")
-    metrics, timings = evaluate(loaded.model, loaded.tokenizer, spec, options)
-    summary = model_summary(loaded.model, loaded.local_dir)
+        result = evaluate_source(model, spec, options, device, dtype, max_memory)
     if as_json:
-        emit_json({"model": model, "summary": summary, "metrics": metrics, "timings": timings})
+        emit_json(
+            {
+                "model": model,
+                "summary": result.summary,
+                "metrics": result.metrics,
+                "timings": result.timings,
+                "streamed": result.streamed,
+                "notes": result.notes,
+            }
+        )
         return
     table = Table(title=f"eval: {model}")
     table.add_column("metric")
     table.add_column("value", justify="right")
     for key, value in {
-        **metrics,
-        "params": summary["params"],
-        "bytes_on_disk": summary["bytes_on_disk"],
+        **result.metrics,
+        "params": result.summary["params"],
+        "bytes_on_disk": result.summary["bytes_on_disk"],
     }.items():
         table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
     console.print(table)
+    for note in result.notes:
+        err_console.print(f"[dim]{note}[/]")
 
 
 # ------------------------------------------------------------------------ inspect

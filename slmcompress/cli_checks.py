@@ -47,13 +47,6 @@ def context_length(model: PreTrainedModel) -> int | None:
     return int(value) if isinstance(value, int) and value > 0 else None
 
 
-def check_context(model: PreTrainedModel, length: int, option: str) -> None:
-    """Refuse a window longer than the model was built for (rope would silently extrapolate)."""
-    limit = context_length(model)
-    if limit is not None and length > limit:
-        raise SlmError(f"{option}: {length} exceeds the model's context of {limit} tokens")
-
-
 def check_generate_args(prompt: str, max_new_tokens: int, temperature: float) -> None:
     """Cheap checks before any weight loads."""
     if not prompt.strip():

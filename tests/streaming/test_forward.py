@@ -195,3 +195,23 @@ def test_distill_from_a_teacher_over_the_budget_streams_its_cache(tmp_path, toke
     without_top_k = {k: v for k, v in stage.items() if k != "top_k"}
     with pytest.raises(SlmError, match=r"stages\[0\]\.top_k: the teacher .* is over the memory"):
         run("e", [without_top_k], max_memory=budget)
+
+
+def test_eval_cli_streams_a_model_over_its_budget(tiny_model_dir):
+    import json
+
+    from typer.testing import CliRunner
+
+    from slmcompress.cli import app
+    from slmcompress.streaming.engine import should_stream
+
+    budget = str(should_stream(tiny_model_dir, "1TB").model_bytes - 1)
+    args = ["--quiet", "eval", str(tiny_model_dir), "--tasks", "", "--no-speed", "--json"]
+    args += ["--ppl-tokens", "512", "--seq-len", "128"]
+    streamed = CliRunner().invoke(app, [*args, "--max-memory", budget])
+    in_memory = CliRunner().invoke(app, args)
+    assert streamed.exit_code == 0 and in_memory.exit_code == 0, streamed.output
+    s, m = json.loads(streamed.stdout), json.loads(in_memory.stdout)
+    assert s["streamed"] and not m["streamed"]
+    assert s["metrics"]["wikitext2_ppl"] == pytest.approx(m["metrics"]["wikitext2_ppl"], rel=1e-5)
+    assert s["summary"]["params"] == m["summary"]["params"]
