@@ -40,6 +40,7 @@ from slmcompress.quant.gptq_solver import (
     rtn_rel_output_err,
 )
 from slmcompress.registry import register_pass
+from slmcompress.streaming.engine import release_freed_memory_eagerly
 
 log = logging.getLogger(__name__)
 
@@ -149,6 +150,7 @@ class GPTQPass(Pass):
 
         if (streamed := streamed_gptq(self, model, ctx)) is not None:
             return streamed
+        release_freed_memory_eagerly()  # layer-sized temporaries must not pile up in the heap
         targets = self._targets(model, ctx)
         tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
         prefix = _layers_prefix(model)
@@ -381,16 +383,22 @@ class GPTQPass(Pass):
             for batch in step.inputs:
                 yield batch.hidden.to(device), _to(batch.kwargs, device)
 
+        def residual() -> Iterator[torch.Tensor]:
+            # h2 = h + o_proj(x_o), recomputed: one small matmul instead of a kept (N, T, H)
+            for (h, _), x in zip(batches(), x_o, strict=True):
+                yield h + block.o_proj(x)
+
         qkv, o_group, mlp_group, down_group = groups
         solve(qkv, (block.layer.input_layernorm(h) for h, _ in batches()), keep=False)
         x_o = solve(o_group, (block.o_input(h, kw) for h, kw in batches()), keep=True)
-        h2 = [h + block.o_proj(x) for (h, _), x in zip(batches(), x_o, strict=True)]
-        del x_o
-        solve(mlp_group, (block.layer.post_attention_layernorm(h) for h in h2), keep=False)
-        x_down = solve(down_group, (block.down_input(h) for h in h2), keep=True)
+        solve(mlp_group, (block.layer.post_attention_layernorm(h) for h in residual()), keep=False)
+        # down_proj's inputs are (N, T, intermediate), the largest activation of the layer:
+        # recomputed for the outputs (gate/up once more) rather than kept, so the pass holds
+        # two layer boundaries + x_o, at most what llm-compressor's pipeline holds
+        solve(down_group, (block.down_input(h) for h in residual()), keep=False)
         outputs = []
-        for batch, h, x in zip(step.inputs, h2, x_down, strict=True):
-            y = h + block.down_proj(x)  # (B, T, H)
+        for batch, h2 in zip(step.inputs, residual(), strict=True):
+            y = h2 + block.down_proj(block.down_input(h2))  # (B, T, H)
             if not torch.isfinite(y).all():
                 raise PassError(f"layer {step.index}: NaN/Inf in its quantized outputs")
             outputs.append(y.to(batch.hidden.device))
