@@ -5,7 +5,7 @@ names to layers: all of it breaks on the layouts families differ in (Phi-3 fuses
 gate|up into single linears, Qwen2 has q/k/v biases, Qwen3 and Gemma 3 per-head q/k norms,
 Gemma scaled embeddings and four norms per block). One frozen :class:`Family` per family
 says where those tensors are; adding a family is one entry in :data:`FAMILIES` plus a test
-(``tests/test_arch.py``). A model of an unregistered ``model_type`` whose layers have
+(``tests/test_families.py``). A model of an unregistered ``model_type`` whose layers have
 exactly the plain Llama layout is described by :data:`LLAMA_LAYOUT` (every parameter
 accounted for, so nothing is silently left unsliced); anything else fails up front with a
 one-line error naming what is missing.

@@ -13,7 +13,7 @@ import copy
 
 import pytest
 import torch
-from families import FAMILY_NAMES, VOCAB, family_config, family_model
+from family_models import FAMILY_NAMES, VOCAB, family_config, family_model
 from transformers import AutoModelForCausalLM
 
 from slmcompress.arch import family_for
@@ -300,3 +300,11 @@ def test_phi3_description_groups_fused_linears():
         ["mlp.gate_up_proj"],
         ["mlp.down_proj"],
     ]
+
+
+def test_unregistered_model_type_with_the_llama_layout_is_derived(make_ctx):
+    model = family_model("llama")
+    model.config.model_type = "my_llama"  # e.g. a fine-tune's own config class
+    assert family_for(model).name == "my_llama (llama layout)"
+    pruned = _prune(model, make_ctx(), {"ffn_hidden_size": 64})
+    assert pruned.config.intermediate_size == 64
