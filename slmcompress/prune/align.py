@@ -4,9 +4,9 @@ GPTQ kernels (gptqmodel/vLLM Marlin, our int4 kernels) need a linear's input wid
 divide by the group size (128 by default) and its output width to be a multiple of 64;
 tensor-parallel serving splits widths evenly. A pruned width such as ``ffn 1000`` gives a
 checkpoint only a plain torch path can run, so by default (``align: auto``) every *pruned*
-channel width is rounded to the nearest multiple of 128 when the model's width is one, else
-of 64 (falling back to 64 when 128 leaves nothing to prune); untouched widths stay as they
-are. Heads are whole by construction: with ``auto`` an attention width that is not a
+channel width that is not already a multiple of 64 is rounded to the nearest multiple of 128
+when the model's width is one, else of 64 (falling back to 64 when 128 leaves nothing to
+prune); untouched widths stay as they are. ``align: 128`` enforces 128 everywhere. Heads are whole by construction: with ``auto`` an attention width that is not a
 multiple of 64 is only noted (small head_dims), with an explicit multiple it is an error.
 ``align: none`` keeps targets exactly.
 """
@@ -51,10 +51,12 @@ class Alignment:
         return text + "".join(f"; {note}" for note in self.notes)
 
 
-def _candidates(current: int, align: str | int) -> list[int]:
-    if align == "auto":
-        return [m for m in AUTO_MULTIPLES if current % m == 0]
-    return [int(align)]
+def _candidates(value: int, current: int, align: str | int) -> list[int]:
+    if align != "auto":
+        return [int(align)]
+    if value % AUTO_MULTIPLES[-1] == 0 and current % AUTO_MULTIPLES[-1] == 0:
+        return [AUTO_MULTIPLES[-1]]  # already kernel-friendly: kept as asked
+    return [m for m in AUTO_MULTIPLES if current % m == 0]
 
 
 def _round(value: int, current: int, multiple: int) -> int | None:
@@ -78,7 +80,7 @@ def align_sizes(
         value, size = getattr(sizes, name), getattr(current, name)
         if value == size:
             continue
-        candidates = _candidates(size, align)
+        candidates = _candidates(value, size, align)
         if not candidates:  # auto, and the model's own width is not a multiple of 64
             report.notes.append(f"{name}: the model's {size} is not a multiple of 64; not aligned")
             continue

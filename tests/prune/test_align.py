@@ -26,6 +26,12 @@ def test_auto_rounds_pruned_widths_to_128_or_64():
     assert "ffn_hidden_size 1000->1024" in report.line()
 
 
+def test_auto_keeps_a_target_that_is_already_a_multiple_of_64():
+    sizes, report = align_sizes(SMOLLM2, _sizes(ffn_hidden_size=704), "auto")
+    assert sizes.ffn_hidden_size == 704 and report.multiples == {"ffn_hidden_size": 64}
+    assert align_sizes(SMOLLM2, _sizes(ffn_hidden_size=704), 128)[0].ffn_hidden_size == 768
+
+
 def test_aligned_targets_and_untouched_widths_stay():
     target = _sizes(ffn_hidden_size=768, num_attention_heads=6)
     sizes, report = align_sizes(SMOLLM2, target, "auto")
