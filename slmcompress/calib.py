@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
+from slmcompress.arch import layer_type
 from slmcompress.errors import PassError
 
 log = logging.getLogger(__name__)
@@ -51,10 +52,19 @@ def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
 
 @dataclass
 class LayerBatch:
-    """Inputs of one decoder layer for one calibration batch."""
+    """Inputs of one decoder layer for one calibration batch.
+
+    ``by_type`` holds the keyword inputs of each attention type (Gemma's sliding and full
+    layers get different masks and rotary tables); ``kwargs`` are those of this layer.
+    """
 
     hidden: torch.Tensor  # (B, T, H), kept on the offload device
     kwargs: dict[str, Any] = field(default_factory=dict)
+    by_type: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def for_type(self, kind: str) -> LayerBatch:
+        """The same hidden states with the keyword inputs of layers of type ``kind``."""
+        return LayerBatch(self.hidden, self.by_type.get(kind, self.kwargs), self.by_type)
 
 
 def _to(value: Any, device: torch.device) -> Any:
@@ -62,6 +72,8 @@ def _to(value: Any, device: torch.device) -> Any:
         return value.to(device)
     if isinstance(value, tuple):
         return tuple(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
     return value
 
 
@@ -87,8 +99,54 @@ def capture_layer_inputs(
     layers = decoder_layers(model)
     moved = _move_non_layer_modules(model, layers, device)
     batches: list[LayerBatch] = []
+    firsts = _first_layer_of_each_type(model, len(layers))
+    saved = {i: layers[i] for i in firsts}
+    try:
+        for i, kind in firsts.items():
+            layers[i] = _Recorder(kind, stop=i == max(firsts))
+        for start in range(0, tokens.shape[0], batch_size):
+            ids = tokens[start : start + batch_size].to(device)  # (B, T)
+            for i in firsts:
+                layers[i].seen = {}
+            try:
+                model(input_ids=ids, use_cache=False)
+            except _StopForward:
+                pass
+            first = layers[min(firsts)]
+            by_type = {k: _to(v, offload) for k, v in first.seen.items()}
+            for i in firsts:
+                by_type.update({k: _to(v, offload) for k, v in layers[i].seen.items()})
+            hidden = first.hidden.to(offload)
+            batches.append(LayerBatch(hidden, by_type[firsts[0]], by_type))
+    finally:
+        for i, layer in saved.items():
+            layers[i] = layer
+        for module, original in moved:
+            module.to(original)
+    return batches
 
-    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> None:
+
+def _first_layer_of_each_type(model: PreTrainedModel, n_layers: int) -> dict[int, str]:
+    """Layer index -> attention type, for layer 0 and the first layer of every other type."""
+    firsts: dict[int, str] = {}
+    for index in range(n_layers):
+        kind = layer_type(model.config, index)
+        if kind not in firsts.values():
+            firsts[index] = kind
+    return firsts
+
+
+class _Recorder(nn.Module):
+    """Stands in for a decoder layer while capturing: records its inputs, passes hidden on."""
+
+    def __init__(self, kind: str, stop: bool) -> None:
+        super().__init__()
+        self.kind, self.stop = kind, stop
+        self.attention_type = kind  # some models read it from the layer
+        self.seen: dict[str, dict[str, Any]] = {}
+        self.hidden: torch.Tensor | None = None
+
+    def forward(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {
             k: v
@@ -96,22 +154,11 @@ def capture_layer_inputs(
             if k not in ("hidden_states", "past_key_values", "past_key_value")
         }
         kwargs["use_cache"] = False
-        batches.append(LayerBatch(hidden.detach().to(offload), _to(kwargs, offload)))
-        raise _StopForward
-
-    handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        for start in range(0, tokens.shape[0], batch_size):
-            ids = tokens[start : start + batch_size].to(device)  # (B, T)
-            try:
-                model(input_ids=ids, use_cache=False)
-            except _StopForward:
-                pass
-    finally:
-        handle.remove()
-        for module, original in moved:
-            module.to(original)
-    return batches
+        self.hidden = hidden.detach()
+        self.seen = {self.kind: kwargs}
+        if self.stop:
+            raise _StopForward
+        return hidden
 
 
 def _move_non_layer_modules(
@@ -163,7 +210,8 @@ class LayerStep:
         """Inputs of the next layer: given outputs, or a fresh forward of the modified layer."""
         outputs = self._outputs if self._outputs is not None else self.forward(keep_outputs=True)
         return [
-            LayerBatch(out, batch.kwargs) for out, batch in zip(outputs, self.inputs, strict=True)
+            LayerBatch(out, batch.kwargs, batch.by_type)
+            for out, batch in zip(outputs, self.inputs, strict=True)
         ]
 
 
@@ -196,6 +244,7 @@ def layerwise(
                 break
             original = next(layer.parameters()).device
             layer.to(device)
+            inputs = [b.for_type(layer_type(model.config, index)) for b in inputs]
             step = LayerStep(index, layer, inputs, device)
             yield step
             if index < last:

@@ -20,6 +20,7 @@ from pydantic import Field, field_validator
 from torch import nn
 from transformers import PreTrainedModel
 
+from slmcompress.arch import LLAMA_LAYOUT, Family, registered_family
 from slmcompress.calib import LayerStep, _layer_output, _to, decoder_layers, layerwise
 from slmcompress.errors import PassError
 from slmcompress.passes.base import Context, Pass
@@ -46,14 +47,11 @@ log = logging.getLogger(__name__)
 
 #: keep the last group's inputs to update the layer outputs without a re-forward, up to this size
 _SHORTCUT_MAX_BYTES = 2 * 2**30
-#: the pre-norm residual block the fast path decomposes (Llama/Mistral/Qwen2 naming)
-_RESIDUAL_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
-_RESIDUAL_GROUPS = [
-    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
-    ["self_attn.o_proj"],
-    ["mlp.gate_proj", "mlp.up_proj"],
-    ["mlp.down_proj"],
-]
+
+
+def _family(model: nn.Module) -> Family:
+    """The model's family, or the plain Llama layout (GPTQ itself needs none: hooks find groups)."""
+    return registered_family(model.config) or LLAMA_LAYOUT
 
 
 class GPTQConfig(ClipSearchOptions):
@@ -178,6 +176,7 @@ class GPTQPass(Pass):
         """
         cfg: GPTQConfig = self.config
         local = {n: m for n, m in step.layer.named_modules() if f"{name}.{n}" in targets}
+        self._arch = _family(model)
         results = self._quantize_layer(step, name, local, ctx) if local else {}
         for lname, res in results.items():
             install_quant_linear(
@@ -323,24 +322,26 @@ class GPTQPass(Pass):
     ) -> bool:
         """Whether the layer is a pre-norm residual block the fast path reproduces exactly.
 
-        Structure by name (Llama/Mistral/Qwen2: ``input_layernorm -> self_attn (+ residual)
-        -> post_attention_layernorm -> mlp (+ residual)``, all seven linears targeted), the
-        kept activations within the memory budget, and, once per layer type, the decomposed
-        forward bit-identical to the layer's own forward on the first batch.
+        Structure by the family's names (Llama/Mistral/Qwen/Phi-3: ``attn_norm -> self_attn
+        (+ residual) -> mlp_norm -> mlp (+ residual)``, all its linears targeted; fused
+        ones count as one), the kept activations within the memory budget, and, once per
+        layer type, the decomposed forward bit-identical to the layer's own forward on the
+        first batch (Gemma's post-norms fail that check and take the generic path).
         """
-        if [set(g) for g in groups] != [set(g) for g in _RESIDUAL_GROUPS]:
+        arch = self._arch
+        if [set(g) for g in groups] != [set(g) for g in arch.input_groups()]:
             return False
-        if not all(hasattr(step.layer, part) for part in _RESIDUAL_PARTS):
+        names = dict(step.layer.named_modules())
+        if not all(p in names for p in (arch.attn_norm, "self_attn", arch.mlp_norm, "mlp")):
             return False
         tokens = sum(b.hidden.shape[:-1].numel() for b in step.inputs)
-        hidden = local["self_attn.o_proj"].out_features
-        if tokens * (2 * hidden + local["mlp.down_proj"].in_features) * 4 > _SHORTCUT_MAX_BYTES:
+        if tokens * local[arch.o].in_features * 4 > _SHORTCUT_MAX_BYTES:  # the kept o_proj inputs
             return False
         key = ("residual", type(step.layer), tuple(local))
         if key not in self._groups_cache:
             batch = step.inputs[0]
             h, kwargs = batch.hidden.to(step.device), _to(batch.kwargs, step.device)
-            mine = _ResidualBlock(step.layer, local).forward(h, kwargs)
+            mine = _ResidualBlock(step.layer, local, arch).forward(h, kwargs)
             same = torch.equal(mine, _layer_output(step.layer(h, **kwargs)))
             if not same:
                 log.info(
@@ -366,7 +367,7 @@ class GPTQPass(Pass):
         outputs need no extra forward. Same inputs, hence the same Hessians, as the
         generic path, which re-runs the layer up to each sub-step.
         """
-        block, device = _ResidualBlock(step.layer, local), step.device
+        block, device = _ResidualBlock(step.layer, local, self._arch), step.device
         results: dict[str, GPTQResult] = {}
 
         def solve(group: list[str], inputs: Iterator[torch.Tensor], keep: bool) -> list:
@@ -389,9 +390,9 @@ class GPTQPass(Pass):
                 yield h + block.o_proj(x)
 
         qkv, o_group, mlp_group, down_group = groups
-        solve(qkv, (block.layer.input_layernorm(h) for h, _ in batches()), keep=False)
+        solve(qkv, (block.attn_norm(h) for h, _ in batches()), keep=False)
         x_o = solve(o_group, (block.o_input(h, kw) for h, kw in batches()), keep=True)
-        solve(mlp_group, (block.layer.post_attention_layernorm(h) for h in residual()), keep=False)
+        solve(mlp_group, (block.mlp_norm(h) for h in residual()), keep=False)
         # down_proj's inputs are (N, T, intermediate), the largest activation of the layer:
         # recomputed for the outputs (gate/up once more) rather than kept, so the pass holds
         # two layer boundaries + x_o, at most what llm-compressor's pipeline holds
@@ -453,22 +454,20 @@ def _discover_input_groups(step: LayerStep, local: dict[str, nn.Linear]) -> list
 class _ResidualBlock:
     """A pre-norm residual decoder layer taken apart at its linears' inputs."""
 
-    def __init__(self, layer: nn.Module, local: dict[str, nn.Linear]) -> None:
+    def __init__(self, layer: nn.Module, local: dict[str, nn.Linear], arch: Family) -> None:
         self.layer = layer
-        self.o_proj, self.down_proj = local["self_attn.o_proj"], local["mlp.down_proj"]
+        self.o_proj, self.down_proj = local[arch.o], local[arch.down]
+        self.attn_norm = layer.get_submodule(arch.attn_norm)
+        self.mlp_norm = layer.get_submodule(arch.mlp_norm)
 
     def o_input(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """What ``o_proj`` reads: attention output of ``input_layernorm(h)``."""
+        """What ``o_proj`` reads: attention output of ``attn_norm(h)``."""
         attn = self.layer.self_attn
-        return _input_of(
-            self.o_proj, lambda: attn(hidden_states=self.layer.input_layernorm(h), **kwargs)
-        )
+        return _input_of(self.o_proj, lambda: attn(hidden_states=self.attn_norm(h), **kwargs))
 
     def down_input(self, h2: torch.Tensor) -> torch.Tensor:
         """What ``down_proj`` reads, given the residual stream after attention."""
-        return _input_of(
-            self.down_proj, lambda: self.layer.mlp(self.layer.post_attention_layernorm(h2))
-        )
+        return _input_of(self.down_proj, lambda: self.layer.mlp(self.mlp_norm(h2)))
 
     def forward(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
         """The layer's output, assembled from the pieces (checked against the real forward)."""

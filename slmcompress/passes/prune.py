@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -23,6 +23,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from slmcompress.errors import PassError, RecipeError
 from slmcompress.eval.report import count_params
 from slmcompress.passes.base import Context, Pass, PassConfig
+from slmcompress.prune.align import align_sizes
 from slmcompress.prune.importance import (
     Importance,
     activation_importance,
@@ -33,6 +34,7 @@ from slmcompress.prune.importance import (
 )
 from slmcompress.prune.planner import (
     ArchSizes,
+    check_config,
     plan_keep,
     pruned_config,
     resolve_target,
@@ -74,6 +76,9 @@ class PruneConfig(PassConfig):
     param_count: Literal["non_embedding", "total"] = "non_embedding"
     round_to: int = Field(8, ge=1, description="channel multiple for param_ratio sizes")
     head_pruning: Literal["within_groups", "kv_groups"] = "within_groups"
+    # round pruned widths to kernel/TP-friendly multiples (slmcompress.prune.align): auto =
+    # 128, else 64, where the model's width is one; an int = that multiple; none = exact
+    align: Literal["auto", "none"] | Annotated[int, Field(ge=1)] = "auto"
     # projected_output: a head's contribution after o_proj (default; ranks heads inside a
     # GQA group); attention_output: Minitron's norm of the head's attention output
     head_metric: Literal["projected_output", "attention_output"] = "projected_output"
@@ -97,9 +102,13 @@ class PruneConfig(PassConfig):
 
     def sizes(self, config: PretrainedConfig, where: str = "") -> ArchSizes:
         """Resolve the target against a model config (one-line PassError naming the field)."""
+        return self.aligned_sizes(config, where)[0]
+
+    def aligned_sizes(self, config: PretrainedConfig, where: str = "") -> tuple[ArchSizes, Any]:
+        """The resolved, aligned sizes and what alignment did (for the report)."""
         prefix = f"{where}." if where else ""
         if self.param_ratio is not None:
-            return sizes_for_param_ratio(
+            sizes = sizes_for_param_ratio(
                 config,
                 self.param_ratio,
                 self.axis,
@@ -107,13 +116,20 @@ class PruneConfig(PassConfig):
                 self.param_count,
                 self.round_to,
             )
-        return resolve_target(
-            sizes_of(config),
-            self.target.model_dump(),
-            self.head_pruning,
-            where=f"{prefix}target",
-            config=config,
-        )
+            field = "param_ratio"
+        else:
+            sizes = resolve_target(
+                sizes_of(config),
+                self.target.model_dump(),
+                self.head_pruning,
+                where=f"{prefix}target",
+                config=config,
+            )
+            field = "target"
+        sizes, report = align_sizes(sizes_of(config), sizes, self.align, f"{prefix}{field}")
+        if report.rounded:
+            check_config(config, sizes, f"{prefix}{field}")
+        return sizes, report
 
     def validate_against(self, recipe: Any, index: int) -> None:
         """Check the target against the model's config.json (after earlier prune stages)."""
@@ -158,7 +174,9 @@ class PrunePass(Pass):
         cfg: PruneConfig = self.config
         check_supported(model)
         current = sizes_of(model.config)
-        sizes = cfg.sizes(model.config)
+        sizes, alignment = cfg.aligned_sizes(model.config)
+        if alignment.multiples or alignment.notes:  # stated in report.md with the warnings
+            ctx.warn(f"prune: {alignment.line()}")
         if sizes == current:
             ctx.warn("prune: the target equals the model's sizes; nothing pruned")
             return model
@@ -168,7 +186,7 @@ class PrunePass(Pass):
         pruned = _export_streamed(model, plan, ctx) if is_lazy(model) else slice_model(model, plan)
         ctx.extra_metrics["prune"] = _summary(
             model, pruned, current, sizes, plan.layers, importance, time.perf_counter() - start
-        )
+        ) | {"alignment": alignment.summary(), "alignment_line": alignment.line()}
         return pruned
 
     def _importance(

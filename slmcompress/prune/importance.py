@@ -30,8 +30,10 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
+from slmcompress.arch import Family, LayerParts, check_layer_shapes, family_for, layer_parts
 from slmcompress.calib import decoder_layers, layerwise
 from slmcompress.errors import PassError
+from slmcompress.prune.planner import sizes_of
 
 log = logging.getLogger(__name__)
 
@@ -100,47 +102,27 @@ def cosine_importance(inputs: torch.Tensor, outputs: torch.Tensor) -> tuple[floa
 
 
 # ------------------------------------------------------------------ module lookup
-@dataclass(frozen=True)
-class LlamaParts:
-    """The modules of one Llama-style decoder layer that pruning reads or slices."""
+def check_supported(model: PreTrainedModel) -> Family:
+    """The model's :class:`~slmcompress.arch.Family`; a one-line PassError if it has none.
 
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
-    o: nn.Linear
-    gate: nn.Linear
-    up: nn.Linear
-    down: nn.Linear
-    norm_attn: nn.Module
-    norm_mlp: nn.Module
-
-
-def llama_parts(layer: nn.Module, index: int = 0) -> LlamaParts:
-    """Find q/k/v/o, gate/up/down and the two norms; a clear error for other layouts."""
-    try:
-        attn, mlp = layer.self_attn, layer.mlp
-        return LlamaParts(
-            attn.q_proj,
-            attn.k_proj,
-            attn.v_proj,
-            attn.o_proj,
-            mlp.gate_proj,
-            mlp.up_proj,
-            mlp.down_proj,
-            layer.input_layernorm,
-            layer.post_attention_layernorm,
-        )
-    except AttributeError as exc:
-        raise PassError(
-            f"model: layer {index} ({type(layer).__name__}) is not a Llama-style decoder layer "
-            f"(self_attn.q/k/v/o_proj, mlp.gate/up/down_proj, two norms); see slmcompress.prune.generic"
-        ) from exc
-
-
-def check_supported(model: PreTrainedModel) -> None:
-    """Raise a one-line PassError unless every decoder layer has the Llama layout."""
+    Also checks every layer's (fused) linears against the config, naming a misshapen tensor.
+    """
+    family = family_for(model)
+    sizes_of(model.config)  # a head count that does not split over the KV heads fails here
+    prefix = _layers_prefix(model)
     for i, layer in enumerate(decoder_layers(model)):
-        llama_parts(layer, i)
+        check_layer_shapes(family, layer, model.config, f"{prefix}.{i}.")
+    return family
+
+
+def model_parts(model: PreTrainedModel, layer: nn.Module, family: Family) -> LayerParts:
+    """One layer's parts, sized by the model's config."""
+    return layer_parts(layer, family, model.config)
+
+
+def _layers_prefix(model: PreTrainedModel) -> str:
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
 
 
 # ------------------------------------------------------------------ activation collector
@@ -174,7 +156,7 @@ class _LayerHooks:
     """
 
     def __init__(
-        self, parts: LlamaParts, n_heads: int, head_metric: str = "projected_output"
+        self, parts: LayerParts, n_heads: int, head_metric: str = "projected_output"
     ) -> None:
         if head_metric not in HEAD_METRICS:
             raise PassError(f"head_metric: must be one of {', '.join(HEAD_METRICS)}")
@@ -251,13 +233,13 @@ def activation_importance(
         block_size: also score every contiguous block of this many layers by 1 - cos.
         head_metric: ``projected_output`` or ``attention_output`` (see :class:`_LayerHooks`).
     """
-    check_supported(model)
+    family = check_supported(model)
     n_heads = model.config.num_attention_heads
     heads, neurons, per_layer_cos = [], [], []
     hidden: torch.Tensor | None = None
     single, block = _BlockCosine(1), _BlockCosine(block_size)
     for step in layerwise(model, tokens, device, batch_size):
-        hooks = _LayerHooks(llama_parts(step.layer, step.index), n_heads, head_metric)
+        hooks = _LayerHooks(model_parts(model, step.layer, family), n_heads, head_metric)
         try:
             outputs = step.forward(keep_outputs=True)
         finally:
@@ -291,27 +273,28 @@ def magnitude_importance(model: PreTrainedModel) -> Importance:
     hidden channel its embedding column, norm weights, the input columns of q/k/v/gate/up
     and the output rows of o/down in every layer; a layer owns all its weights.
     """
-    check_supported(model)
+    family = check_supported(model)
     n_heads = model.config.num_attention_heads
     heads, neurons, layers = [], [], []
     hidden_sq = model.get_input_embeddings().weight.float().pow(2).sum(dim=0)  # (H,)
-    for i, layer in enumerate(decoder_layers(model)):
-        p = llama_parts(layer, i)
-        q_sq = p.q.weight.float().pow(2).sum(dim=1) + p.o.weight.float().pow(2).sum(
+    for layer in decoder_layers(model):
+        p = model_parts(model, layer, family)
+        q_sq = p.weight("q").float().pow(2).sum(dim=1) + p.o.weight.float().pow(2).sum(
             dim=0
         )  # (nh*hd,)
         heads.append(q_sq.view(n_heads, -1).sum(dim=1).sqrt())
         n_sq = (
-            p.gate.weight.float().pow(2).sum(1)
-            + p.up.weight.float().pow(2).sum(1)
+            p.weight("gate").float().pow(2).sum(1)
+            + p.weight("up").float().pow(2).sum(1)
             + p.down.weight.float().pow(2).sum(0)
         )
         neurons.append(n_sq.sqrt())
-        for lin in (p.q, p.k, p.v, p.gate, p.up):
-            hidden_sq = hidden_sq + lin.weight.float().pow(2).sum(dim=0)
+        for part in ("q", "k", "v", "gate", "up"):
+            hidden_sq = hidden_sq + p.weight(part).float().pow(2).sum(dim=0)
         for lin in (p.o, p.down):
             hidden_sq = hidden_sq + lin.weight.float().pow(2).sum(dim=1)
-        hidden_sq = hidden_sq + p.norm_attn.weight.float().pow(2) + p.norm_mlp.weight.float().pow(2)
+        for norm in family.hidden_norms:
+            hidden_sq = hidden_sq + layer.get_submodule(norm).weight.float().pow(2)
         layers.append(sum(float(w.float().pow(2).sum()) for w in layer.parameters()) ** 0.5)
     return Importance(
         heads=heads,

@@ -17,6 +17,7 @@ from typing import Any, Literal
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
+from slmcompress.arch import LLAMA_LAYOUT, registered_family
 from slmcompress.errors import PassError
 
 Axis = Literal["heads", "mlp", "hidden", "layers"]
@@ -50,8 +51,13 @@ class ArchSizes:
 
 
 def sizes_of(config: PretrainedConfig) -> ArchSizes:
-    """Read the prunable sizes of a Llama-style config."""
+    """Read the prunable sizes of a decoder config (one-line error on an impossible GQA)."""
     heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads % kv:
+        raise PassError(
+            f"config.num_attention_heads: {heads} is not a multiple of num_key_value_heads {kv}"
+        )
     return ArchSizes(
         hidden_size=config.hidden_size,
         ffn_hidden_size=config.intermediate_size,
@@ -156,18 +162,24 @@ def pruned_config(
     Built through ``from_dict`` so the config class's own validation (e.g. Llama's
     ``hidden_size % num_attention_heads``) runs here, not at reload time.
     """
+    family = registered_family(config) or LLAMA_LAYOUT
+    keys = family.axis_keys
     data = config.to_dict()
     data.update(
-        hidden_size=sizes.hidden_size,
-        intermediate_size=sizes.ffn_hidden_size,
-        num_attention_heads=sizes.num_attention_heads,
-        num_key_value_heads=sizes.num_key_value_heads,
-        head_dim=sizes.head_dim,  # no longer hidden_size // heads once either changes
-        num_hidden_layers=sizes.num_layers,
+        {
+            keys["hidden"]: sizes.hidden_size,
+            keys["ffn"]: sizes.ffn_hidden_size,
+            keys["heads"]: sizes.num_attention_heads,
+            keys["kv_heads"]: sizes.num_key_value_heads,
+            # no longer hidden_size // heads once either changes
+            keys["head_dim"]: sizes.head_dim,
+            keys["layers"]: sizes.num_layers,
+        }
     )
-    if data.get("layer_types") is not None:
-        keep = kept_layers if kept_layers is not None else list(range(sizes.num_layers))
-        data["layer_types"] = [data["layer_types"][i] for i in keep]
+    keep = kept_layers if kept_layers is not None else list(range(sizes.num_layers))
+    for key in family.per_layer_keys:  # e.g. Gemma's sliding/full layer_types
+        if isinstance(data.get(key), list):
+            data[key] = [data[key][i] for i in keep]
     origin = data.get(SOURCE_LAYERS_KEY)
     if kept_layers is not None and (origin or kept_layers != list(range(config.num_hidden_layers))):
         # which layers of the *unpruned* model survive, composed over repeated depth pruning

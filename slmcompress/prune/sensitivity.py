@@ -31,10 +31,11 @@ from slmcompress.fsutil import atomic_dir, replace_problem
 from slmcompress.prune.importance import (
     Importance,
     activation_importance,
+    check_supported,
     layers_removed,
-    llama_parts,
     loss_depth_scores,
     magnitude_importance,
+    model_parts,
     random_importance,
 )
 from slmcompress.prune.planner import (
@@ -154,7 +155,7 @@ def one_layer_pruned(
         return
     current = sizes_of(model.config)
     sizes = sizes_for_removal(current, axis, ratio, head_pruning)
-    parts = llama_parts(decoder_layers(model)[layer], layer)
+    parts = model_parts(model, decoder_layers(model)[layer], check_supported(model))
     if axis == "heads":
         heads, _ = select_heads(
             importance.heads[layer],

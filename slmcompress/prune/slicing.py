@@ -21,23 +21,26 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
+from slmcompress.arch import PART_INPUT, Family, family_for, part_rows, segments
 from slmcompress.calib import decoder_layers
 from slmcompress.errors import PassError
-from slmcompress.prune.importance import llama_parts
 from slmcompress.prune.planner import KeepPlan, pruned_config
 
 log = logging.getLogger(__name__)
 
-#: (rows, cols) index kinds of each Linear's weight (out, in); None = keep all
-_LINEAR_AXES = {
-    "q": ("q", "hidden"),
-    "k": ("kv", "hidden"),
-    "v": ("kv", "hidden"),
-    "o": ("hidden", "q"),
-    "gate": ("neurons", "hidden"),
-    "up": ("neurons", "hidden"),
-    "down": ("hidden", "neurons"),
+#: index kind of each logical part's output rows and input columns; None = keep all
+_ROW_AXIS = {
+    "q": "q",
+    "k": "kv",
+    "v": "kv",
+    "o": "hidden",
+    "gate": "neurons",
+    "up": "neurons",
+    "down": "hidden",
 }
+_COL_AXIS = {"attn": "hidden", "mlp": "hidden", "heads": "q", "neurons": "neurons"}
+
+Rule = tuple[tuple[torch.Tensor | None, ...], Callable[[torch.Tensor], torch.Tensor] | None]
 
 
 def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -53,9 +56,19 @@ def _take(tensor: torch.Tensor, dims: tuple[torch.Tensor | None, ...]) -> torch.
     return tensor.contiguous()
 
 
-def _layer_rules(layer: nn.Module, old_index: int, plan: KeepPlan) -> dict[str, tuple]:
+def _fused_rows(
+    family: Family, path: str, rows: dict[str, int], index: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """Kept rows of a (possibly fused) linear: each part's kept rows, offset to its segment."""
+    return torch.cat(
+        [index[_ROW_AXIS[part]] + start for part, start, _ in segments(family, path, rows)]
+    )
+
+
+def _layer_rules(
+    layer: nn.Module, old_index: int, plan: KeepPlan, family: Family, config
+) -> dict[str, tuple]:
     """Suffix (inside the layer) -> per-dim indices for this layer's sliced tensors."""
-    parts = llama_parts(layer, old_index)
     head_dim = plan.sizes.head_dim
     index = {
         "hidden": plan.hidden,
@@ -63,30 +76,47 @@ def _layer_rules(layer: nn.Module, old_index: int, plan: KeepPlan) -> dict[str, 
         "kv": head_channels(plan.kv_heads[old_index], head_dim),
         "neurons": plan.neurons[old_index],
     }
-    names = {id(m): n for n, m in layer.named_modules()}
+    rows = part_rows(config)  # the unpruned segment sizes
     rules: dict[str, tuple] = {}
-    for part, (rows, cols) in _LINEAR_AXES.items():
-        name = names[id(getattr(parts, part))]
-        rules[f"{name}.weight"] = (index[rows], index[cols])
-        rules[f"{name}.bias"] = (index[rows],)
-    for norm in (parts.norm_attn, parts.norm_mlp):
-        rules[f"{names[id(norm)]}.weight"] = (plan.hidden,)
-        rules[f"{names[id(norm)]}.bias"] = (plan.hidden,)
+    for path, parts in family.modules().items():
+        kept = _fused_rows(family, path, rows, index)
+        rules[f"{path}.weight"] = (kept, index[_COL_AXIS[PART_INPUT[parts[0]]]])
+        rules[f"{path}.bias"] = (kept,)
+    for norm in family.hidden_norms:  # per-head q/k norms are head_dim wide: never sliced
+        rules[f"{norm}.weight"] = (plan.hidden,)
+        rules[f"{norm}.bias"] = (plan.hidden,)
     return rules
 
 
-def _top_rules(model: PreTrainedModel, plan: KeepPlan) -> dict[str, tuple]:
-    """Embedding (V, H), lm_head (V, H) and final norm (H,) sliced by hidden channel."""
+def _top_rules(model: PreTrainedModel, plan: KeepPlan, family: Family) -> dict[str, Rule]:
+    """Embedding (V, H), lm_head (V, H) and final norm (H,) sliced by hidden channel.
+
+    A family that scales embeddings by sqrt(hidden_size) (Gemma) would scale the kept
+    channels by sqrt(H') after pruning: the embedding is rescaled by sqrt(H / H') so the
+    residual stream starts with the same values, and with a tied head the final norm is
+    divided by that factor so the logits stay the same too.
+    """
     names = {id(m): n for n, m in model.named_modules()}
-    rules = {f"{names[id(model.get_input_embeddings())]}.weight": (None, plan.hidden)}
+    old, new = model.config.hidden_size, plan.sizes.hidden_size
+    factor = (old / new) ** 0.5 if family.embed_scale and new != old else None
+    scale = (lambda t: (t.float() * factor).to(t.dtype)) if factor else None
+    embed = f"{names[id(model.get_input_embeddings())]}.weight"
+    rules: dict[str, Rule] = {embed: ((None, plan.hidden), scale)}
     head = model.get_output_embeddings()
-    if head is not None:
-        rules[f"{names[id(head)]}.weight"] = (None, plan.hidden)
-        rules[f"{names[id(head)]}.bias"] = (None,)
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if head is not None:  # a tied head is the same tensor as the embedding: the same rule
+        rules[f"{names[id(head)]}.weight"] = ((None, plan.hidden), scale if tied else None)
+        rules[f"{names[id(head)]}.bias"] = ((None,), None)
     norm = getattr(getattr(model, "model", None), "norm", None)
+    offset = family.norm_offset
+    unscale = (
+        (lambda t: (((t.float() + offset) / factor) - offset).to(t.dtype))
+        if factor and tied
+        else None
+    )
     if norm is not None:
-        rules[f"{names[id(norm)]}.weight"] = (plan.hidden,)
-        rules[f"{names[id(norm)]}.bias"] = (plan.hidden,)
+        rules[f"{names[id(norm)]}.weight"] = ((plan.hidden,), unscale)
+        rules[f"{names[id(norm)]}.bias"] = ((plan.hidden,), None)
     return rules
 
 
@@ -103,12 +133,18 @@ def iter_sliced(
     prefix = layer_names[id(layers)]  # e.g. "model.layers"
     pattern = re.compile(rf"^{re.escape(prefix)}\.(\d+)\.(.+)$")
     renumber = {old: new for new, old in enumerate(plan.layers)}
-    rules = {old: _layer_rules(layers[old], old, plan) for old in plan.layers}
-    top = _top_rules(model, plan)
+    family = family_for(model)
+    rules = {old: _layer_rules(layers[old], old, plan, family, model.config) for old in plan.layers}
+    top = _top_rules(model, plan, family)
     for key in model.state_dict():
         match = pattern.match(key)
         if match is None:
-            yield key, _take(get(key), top.get(key, ()))
+            dims, post = top.get(key, ((), None))
+            tensor = _take(get(key), dims)
+            yield (
+                key,
+                (post(tensor) if post is not None and tensor.device.type != "meta" else tensor),
+            )
             continue
         old, suffix = int(match.group(1)), match.group(2)
         if old in renumber:

@@ -128,10 +128,10 @@ def assemble_checkpoint(
 
 # ---------------------------------------------------------------- importance
 @torch.no_grad()
-def score_step(step: Any, num_heads: int) -> dict[str, torch.Tensor]:
-    """The prune pass's Minitron statistics of one layer step, plus its ``depth`` score
-    (1 - cos between the layer's input and output); sets the step's outputs."""
-    tensors, meta = minitron_layer_scores(step, num_heads)
+def score_step(step: Any, parts: Any) -> dict[str, torch.Tensor]:
+    """The prune pass's Minitron statistics of one layer step (its :class:`LayerParts`), plus
+    its ``depth`` score (1 - cos between the layer's input and output); sets the step's outputs."""
+    tensors, meta = minitron_layer_scores(step, parts)
     return {**tensors, "depth": torch.tensor([meta["cos_total"] / max(meta["cos_count"], 1)])}
 
 
@@ -155,11 +155,14 @@ def importance_streaming(
         pass_name="importance",
         key={"importance": getattr(scorer, "__qualname__", "scorer")},
     )
+    from slmcompress.arch import layer_parts
+    from slmcompress.prune.importance import check_supported
+
+    family = check_supported(stream.model)
     run = StreamingRun(stream, tokens, device, work_dir, options, dtype)
-    heads = stream.config.num_attention_heads
     prefix = stream.layer_prefix.rstrip(".")
     for step in run.steps():
-        scores = scorer(step, heads)
+        scores = scorer(step, layer_parts(step.layer, family, stream.config))
         run.save_result(step.index, {f"{prefix}.{step.index}.{k}": v for k, v in scores.items()})
     result: dict[str, torch.Tensor] = {}
     for index in range(stream.num_layers()):
@@ -170,16 +173,16 @@ def importance_streaming(
 # ---------------------------------------------------------------- Minitron importance (prune pass)
 @torch.no_grad()
 def minitron_layer_scores(
-    step: Any, n_heads: int, head_metric: str = "projected_output"
+    step: Any, parts: Any, head_metric: str = "projected_output"
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """One layer of :func:`slmcompress.prune.importance.activation_importance`, as a saved result.
 
     Uses the prune module's own hooks and statistics, so the scores are bit-identical; the
     per-layer cosine sum is kept as a float in the metadata for the exact same division.
     """
-    from slmcompress.prune.importance import _LayerHooks, cosine_importance, llama_parts
+    from slmcompress.prune.importance import _LayerHooks, cosine_importance
 
-    hooks = _LayerHooks(llama_parts(step.layer, step.index), n_heads, head_metric)
+    hooks = _LayerHooks(parts, parts.n_heads, head_metric)
     try:
         outputs = step.forward(keep_outputs=True)
     finally:
@@ -209,6 +212,7 @@ def activation_importance_streaming(
     head_metric: str = "projected_output",
 ) -> Any:
     """:func:`~slmcompress.prune.importance.activation_importance` over a streamed model (resumable)."""
+    from slmcompress.arch import layer_parts
     from slmcompress.errors import PassError
     from slmcompress.prune.importance import Importance, check_supported
 
@@ -218,16 +222,16 @@ def activation_importance_streaming(
             "use depth_mode/ block scoring in memory"
         )
     stream = StreamingModel(Path(model_dir), dtype)
-    check_supported(stream.model)
+    family = check_supported(stream.model)
     options = replace(
         options or StreamOptions(),
         pass_name="importance",
         key={"importance": "minitron-activation", "head_metric": head_metric},
     )
     run = StreamingRun(stream, tokens, device, work_dir, options, dtype)
-    n_heads = stream.config.num_attention_heads
     for step in run.steps():
-        tensors, meta = minitron_layer_scores(step, n_heads, head_metric)
+        parts = layer_parts(step.layer, family, stream.config)
+        tensors, meta = minitron_layer_scores(step, parts, head_metric)
         run.save_result(step.index, tensors, meta)
     heads, neurons, cos, hidden = [], [], [], None
     for index in range(stream.num_layers()):

@@ -26,6 +26,7 @@ import psutil
 import torch
 from torch import nn
 
+from slmcompress.arch import layer_type
 from slmcompress.calib import LayerBatch, LayerStep, _layer_output, _to, capture_layer_inputs
 from slmcompress.errors import PassError
 from slmcompress.plan import (
@@ -281,7 +282,9 @@ class StreamingRun:
         kwargs, inputs = self._initial_inputs(start)
         for index in range(start, last + 1):
             layer = self.stream.load_layer(index, self.device)
-            step = StreamingLayerStep(index, layer, BatchView(inputs, kwargs), self.device, self)
+            kind = layer_type(self.stream.config, index)
+            view = BatchView(inputs, [by_type[kind] for by_type in kwargs])
+            step = StreamingLayerStep(index, layer, view, self.device, self)
             yield step
             next_store = None
             if index < last:
@@ -296,7 +299,9 @@ class StreamingRun:
             inputs = next_store
             log.info("layer %d/%d done", index + 1, self.stream.num_layers())
 
-    def _initial_inputs(self, start: int) -> tuple[list[dict[str, Any]], ActivationStore]:
+    def _initial_inputs(
+        self, start: int
+    ) -> tuple[list[dict[str, dict[str, Any]]], ActivationStore]:
         """Capture layer 0's inputs, or (resuming) reopen the saved inputs of layer ``start``."""
         kwargs, store = self._capture(keep_hidden=start == 0)
         if start == 0:
@@ -314,18 +319,23 @@ class StreamingRun:
         return kwargs, saved
 
     @torch.no_grad()
-    def _capture(self, keep_hidden: bool) -> tuple[list[dict[str, Any]], ActivationStore]:
-        """Embeddings on the device, one batch at a time (identical to the in-memory capture)."""
+    def _capture(
+        self, keep_hidden: bool
+    ) -> tuple[list[dict[str, dict[str, Any]]], ActivationStore]:
+        """Embeddings on the device, one batch at a time (identical to the in-memory capture).
+
+        Returns each batch's keyword inputs per attention type, and the hidden states.
+        """
         self.stream.load_non_layer(self.device)
         store = self.new_store(0)
-        kwargs: list[dict[str, Any]] = []
+        kwargs: list[dict[str, dict[str, Any]]] = []
         bs = self.options.batch_size
         try:
             for start in range(0, self.tokens.shape[0], bs):
                 (batch,) = capture_layer_inputs(
                     self.stream.model, self.tokens[start : start + bs], self.device, bs
                 )
-                kwargs.append(batch.kwargs)
+                kwargs.append(batch.by_type)
                 if keep_hidden:
                     store.append(batch.hidden)
         finally:

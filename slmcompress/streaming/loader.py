@@ -194,21 +194,57 @@ def build_skeleton(
 
 
 def _rebuild_on_cpu(model: nn.Module, name: str, module: nn.Module, config: Any) -> None:
-    """Recreate a buffer-owning module (e.g. rotary embedding) on the CPU from the config."""
+    """Give a module its computed buffers on the CPU, exactly as a normal load does.
+
+    Modules built from the config alone (rotary embeddings) are rebuilt on the CPU; others
+    (Gemma's scaled embedding: a weight plus a ``sqrt(hidden)`` buffer) get their buffers
+    allocated and filled by the model's own ``_init_weights``, as ``from_pretrained`` does.
+    """
+    if any(p.device.type != "meta" for p in module.parameters(recurse=False)):
+        raise CheckpointError(
+            f"model: {name} has both weights and computed buffers; streaming cannot load it"
+        )
     try:
         with torch.device("cpu"):
             rebuilt = type(module)(config=getattr(config, "text_config", None) or config)
+    except TypeError:  # its constructor does not take the config
+        _init_buffers_on_cpu(model, name, module)
+        return
     except Exception as exc:  # noqa: BLE001 - any constructor failure means we cannot stream it
         raise CheckpointError(
             f"model: cannot compute the buffers of {name} ({type(module).__name__}) "
             f"without weights: {exc}"
         ) from exc
-    if any(p.device.type != "meta" for p in module.parameters(recurse=False)):
-        raise CheckpointError(
-            f"model: {name} has both weights and computed buffers; streaming cannot load it"
-        )
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, rebuilt)
+
+
+def _init_buffers_on_cpu(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Allocate a module's meta buffers on the CPU and let the model's init fill them."""
+    for key, buf in list(module.named_buffers(recurse=False)):
+        if buf.device.type == "meta":
+            fill = float("nan") if buf.dtype.is_floating_point else 0
+            module._buffers[key] = torch.full(buf.shape, fill, dtype=buf.dtype)
+    init = getattr(model, "_init_weights", None)
+    try:
+        if init is None:
+            raise AttributeError("the model has no _init_weights")
+        init(module)
+    except Exception as exc:  # noqa: BLE001 - the buffers stay unknown: refuse to stream
+        raise CheckpointError(
+            f"model: cannot compute the buffers of {name} ({type(module).__name__}) "
+            f"without weights: {exc}"
+        ) from exc
+    unset = [
+        k
+        for k, b in module.named_buffers(recurse=False)
+        if b.dtype.is_floating_point and b.isnan().any()
+    ]
+    if unset:
+        raise CheckpointError(
+            f"model: cannot compute the buffer {name}.{unset[0]} ({type(module).__name__}) "
+            "without weights"
+        )
 
 
 def materialise(

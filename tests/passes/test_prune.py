@@ -33,15 +33,20 @@ def prune(model, ctx, **config):
             {"num_attention_heads": 2, "num_key_value_heads": 1},
         ),
         ({"target": {"ffn_hidden_size": 64}}, {"intermediate_size": 64}),
-        ({"target": {"hidden_size": 32}}, {"hidden_size": 32, "head_dim": 16}),
+        ({"target": {"hidden_size": 32}, "align": "none"}, {"hidden_size": 32, "head_dim": 16}),
         ({"target": {"num_layers": 1}}, {"num_hidden_layers": 1}),
         (
             {"target": {"num_layers": 1}, "depth_metric": "cosine", "depth_mode": "contiguous"},
             {"num_hidden_layers": 1},
         ),
-        ({"param_ratio": 0.5, "axis": "mlp"}, {"intermediate_size": 32}),  # 50% of 73.9k non-emb
+        # 50% of 73.9k non-emb
+        ({"param_ratio": 0.5, "axis": "mlp", "align": "none"}, {"intermediate_size": 32}),
+        ({"param_ratio": 0.5, "axis": "mlp"}, {"intermediate_size": 64}),  # aligned to 64
         ({"target": {"ffn_hidden_size": 64}, "method": "magnitude"}, {"intermediate_size": 64}),
-        ({"target": {"hidden_size": 32, "num_layers": 1}, "method": "random"}, {"hidden_size": 32}),
+        (
+            {"target": {"hidden_size": 32, "num_layers": 1}, "method": "random", "align": 8},
+            {"hidden_size": 32},
+        ),
     ],
 )
 def test_each_axis_and_method_on_tiny_llama(tiny_llama, make_ctx, config, expect):
@@ -54,6 +59,15 @@ def test_each_axis_and_method_on_tiny_llama(tiny_llama, make_ctx, config, expect
     assert summary["importance"]["method"] == config.get("method", "activation")
     with torch.no_grad():
         assert torch.isfinite(pruned(torch.randint(0, 1000, (1, 8))).logits).all()
+
+
+def test_alignment_rounds_the_target_and_says_so(tiny_llama, make_ctx):
+    ctx = make_ctx()
+    pruned = prune(tiny_llama, ctx, target={"ffn_hidden_size": 40})
+    assert pruned.config.intermediate_size == 64
+    line = "prune: align: auto (ffn_hidden_size x64); rounded ffn_hidden_size 40->64"
+    assert line in ctx.warnings
+    assert ctx.extra_metrics["prune"]["alignment"]["rounded"] == {"ffn_hidden_size": [40, 64]}
 
 
 def test_loss_depth_scores_are_recorded(tiny_llama, make_ctx):
@@ -107,6 +121,10 @@ def _recipe(model_dir, tmp_path, *stages):
         ),
         ([{"type": "prune", "target": {"ffn": 3}}], r"^stages\[0\]\.target\.ffn: unknown key"),
         ([{"type": "prune", "target": {}}], r"^stages\[0\]\.target: give at least one of"),
+        (
+            [{"type": "prune", "target": {"hidden_size": 32}}],
+            r"^stages\[0\]\.target\.hidden_size: 32 cannot be rounded to a multiple of 64",
+        ),
         (
             [{"type": "prune", "param_ratio": 0.5, "target": {"num_layers": 1}}],
             r"^stages\[0\]: give exactly one",

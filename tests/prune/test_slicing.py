@@ -134,7 +134,9 @@ def test_qwen2_with_biases_and_layer_types_reloads(tmp_path):
 def test_unsupported_architecture_is_one_line():
     model = GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=100))
     with pytest.raises(
-        PassError, match=r"^model: layer 0 \(GPT2Block\) is not a Llama-style"
+        PassError,
+        match=r"^model: layer 0 \(GPT2Block\) of model_type 'gpt2' is of no known family .*"
+        r"not a Llama-style layer: no module self_attn\.q_proj",
     ) as info:
         check_supported(model)
     assert "\n" not in str(info.value)

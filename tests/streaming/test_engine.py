@@ -8,6 +8,7 @@ import pytest
 import torch
 from _stream_utils import random_tokens, small_config, write_sharded_model
 
+from slmcompress.arch import family_for, layer_parts
 from slmcompress.calib import layerwise
 from slmcompress.checkpoint import load_checkpoint
 from slmcompress.errors import PassError
@@ -18,9 +19,12 @@ CPU = torch.device("cpu")
 
 
 def _in_memory_scores(model, tokens, batch_size):
-    scores = {}
+    scores, family = {}, family_for(model)
     for step in layerwise(model, tokens, CPU, batch_size=batch_size):
-        scores.update({f"model.layers.{step.index}.{k}": v for k, v in score_step(step, 4).items()})
+        parts = layer_parts(step.layer, family, model.config)
+        scores.update(
+            {f"model.layers.{step.index}.{k}": v for k, v in score_step(step, parts).items()}
+        )
     return scores
 
 
