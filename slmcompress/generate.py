@@ -21,7 +21,11 @@ class Generation:
 
 
 def prepare_for_serving(model: PreTrainedModel) -> dict[str, int]:
-    """Pick the fastest backend per quantized layer (Triton kernel on CUDA, else torch)."""
+    """Pick the fastest backend per quantized layer; returns how many layers got each.
+
+    Triton kernel on CUDA; on CPU torch's int4 kernel, or a dequantized copy made once where
+    it cannot serve (8-bit, odd shapes). Float models: ``{}``. Idempotent.
+    """
     try:
         from slmcompress.kernels.dispatch import set_backends
     except ImportError:
