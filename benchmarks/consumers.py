@@ -39,16 +39,18 @@ import torch  # noqa: E402
 log = logging.getLogger("bench.consumers")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))  # this checkout's slmcompress, whatever the venv has installed
 EVAL_TOKENS, EVAL_SEQ, PROBE_WINDOWS, PROBE_SEQ = 8192, 512, 4, 256
 
-# (row id, GPTQ stage options, prune first to this MLP width or None)
+# (row id, quantize stage options, prune first to this MLP width or None). The ragged row is
+# RTN: whether a consumer loads a checkpoint depends on its shapes, not on its codes.
 ROWS = [
     ("w4-g64", {"bits": 4, "group_size": "auto", "act_order": False}, None),
     ("w4-g64-act", {"bits": 4, "group_size": "auto", "act_order": True}, None),
     ("w8-g64", {"bits": 8, "group_size": "auto", "act_order": False}, None),
     ("pruned-w4-g64-act", {"bits": 4, "group_size": "auto", "act_order": True}, 1152),
     ("w3-g64", {"bits": 3, "group_size": "auto", "act_order": False}, None),
-    ("w4-g128-ragged", {"bits": 4, "group_size": 128, "act_order": True}, None),
+    ("w4-g128-ragged", {"method": "rtn", "bits": 4, "group_size": 128}, None),
 ]
 
 
@@ -78,8 +80,8 @@ def build_checkpoint(row: tuple, work: Path, calib: tuple[int, int]) -> dict:
 
     from slmcompress.checkpoint import save_checkpoint
     from slmcompress.models import load_model
-    from slmcompress.passes.gptq import GPTQConfig, GPTQPass
     from slmcompress.passes.prune import PruneConfig, PrunePass
+    from slmcompress.registry import get_pass
 
     row_id, options, ffn = row
     loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
@@ -92,11 +94,13 @@ def build_checkpoint(row: tuple, work: Path, calib: tuple[int, int]) -> dict:
             type="prune", method="activation", target=target, n_samples=16, seq_len=256
         )
         model = PrunePass(prune).run(model, ctx)
-    config = GPTQConfig(type="quantize", **options)
-    model = GPTQPass(config).run(model, ctx)
+    options = {"method": "gptq", **options}
+    pass_cls = get_pass("quantize", options["method"])
+    model = pass_cls(pass_cls.Config(type="quantize", **options)).run(model, ctx)
     save_checkpoint(model, tokenizer, work / row_id / "ckpt")
     return {
-        "gptq": options,
+        "quantize": options,
+        "calibration": f"{calib[0]}x{calib[1]}" if options["method"] == "gptq" else None,
         "pruned_ffn": ffn,
         "quantization_config": model.config.quantization_config,
         "warnings": ctx.warnings,
@@ -218,9 +222,13 @@ def render_md(report: dict) -> str:
         "# GPTQ checkpoints in a GPTQ consumer (transformers + optimum + gptqmodel, CPU)",
         "",
         f"Command: `{report['command']}`  ",
+        *[
+            f"Earlier run (rows kept): `{r['command']}`, load {r['machine']}  "
+            for r in report.get("earlier_runs", [])
+        ],
         f"Versions: {report['versions']}  ",
         f"Machine: {report['machine']}  ",
-        f"Calibration: C4 {report['calibration']}; logits on {PROBE_WINDOWS} x {PROBE_SEQ} "
+        f"Calibration (GPTQ rows): C4, per row in the JSON; logits on {PROBE_WINDOWS} x {PROBE_SEQ} "
         f"WikiText-2 test tokens, ppl on the first {EVAL_TOKENS} ({EVAL_SEQ}-token windows).",
         "",
         "| row | bits | group | act_order | consumer loads | consumer kernel | max abs Δlogit | "
@@ -264,6 +272,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("/tmp/slmcompress-consumers"))
     parser.add_argument("--threads", type=int, default=1, help="torch threads (shared box: 1)")
     parser.add_argument("--out", type=Path, default=RESULTS / "consumers")
+    parser.add_argument("--append", action="store_true", help="keep the rows already in --out")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
@@ -278,6 +287,12 @@ def main() -> None:
         "calibration": args.calib,
         "rows": [],
     }
+    if args.append and args.out.with_suffix(".json").is_file():
+        previous = json.loads(args.out.with_suffix(".json").read_text())
+        report["rows"] = [r for r in previous["rows"] if not args.only or r["id"] not in args.only]
+        report["earlier_runs"] = previous.get("earlier_runs", []) + [
+            {k: previous[k] for k in ("command", "machine", "calibration")}
+        ]
     for row in [r for r in ROWS if not args.only or r[0] in args.only]:
         log.info("row %s: building", row[0])
         record = {"id": row[0], **build_checkpoint(row, args.work, calib)}

@@ -33,6 +33,7 @@ import torch
 log = logging.getLogger("bench.cpu_serving")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
+sys.path.insert(0, str(ROOT))  # this checkout's slmcompress, whatever the venv has installed
 CONSUMERS_WORK = Path("/tmp/slmcompress-consumers")
 DEFAULT_MODELS = ["w4-g64", "w4-g64-act", "w4-g128-ragged", "w3-g64", "w8-g64"]
 
