@@ -95,9 +95,9 @@ def choose_backend(layer: QuantLinear, device: torch.device | str, force: bool =
 def set_backends(model: nn.Module, force: bool = False) -> dict[str, int]:
     """Set ``backend`` on every QuantLinear of ``model``; returns how many layers got each.
 
-    Logs one info line per distinct (backend, reason), e.g. why 2/8-bit layers stay on torch.
-    Also precomputes each kernel layer's group layout, so the first forward (or a CUDA-graph
-    capture) does no host synchronisation.
+    Logs one info line per distinct (backend, reason), e.g. why 8-bit layers stay on torch.
+    Also precomputes each Triton layer's group layout, so the first forward (or a CUDA-graph
+    capture) does no host synchronisation, and converts each ``cpu-int4`` layer once.
     """
     counts: Counter[str] = Counter()
     reasons: Counter[tuple[str, str]] = Counter()
@@ -107,6 +107,8 @@ def set_backends(model: nn.Module, force: bool = False) -> dict[str, int]:
             module.backend = backend
             if backend.startswith("triton"):
                 packed_weight(module)
+            elif backend == "cpu-int4":
+                cpu_weight(module)  # convert now: first-token latency and timings stay clean
             counts[backend] += 1
             reasons[(f"{backend} ({module.bits}-bit)", reason)] += 1
     for (backend, reason), count in reasons.items():
