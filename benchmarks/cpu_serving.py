@@ -167,7 +167,7 @@ def main() -> None:
     report = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "versions": versions(),
-        "machine": machine(),
+        "machine": {**machine(), "torch_threads": args.threads},
         "rounds": args.rounds,
         "new_tokens": args.new_tokens,
         "models": models,
