@@ -28,6 +28,10 @@ STRICT_CONSUMERS = (
 )
 
 
+#: group sizes gptqmodel 7.6's kernels accept (its TorchLinear refuses others at load; tested)
+CONSUMER_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+
+
 def auto_group_size(widths: Iterable[int]) -> int:
     """The largest of 128/64/32 dividing every input width (SmolLM2's 576 -> 64).
 
@@ -54,6 +58,16 @@ def ragged_group_warning(group_size: int, widths: dict[str, int]) -> str | None:
     )
 
 
+def unsupported_group_warning(group_size: int) -> str | None:
+    """A report warning when the consumers refuse ``group_size`` whatever the widths."""
+    if group_size in CONSUMER_GROUP_SIZES:
+        return None
+    return (
+        f"group_size {group_size}: gptqmodel's kernels (transformers' GPTQ loading) accept only "
+        f"{', '.join(map(str, CONSUMER_GROUP_SIZES))}; only slmcompress will load this checkpoint"
+    )
+
+
 def resolve_group_size(config: Any, model: nn.Module, ctx: Any) -> Any:
     """``config`` with ``group_size: auto`` resolved for ``model``; warns about ragged groups.
 
@@ -64,14 +78,15 @@ def resolve_group_size(config: Any, model: nn.Module, ctx: Any) -> Any:
     widths = {name: linear.in_features for name, linear in chosen.items()}
     auto = config.group_size == "auto"
     group = auto_group_size(widths.values()) if auto else config.group_size
-    warning = ragged_group_warning(group, widths)
-    if warning:
-        ctx.warn(warning)
+    ragged = ragged_group_warning(group, widths)
+    for warning in (ragged, unsupported_group_warning(group)):
+        if warning:
+            ctx.warn(warning)
     ctx.extra_metrics["group_size"] = {
         "requested": config.group_size,
         "resolved": group,
         "input_widths": sorted(set(widths.values())),
-        "ragged": warning is not None,
+        "ragged": ragged is not None,
     }
     return config.model_copy(update={"group_size": group})
 

@@ -9,7 +9,11 @@ import pytest
 from slmcompress.checkpoint import save_checkpoint
 from slmcompress.passes.gptq import GPTQConfig
 from slmcompress.passes.quantize_rtn import RTNConfig, RTNPass
-from slmcompress.quant.convert import auto_group_size, ragged_group_warning
+from slmcompress.quant.convert import (
+    auto_group_size,
+    ragged_group_warning,
+    unsupported_group_warning,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -69,3 +73,9 @@ def test_a_forced_ragged_group_size_is_kept_and_warned(tiny_llama, make_ctx):
     assert model.config.quantization_config["group_size"] == 48
     assert ctx.extra_metrics["group_size"]["ragged"]
     assert any("group_size 48: input widths 64, 128" in w for w in ctx.warnings)
+    assert any("accept only -1, 16, 32, 64" in w for w in ctx.warnings)  # 48: refused anyway
+
+
+def test_group_sizes_the_consumer_refuses_whatever_the_widths():
+    assert unsupported_group_warning(64) is None and unsupported_group_warning(-1) is None
+    assert "only slmcompress will load" in unsupported_group_warning(48)
