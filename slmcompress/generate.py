@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from slmcompress.eval.speed import TokenClock
+
 
 @dataclass(frozen=True)
 class Generation:
@@ -21,7 +23,11 @@ class Generation:
 
 
 def prepare_for_serving(model: PreTrainedModel) -> dict[str, int]:
-    """Pick the fastest backend per quantized layer (Triton kernel on CUDA, else torch)."""
+    """Pick the fastest backend per quantized layer; returns how many layers got each.
+
+    Triton kernel on CUDA; on CPU torch's int4 kernel, or a dequantized copy made once where
+    it cannot serve (8-bit, odd shapes). Float models: ``{}``. Idempotent.
+    """
     try:
         from slmcompress.kernels.dispatch import set_backends
     except ImportError:
@@ -54,22 +60,21 @@ def generate(
         {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
     )
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    clock = TokenClock()  # timestamps each token as generate emits it (times[0]: the prompt)
     _sync(device)
     start = time.perf_counter()
-    model.generate(**ids, max_new_tokens=1, min_new_tokens=1, pad_token_id=pad, **sampling)
+    out = model.generate(
+        **ids, max_new_tokens=max_new_tokens, pad_token_id=pad, streamer=clock, **sampling
+    )
     _sync(device)
-    prefill = time.perf_counter() - start
-    start = time.perf_counter()
-    out = model.generate(**ids, max_new_tokens=max_new_tokens, pad_token_id=pad, **sampling)
-    _sync(device)
-    total = time.perf_counter() - start
     new = out[0, ids["input_ids"].shape[1] :]
-    decode = max(total - prefill, 1e-9)
-    steps = max(new.numel() - 1, 1)
+    first = clock.times[1] if len(clock.times) > 1 else time.perf_counter()
+    decode = clock.times[-1] - first  # first -> last new token: len(times) - 2 decode steps
+    steps = max(len(clock.times) - 2, 0)
     return Generation(
         tokenizer.decode(new, skip_special_tokens=True),
         new.numel(),
-        steps / decode,
-        prefill,
+        steps / decode if decode > 0 else 0.0,
+        first - start,
         decode,
     )

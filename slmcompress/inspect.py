@@ -59,22 +59,30 @@ def _describe_quant(qcfg: dict[str, Any]) -> str:
 
 def _scan_tensors(directory: Path, qcfg: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
     """Logical parameter count (packed weights counted as in*out) and the quantized layers."""
-    from slmcompress.kernels_info import backend_for_bits
+    from slmcompress.kernels_info import backend_for_layer
+    from slmcompress.quant.qparams import default_g_idx
 
     bits = qcfg.get("bits")
     params, layers = 0, []
     for path in safetensors_files(directory):
         with safe_open(path, framework="pt") as handle:
+            keys = set(handle.keys())
             for key in handle.keys():
                 shape = handle.get_slice(key).get_shape()
                 if key.endswith(".qweight"):
                     params += shape[0] * 32 // bits * shape[1]
+                    name = key[: -len(".qweight")]
+                    g_idx = (  # (in,): small, decides the kernel; in another shard: assume no act-order
+                        handle.get_tensor(f"{name}.g_idx")
+                        if f"{name}.g_idx" in keys
+                        else default_g_idx(shape[0] * 32 // bits, qcfg.get("group_size") or -1)
+                    )
                     layers.append(
                         {
-                            "name": key[: -len(".qweight")],
+                            "name": name,
                             "bits": bits,
                             "group_size": qcfg.get("group_size"),
-                            "backend": backend_for_bits(bits),
+                            "backend": backend_for_layer(bits, shape[1], g_idx),
                         }
                     )
                 elif not key.endswith((".qzeros", ".scales", ".g_idx")):

@@ -264,6 +264,9 @@ def load_model(source: str, dtype: str = "auto", device: str = "auto") -> Loaded
             slmcompress GPTQ checkpoint), ``.gguf`` file, or hub id.
         dtype: ``auto`` | ``float32`` | ``bfloat16`` | ``float16``.
         device: ``auto`` | ``cpu`` | ``cuda`` | ``cuda:N``.
+
+    GPTQ checkpoints come back ready to serve (:func:`slmcompress.generate.prepare_for_serving`);
+    ``SLMCOMPRESS_KERNEL=torch`` keeps the plain-torch reference path.
     """
     check_model_source(source)
     dev = resolve_device(device)
@@ -279,6 +282,10 @@ def load_model(source: str, dtype: str = "auto", device: str = "auto") -> Loaded
     else:
         model, tokenizer = _load_hub(source, torch_dtype)
     model.to(dev).eval()
+    if getattr(model.config, "quantization_config", None):
+        from slmcompress.generate import prepare_for_serving
+
+        prepare_for_serving(model)  # GPTQ layers onto their kernel (int4 CPU / Triton)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, local_dir=local_dir)
 
 

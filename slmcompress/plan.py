@@ -589,6 +589,15 @@ def _budget(max_memory: str | None, profile: DeviceProfile) -> int | None:
     return min(int(parse_bytes(max_memory) / DEFAULT_MEMORY_FRACTION), profile.host_memory)
 
 
+def _group_size(value: int | str, arch: Arch) -> int:
+    """The stage's group size, ``auto`` resolved as the pass will on this architecture."""
+    if value != "auto":
+        return value
+    from slmcompress.quant.convert import auto_group_size
+
+    return auto_group_size(a for a, _ in arch.linears().values())
+
+
 def _plan_stage(
     stage: Any,
     arch: Arch,
@@ -618,7 +627,7 @@ def _plan_stage(
             host_budget=_budget(max_memory, profile),
             streaming=streaming,
             bits=getattr(cfg, "bits", 4),
-            group_size=getattr(cfg, "group_size", 128),
+            group_size=_group_size(getattr(cfg, "group_size", 128), arch),
         )
         notes = list(est.notes)
         return StagePlan(

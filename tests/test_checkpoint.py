@@ -58,3 +58,27 @@ def test_gptq_checkpoint_round_trip_is_exact(tiny_llama, tokenizer, make_ctx, tm
     ids = torch.randint(0, 1000, (1, 16))
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).logits, reference(ids).logits)
+
+
+def test_load_model_serves_gptq_on_the_int4_cpu_kernel(
+    tiny_llama, tokenizer, make_ctx, tmp_path, monkeypatch
+):
+    from slmcompress.eval.report import evaluate
+    from slmcompress.models import load_model
+    from slmcompress.recipe import EvalOptions
+
+    reference = RTNPass(RTNConfig(type="quantize", bits=4)).run(tiny_llama, make_ctx())
+    save_checkpoint(reference, tokenizer, tmp_path / "q")
+    loaded = load_model(str(tmp_path / "q"), device="cpu")
+    backends = {m.backend for m in loaded.model.modules() if isinstance(m, QuantLinear)}
+    assert backends == {"cpu-int4"}
+    ids = torch.randint(0, 1000, (1, 16))
+    with torch.no_grad():
+        ref, served = reference(ids).logits, loaded.model(ids).logits
+    torch.testing.assert_close(served, ref, rtol=0.05, atol=0.05 * ref.abs().max().item())
+    options = EvalOptions(ppl=False, tasks=[], speed=True, speed_tokens=4)
+    metrics, _ = evaluate(reference, tokenizer, None, options)  # speed times the kernel path
+    assert metrics["speed_backends"] == {"cpu-int4": 14} and metrics["tokens_per_s"] > 0
+    monkeypatch.setenv("SLMCOMPRESS_KERNEL", "torch")
+    plain = load_model(str(tmp_path / "q"), device="cpu").model
+    assert {m.backend for m in plain.modules() if isinstance(m, QuantLinear)} == {"torch"}

@@ -127,7 +127,8 @@ def evaluate(
     if options.ppl:
         start = time.perf_counter()
         tokens = eval_tokens(tokenizer, eval_spec)
-        with cached_dequantization(model):  # identical numbers, float speed on the torch path
+        # the exact reference (even where a kernel backend is set), at float speed
+        with cached_dequantization(model):
             result = perplexity(model, tokens, eval_spec.seq_len, show_progress=True)
         metrics["wikitext2_ppl"] = result.ppl
         metrics["eval_tokens"] = result.n_tokens
@@ -147,10 +148,14 @@ def evaluate(
         timings["tasks_s"] = time.perf_counter() - start
     if options.speed:
         from slmcompress.eval.speed import generation_speed
+        from slmcompress.generate import prepare_for_serving
 
         start = time.perf_counter()
+        backends = prepare_for_serving(model)  # time the serving path, not the reference
         speed = generation_speed(model, tokenizer, new_tokens=options.speed_tokens)
         metrics["tokens_per_s"] = speed["tokens_per_s"]
+        if backends:
+            metrics["speed_backends"] = backends
         timings["speed_s"] = time.perf_counter() - start
     return metrics, timings
 
@@ -253,6 +258,9 @@ def render_report_md(report: dict[str, Any]) -> str:
             "",
             f"Perplexity on {m['eval_tokens']:,} tokens in {m['eval_seq_len']}-token windows.",
         ]
+    if m.get("speed_backends"):
+        used = ", ".join(f"{name} x{n}" for name, n in m["speed_backends"].items())
+        lines += ["", f"Decode speed measured on the serving backends: {used}."]
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items())]
     if report["warnings"]:
         lines += ["", "## Warnings", *[f"- {w}" for w in report["warnings"]]]

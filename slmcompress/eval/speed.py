@@ -21,7 +21,7 @@ from slmcompress.errors import SlmError
 log = logging.getLogger(__name__)
 
 
-class _TokenClock(BaseStreamer):
+class TokenClock(BaseStreamer):
     """Records ``perf_counter()`` each time ``generate`` emits tokens (first: the prompt)."""
 
     def __init__(self) -> None:
@@ -58,7 +58,7 @@ def _timed_generate(
     """
     device = _model_device(model)
     never = model.config.get_text_config().vocab_size
-    clock = _TokenClock()
+    clock = TokenClock()
     _sync(device)
     start = time.perf_counter()
     out = model.generate(

@@ -1,9 +1,12 @@
-"""Pick and run the serving path of each :class:`QuantLinear`: Triton kernel or plain torch.
+"""Pick and run the serving path of each :class:`QuantLinear`: a kernel or plain torch.
 
-Triton is imported only when a kernel is actually chosen, so the package works without it.
-``SLMCOMPRESS_KERNEL`` overrides the choice: ``torch`` (never use the kernel), ``triton``
-(use it wherever the bit width is supported, CPU tensors included when ``TRITON_INTERPRET=1``;
-how the tests run the kernel without a GPU), ``auto`` (default).
+CUDA: the Triton kernel (3/4-bit). CPU: torch's int4 kernel (:mod:`.cpu_int4`, codes of
+<= 4 bits, shapes it accepts), else ``torch-cached`` (dequantized once and kept: float speed
+and float memory, e.g. 8-bit). Triton is imported only when its kernel is chosen, so the
+package works without it. ``SLMCOMPRESS_KERNEL`` overrides the choice: ``torch`` (the
+reference: dequantize per call, no kernel), ``triton`` (use it wherever the bit width is
+supported, CPU tensors included when ``TRITON_INTERPRET=1``; how the tests run the kernel
+without a GPU), ``auto`` (default).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from slmcompress.kernels import cpu_int4
 from slmcompress.quant.quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -25,6 +29,9 @@ log = logging.getLogger(__name__)
 KERNEL_ENV = "SLMCOMPRESS_KERNEL"
 KERNEL_BITS = (3, 4)
 _PACKED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # layer -> (key, PackedWeight)
+_CPU_PACKED: weakref.WeakKeyDictionary = (
+    weakref.WeakKeyDictionary()
+)  # layer -> (key, CpuInt4Weight)
 
 
 def triton_available() -> bool:
@@ -48,11 +55,16 @@ def kernel_mode(force: bool = False) -> str:
 def explain_backend(
     layer: QuantLinear, device: torch.device | str, force: bool = False
 ) -> tuple[str, str]:
-    """``(backend, reason)`` for ``layer`` on ``device``; backend is triton-int4/int3 or torch."""
+    """``(backend, reason)`` for ``layer`` on ``device``.
+
+    Backends: ``triton-int3``/``triton-int4``, ``cpu-int4``, ``torch-cached`` (CPU), ``torch``.
+    """
     device = torch.device(device)
     mode = kernel_mode(force)
     if mode == "torch":
         return "torch", f"{KERNEL_ENV}=torch"
+    if device.type == "cpu" and not (mode == "triton" and interpreting()):
+        return explain_cpu_backend(layer)
     if layer.bits not in KERNEL_BITS:
         return "torch", f"no {layer.bits}-bit Triton kernel (supported: {KERNEL_BITS})"
     if not triton_available():
@@ -65,6 +77,16 @@ def explain_backend(
     return f"triton-int{layer.bits}", "forced" if mode == "triton" else "CUDA + Triton"
 
 
+def explain_cpu_backend(layer: QuantLinear) -> tuple[str, str]:
+    """``cpu-int4`` where torch's int4 kernel serves the layer exactly, else ``torch-cached``."""
+    if not cpu_int4.available():
+        return "torch-cached", "this torch has no int4 CPU kernel; dequantized once"
+    layout, reason = cpu_int4.plan_layout(layer.g_idx, layer.bits, layer.out_features)
+    if layout is None:
+        return "torch-cached", f"{reason}; dequantized once"
+    return "cpu-int4", reason
+
+
 def choose_backend(layer: QuantLinear, device: torch.device | str, force: bool = False) -> str:
     """The backend name only (see :func:`explain_backend` for why)."""
     return explain_backend(layer, device, force)[0]
@@ -73,9 +95,9 @@ def choose_backend(layer: QuantLinear, device: torch.device | str, force: bool =
 def set_backends(model: nn.Module, force: bool = False) -> dict[str, int]:
     """Set ``backend`` on every QuantLinear of ``model``; returns how many layers got each.
 
-    Logs one info line per distinct (backend, reason), e.g. why 2/8-bit layers stay on torch.
-    Also precomputes each kernel layer's group layout, so the first forward (or a CUDA-graph
-    capture) does no host synchronisation.
+    Logs one info line per distinct (backend, reason), e.g. why 8-bit layers stay on torch.
+    Also precomputes each Triton layer's group layout, so the first forward (or a CUDA-graph
+    capture) does no host synchronisation, and converts each ``cpu-int4`` layer once.
     """
     counts: Counter[str] = Counter()
     reasons: Counter[tuple[str, str]] = Counter()
@@ -83,8 +105,10 @@ def set_backends(model: nn.Module, force: bool = False) -> dict[str, int]:
         if isinstance(module, QuantLinear):
             backend, reason = explain_backend(module, module.qweight.device, force)
             module.backend = backend
-            if backend != "torch":
+            if backend.startswith("triton"):
                 packed_weight(module)
+            elif backend == "cpu-int4":
+                cpu_weight(module)  # convert now: first-token latency and timings stay clean
             counts[backend] += 1
             reasons[(f"{backend} ({module.bits}-bit)", reason)] += 1
     for (backend, reason), count in reasons.items():
@@ -133,12 +157,29 @@ def packed_weight(layer: QuantLinear):
     return packed
 
 
+def cpu_weight(layer: QuantLinear) -> cpu_int4.CpuInt4Weight:
+    """The layer converted for the int4 CPU kernel, once (redone if its tensors change)."""
+    tensors = (layer.qweight, layer.qzeros, layer.scales, layer.g_idx)
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    cached = _CPU_PACKED.get(layer)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    layout, reason = cpu_int4.plan_layout(layer.g_idx, layer.bits, layer.out_features)
+    if layout is None:
+        raise ValueError(f"cpu-int4 backend on a layer the kernel cannot serve: {reason}")
+    weight = cpu_int4.convert(layer.qweight, layer.qzeros, layer.scales, layer.bits, layout)
+    _CPU_PACKED[layer] = (key, weight)
+    return weight
+
+
 def quant_matmul(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     """``x (..., K) @ dequant(W)`` -> ``(..., N)`` through ``layer.backend`` (bias not added)."""
-    if layer.backend == "torch" or layer.bits not in KERNEL_BITS:
-        if layer.backend != "torch":
-            log.info("%s: no %d-bit kernel, using the torch path", layer.backend, layer.bits)
-        return F.linear(x, layer.dequantize(x.dtype))
+    if layer.backend == "cpu-int4" and x.device.type == "cpu":
+        return cpu_int4.matmul(x, cpu_weight(layer), layer.out_features)
+    if layer.backend.startswith("triton") and not (x.is_cuda or interpreting()):
+        return F.linear(x, layer.dequantize(x.dtype))  # a kernel layer whose input is on CPU
+    if not layer.backend.startswith("triton") or layer.bits not in KERNEL_BITS:
+        return F.linear(x, layer.dequantize(x.dtype))  # the reference (e.g. cpu-int4 off CPU)
     from slmcompress.kernels import int4_matmul
 
     x2d = x.reshape(-1, layer.in_features)  # (M, K)

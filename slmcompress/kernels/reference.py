@@ -50,12 +50,18 @@ def random_quant_linear(
     group_size: int,
     act_order: bool = False,
     seed: int = 0,
+    sym: bool = False,
 ) -> QuantLinear:
-    """A QuantLinear with random codes, zeros and positive scales (``group_size`` -1 = per channel)."""
+    """A QuantLinear with random codes, zeros and positive scales (``group_size`` -1 = per channel).
+
+    ``sym``: every zero point is ``2**(bits-1)``, as symmetric GPTQ writes them.
+    """
     gen = torch.Generator().manual_seed(seed)
     groups = n_groups(in_features, group_size)
     codes = torch.randint(0, 2**bits, (out_features, in_features), generator=gen, dtype=torch.int32)
     zeros = torch.randint(1, 2**bits, (groups, out_features), generator=gen, dtype=torch.int32)
+    if sym:
+        zeros = torch.full_like(zeros, 2 ** (bits - 1))
     scales = torch.rand(groups, out_features, generator=gen) * 0.02 + 0.001  # (G, N)
     if act_order:
         g_idx = act_order_g_idx(in_features, group_size, gen)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, field_validator
@@ -27,10 +27,12 @@ from slmcompress.passes.base import Context, Pass
 from slmcompress.passes.quantize_rtn import ClipSearchOptions
 from slmcompress.progress import progress_bar
 from slmcompress.quant.convert import (
+    check_group_size,
     ensure_not_quantized,
     gptq_quantization_config,
     install_quant_linear,
     quantizable_linears,
+    resolve_group_size,
 )
 from slmcompress.quant.gptq_solver import (
     ClipSearch,
@@ -64,7 +66,8 @@ class GPTQConfig(ClipSearchOptions):
 
     method: Literal["gptq"] = "gptq"
     bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = 128
+    # auto: the largest of 128/64/32 dividing every input width, so consumers' kernels load it
+    group_size: int | Literal["auto"] = "auto"
     sym: bool = False
     act_order: bool = False
     damp_percent: float = Field(0.01, gt=0, lt=1)
@@ -97,13 +100,11 @@ class GPTQConfig(ClipSearchOptions):
             static_groups=self.static_groups,
         )
 
-    @field_validator("group_size")
+    @field_validator("group_size", mode="before")
     @classmethod
-    def _check_group_size(cls, value: int) -> int:
+    def _check_group_size(cls, value: Any) -> int | str:
         """-1 = one group per output row; a group larger than a layer's input is one group."""
-        if value == 0 or value < -1:
-            raise ValueError("must be -1 (per-channel) or a positive group size")
-        return value
+        return check_group_size(value)
 
 
 class _StopForward(Exception):
@@ -142,8 +143,9 @@ class GPTQPass(Pass):
 
     @torch.no_grad()
     def run(self, model: PreTrainedModel, ctx: Context) -> PreTrainedModel:
-        cfg: GPTQConfig = self.config
         ensure_not_quantized(model)
+        # resolved once, before either path: the streamed one keys its resume state on it
+        self.config = cfg = resolve_group_size(self.config, model, ctx)
         from slmcompress.streaming.wiring import streamed_gptq
 
         if (streamed := streamed_gptq(self, model, ctx)) is not None:

@@ -15,20 +15,15 @@ from transformers import PreTrainedModel
 from slmcompress.passes.base import Context, Pass, PassConfig
 from slmcompress.progress import progress_bar
 from slmcompress.quant.convert import (
+    check_group_size,
     ensure_not_quantized,
     gptq_quantization_config,
     install_quant_linear,
     quantizable_linears,
+    resolve_group_size,
 )
 from slmcompress.quant.qparams import clip_grid, rtn_quantize_weight
 from slmcompress.registry import register_pass
-
-
-def check_group_size(value: int) -> int:
-    """-1 means one group per output row (per-channel); otherwise a positive size."""
-    if value == 0 or value < -1:
-        raise ValueError("must be -1 (per-channel) or a positive group size")
-    return value
 
 
 class ClipSearchOptions(PassConfig):
@@ -50,15 +45,17 @@ class ClipSearchOptions(PassConfig):
 
 
 class RTNConfig(ClipSearchOptions):
-    """``type: quantize, method: rtn``."""
+    """``type: quantize, method: rtn`` (``group_size: auto``: see :func:`auto_group_size`)."""
 
     method: Literal["rtn"] = "rtn"
     bits: Literal[2, 3, 4, 8] = 4
-    group_size: int = 128
+    group_size: int | Literal["auto"] = "auto"
     sym: bool = False
     ignore: list[str] = Field(default_factory=lambda: ["lm_head"])
 
-    _check_group = field_validator("group_size")(classmethod(lambda cls, v: check_group_size(v)))
+    _check_group = field_validator("group_size", mode="before")(
+        classmethod(lambda cls, v: check_group_size(v))
+    )
 
 
 @register_pass("quantize", "rtn")
@@ -69,8 +66,8 @@ class RTNPass(Pass):
 
     @torch.no_grad()
     def run(self, model: PreTrainedModel, ctx: Context) -> PreTrainedModel:
-        cfg: RTNConfig = self.config
         ensure_not_quantized(model)
+        cfg: RTNConfig = resolve_group_size(self.config, model, ctx)
         targets, skipped = quantizable_linears(model, cfg.ignore, cfg.bits)
         for message in skipped:
             ctx.warn(message)

@@ -7,6 +7,7 @@ Linear layers are quantized and swaps them for :class:`QuantLinear`.
 from __future__ import annotations
 
 import fnmatch
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -17,6 +18,91 @@ from slmcompress.checkpoint import replace_module
 from slmcompress.errors import PassError
 from slmcompress.quant.packing import pack_multiple
 from slmcompress.quant.quant_linear import QuantLinear
+
+#: ``group_size: auto`` candidates, largest first: consumers expect one size per checkpoint
+AUTO_GROUP_SIZES = (128, 64, 32)
+#: who refuses a group size that does not divide a linear's input width (a ragged last group)
+STRICT_CONSUMERS = (
+    "transformers' GPTQ loading with gptqmodel 7.6 on CPU (torch int4 kernel; tested: "
+    "benchmarks/results/consumers.md) and vLLM's Marlin kernels (per their source)"
+)
+
+
+#: group sizes gptqmodel 7.6's kernels accept (its TorchLinear refuses others at load; tested)
+CONSUMER_GROUP_SIZES = (-1, 16, 32, 64, 128, 256, 512, 1024)
+
+
+def auto_group_size(widths: Iterable[int]) -> int:
+    """The largest of 128/64/32 dividing every input width (SmolLM2's 576 -> 64).
+
+    Widths none of them divides (not multiples of 32) get 128 and a ragged-group warning.
+    """
+    widths = list(widths)
+    return next(
+        (g for g in AUTO_GROUP_SIZES if all(w % g == 0 for w in widths)), AUTO_GROUP_SIZES[0]
+    )
+
+
+def ragged_group_warning(group_size: int, widths: dict[str, int]) -> str | None:
+    """A report warning when ``group_size`` leaves a ragged last group in some linear."""
+    ragged = {n: w for n, w in widths.items() if group_size > 0 and w % group_size}
+    if not ragged:
+        return None
+    sizes = ", ".join(str(w) for w in sorted(set(ragged.values())))
+    example = next(iter(ragged))
+    return (
+        f"group_size {group_size}: input widths {sizes} (e.g. {example}) are not multiples of it, "
+        f"so their last group is ragged. slmcompress loads and serves this checkpoint, but "
+        f"{STRICT_CONSUMERS} refuse it; group_size: auto would pick "
+        f"{auto_group_size(widths.values())} for this model"
+    )
+
+
+def unsupported_group_warning(group_size: int) -> str | None:
+    """A report warning when the consumers refuse ``group_size`` whatever the widths."""
+    if group_size in CONSUMER_GROUP_SIZES:
+        return None
+    return (
+        f"group_size {group_size}: gptqmodel's kernels (transformers' GPTQ loading) accept only "
+        f"{', '.join(map(str, CONSUMER_GROUP_SIZES))}; only slmcompress will load this checkpoint"
+    )
+
+
+def resolve_group_size(config: Any, model: nn.Module, ctx: Any) -> Any:
+    """``config`` with ``group_size: auto`` resolved for ``model``; warns about ragged groups.
+
+    Records the requested and resolved values in ``ctx.extra_metrics["group_size"]`` (the
+    report); the checkpoint's ``quantization_config`` gets the resolved integer.
+    """
+    chosen, _ = quantizable_linears(model, config.ignore, config.bits)
+    widths = {name: linear.in_features for name, linear in chosen.items()}
+    auto = config.group_size == "auto"
+    group = auto_group_size(widths.values()) if auto else config.group_size
+    ragged = ragged_group_warning(group, widths)
+    for warning in (ragged, unsupported_group_warning(group)):
+        if warning:
+            ctx.warn(warning)
+    ctx.extra_metrics["group_size"] = {
+        "requested": config.group_size,
+        "resolved": group,
+        "input_widths": sorted(set(widths.values())),
+        "ragged": ragged is not None,
+    }
+    return config.model_copy(update={"group_size": group})
+
+
+def check_group_size(value: Any) -> int | str:
+    """``auto``, -1 (one group per output row: per-channel) or a positive size (a "before"
+    validator: one clear message for any other value, strings such as ``--set`` gives too)."""
+    if value == "auto":
+        return value
+    try:
+        value = int(value)
+    except (TypeError, ValueError):
+        value = 0
+    if value == 0 or value < -1:
+        raise ValueError("must be 'auto', -1 (per-channel) or a positive group size")
+    return value
 
 
 def gptq_quantization_config(

@@ -1,8 +1,10 @@
 """``QuantLinear``: a Linear whose buffers are exactly the GPTQ v1 packed tensors.
 
 The checkpoint stays independent of the kernel: quantizing produces packed tensors,
-loading swaps this module in, and ``forward`` picks a backend (Triton kernel on CUDA when
-it supports the bit width, otherwise plain-torch dequantize + matmul).
+loading swaps this module in, and ``forward`` runs the backend ``set_backends`` chose:
+``triton-int3/4`` (CUDA), ``cpu-int4`` (torch's int4 CPU kernel), ``torch-cached``
+(dequantized once, kept: CPU layers no kernel takes) or ``torch`` (dequantize + matmul per
+call: the reference, and what every layer uses until a backend is set).
 """
 
 from __future__ import annotations
@@ -97,22 +99,25 @@ class QuantLinear(nn.Module):
         return w.T.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.backend != "torch":
+        if self._reference_path(x):
+            out = F.linear(x, self._float_weight(x.dtype))
+        else:
             from slmcompress.kernels import dispatch
 
-            if x.is_cuda or dispatch.interpreting():
-                out = dispatch.quant_matmul(x, self)
-            else:
-                out = F.linear(x, self._float_weight(x.dtype))
-        else:
-            out = F.linear(x, self._float_weight(x.dtype))
+            out = dispatch.quant_matmul(x, self)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out
 
+    def _reference_path(self, x: torch.Tensor) -> bool:
+        """Plain torch: no backend set, an evaluation cache is on, or autograd needs the graph."""
+        if self.backend in ("torch", "torch-cached") or self.cache_weight:
+            return True
+        return torch.is_grad_enabled() and (x.requires_grad or self.scales.requires_grad)
+
     def _float_weight(self, dtype: torch.dtype) -> torch.Tensor:
-        """The dequantized weight: computed per call, or kept while ``cache_weight`` is set."""
-        if not self.cache_weight:
+        """The dequantized weight: computed per call, or kept (``cache_weight``, ``torch-cached``)."""
+        if not (self.cache_weight or self.backend == "torch-cached"):
             return self.dequantize(dtype)
         if self._weight_cache is None or self._weight_cache.dtype != dtype:
             self._weight_cache = self.dequantize(dtype)

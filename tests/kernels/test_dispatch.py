@@ -40,10 +40,10 @@ def test_unsupported_bits_stay_on_torch_with_an_info_line(bits, monkeypatch, cap
     assert any(f"no {bits}-bit" in r.getMessage() for r in caplog.records)
 
 
-def test_cpu_without_force_uses_torch():
+def test_cpu_without_force_uses_the_int4_cpu_kernel():
     layer = random_quant_linear(64, 64, 4, 32)
-    assert dispatch.choose_backend(layer, "cpu") == "torch"
-    assert "no CUDA" in dispatch.explain_backend(layer, "cpu")[1]
+    assert dispatch.explain_backend(layer, "cpu") == ("cpu-int4", "int4 CPU kernel")
+    assert dispatch.choose_backend(random_quant_linear(64, 64, 8, 32), "cpu") == "torch-cached"
 
 
 @needs_triton
@@ -51,9 +51,8 @@ def test_cpu_without_force_uses_torch():
 def test_cuda_and_forced_interpreter_pick_the_kernel(bits, monkeypatch):
     layer = random_quant_linear(64, 64, bits, 32)
     assert dispatch.choose_backend(layer, "cuda") == f"triton-int{bits}"
-    assert (
-        dispatch.choose_backend(layer, "cpu", force=True) == "torch"
-    )  # no interpreter: would crash
+    # no interpreter: Triton would crash on CPU tensors, the CPU kernel serves instead
+    assert dispatch.choose_backend(layer, "cpu", force=True) == "cpu-int4"
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert dispatch.choose_backend(layer, "cpu", force=True) == f"triton-int{bits}"
     monkeypatch.setenv(dispatch.KERNEL_ENV, "triton")
@@ -80,7 +79,7 @@ def test_missing_triton_falls_back(monkeypatch):
 
 def test_set_backends_counts_layers():
     counts = dispatch.set_backends(_model(4, 3, 8))  # CPU, not forced
-    assert counts == {"torch": 3}
+    assert counts == {"cpu-int4": 2, "torch-cached": 1}
 
 
 def test_torch_path_matches_reference():

@@ -223,9 +223,9 @@ def test_calibration_set_smaller_than_requested(tiny_llama, make_ctx):
         ({"bits": 5}, "stages[0].bits: must be one of 2, 3, 4, 8"),
         (
             {"group_size": 0},
-            "stages[0].group_size: must be -1 (per-channel) or a positive group size",
+            "stages[0].group_size: must be 'auto', -1 (per-channel) or a positive group size",
         ),
-        ({"group_size": -2}, "stages[0].group_size: must be -1"),
+        ({"group_size": -2}, "stages[0].group_size: must be 'auto', -1"),
         ({"damp_percent": 0}, "stages[0].damp_percent"),
         ({"act_ordr": True}, "stages[0].act_ordr: unknown key"),
     ],
