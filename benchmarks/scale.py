@@ -33,6 +33,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 
+#: a child that caps its own address space, then runs the slmcompress CLI with its argv
 CHILD = r"""
 import json, resource, sys
 cap = int(sys.argv[1])
@@ -50,7 +51,7 @@ def report_peak():
 import atexit
 atexit.register(report_peak)
 from slmcompress.cli import main
-sys.argv = ["slmcompress", "run", *sys.argv[3:]]
+sys.argv = ["slmcompress", *sys.argv[3:]]
 main()
 """
 
@@ -153,6 +154,7 @@ def run_child(model_dir: Path, work: Path, which: str, cap: int, args: argparse.
         CHILD,
         str(cap),
         str(status),
+        "run",
         str(recipe),
         "--output-dir",
         str(out_dir),

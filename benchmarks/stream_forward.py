@@ -28,24 +28,8 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
-CHILD = r"""
-import json, resource, sys
-cap = int(sys.argv[1])
-resource.setrlimit(resource.RLIMIT_AS, (cap, cap))  # before torch is imported: covers everything
-status_file = sys.argv[2]
-
-def report_peak():
-    with open("/proc/self/status") as f:  # VmHWM: this address space only (reset by exec)
-        peak = next(int(l.split()[1]) * 1024 for l in f if l.startswith("VmHWM:"))
-    with open(status_file, "w") as f:
-        json.dump({"peak_rss_bytes": peak}, f)
-
-import atexit
-atexit.register(report_peak)
-from slmcompress.cli import main
-sys.argv = ["slmcompress", *sys.argv[3:]]
-main()
-"""
+sys.path.insert(0, str(Path(__file__).parent))
+from scale import CHILD  # noqa: E402  (the same capped child as the scale benchmark)
 
 
 def parse_args() -> argparse.Namespace:

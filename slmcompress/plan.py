@@ -284,6 +284,18 @@ class PassEstimate:
     notes: list[str] = field(default_factory=list)
 
 
+def streamed_host(host_budget: int, host_work: int, acts: int) -> tuple[int, str, int]:
+    """A streamed pass on the host: (activation bytes kept in RAM, offload mode, host peak).
+
+    Two layer boundaries of ``acts`` bytes live at once; what the budget leaves after the
+    runtime and one layer's working set stays in RAM, the rest spills to disk.
+    """
+    room = max(int(host_budget * DEFAULT_MEMORY_FRACTION / SLACK) - BASE_RSS - host_work, 0)
+    in_memory = min(2 * acts, room)
+    offload = "cpu" if in_memory >= 2 * acts else ("disk" if in_memory == 0 else "auto")
+    return in_memory, offload, int(BASE_RSS + (host_work + in_memory) * SLACK)
+
+
 def estimate_calibration_pass(
     arch: Arch,
     pass_name: str,
@@ -313,12 +325,7 @@ def estimate_calibration_pass(
     if streaming:
         work = max(layer, capture)
         host_work = (2 * batch_tokens * arch.hidden * elem + capture) if on_gpu else work
-        room = max(int(host_budget * DEFAULT_MEMORY_FRACTION / SLACK) - BASE_RSS - host_work, 0)
-        in_memory_acts = min(2 * acts, room)
-        offload = (
-            "cpu" if in_memory_acts >= 2 * acts else ("disk" if in_memory_acts == 0 else "auto")
-        )
-        host_peak = int(BASE_RSS + (host_work + in_memory_acts) * SLACK)
+        in_memory_acts, offload, host_peak = streamed_host(host_budget, host_work, acts)
         device_peak = int(layer * SLACK) if on_gpu else host_peak
         disk = output_bytes(arch, pass_name, elem, bits, group_size) * 2 + 2 * acts
         if offload != "cpu":
@@ -387,10 +394,7 @@ def estimate_streamed_forward(
     on_gpu = profile.kind == "cuda"
     work = max(layer + head, capture) + results
     host_work = (2 * batch_tokens * arch.hidden * elem + capture + results) if on_gpu else work
-    room = max(int(host_budget * DEFAULT_MEMORY_FRACTION / SLACK) - BASE_RSS - host_work, 0)
-    in_memory_acts = min(2 * acts, room)
-    offload = "cpu" if in_memory_acts >= 2 * acts else ("disk" if in_memory_acts == 0 else "auto")
-    host_peak = int(BASE_RSS + (host_work + in_memory_acts) * SLACK)
+    in_memory_acts, offload, host_peak = streamed_host(host_budget, host_work, acts)
     device_peak = int((layer + head) * SLACK) if on_gpu else host_peak
     n_chunks = -(-n_sequences // chunk)
     flops = (
