@@ -24,6 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from safetensors.torch import load_file, save_file
+
 log = logging.getLogger("bench.quantize")
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -119,7 +121,7 @@ def run_row(spec: dict, work: Path) -> dict:
     from slmcompress.registry import get_pass
 
     torch.manual_seed(0)
-    tokens = torch.load(work / "tokens.pt")
+    tokens = load_file(str(work / "tokens.safetensors"))
     loaded = load_model("smollm2-135m", dtype="float32", device="cpu")
     model, tokenizer = loaded.model, loaded.tokenizer
     calib = tokens["calib"]
@@ -178,13 +180,14 @@ def run_row(spec: dict, work: Path) -> dict:
 LLMC_CHILD = r"""
 import json, math, resource, sys, time, torch
 from pathlib import Path
+from safetensors.torch import load_file
 from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmcompressor import oneshot
 from llmcompressor.modifiers.quantization import GPTQModifier
 from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 model_dir, work, group = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
-tokens = torch.load(work / "tokens.pt")
+tokens = load_file(str(work / "tokens.safetensors"))
 calib = tokens["calib"]
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
 tok = AutoTokenizer.from_pretrained(model_dir)
@@ -275,7 +278,7 @@ def eval_llmc_dense(model_dir: Path, work: Path, limit: int) -> dict:
     (model_dir / "config.json").write_text(json.dumps(config))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    tokens = torch.load(work / "tokens.pt")
+    tokens = load_file(str(work / "tokens.safetensors"))
     return {
         "ppl_our_eval": perplexity(model, tokens["eval"], EVAL_SEQ, batch_size=4).ppl,
         "hellaswag_acc_norm": hellaswag(model, tokenizer, limit),
@@ -284,7 +287,6 @@ def eval_llmc_dense(model_dir: Path, work: Path, limit: int) -> dict:
 
 def write_tokens(work: Path, n: int, t: int) -> None:
     """The shared calibration and evaluation tokens of every row."""
-    import torch
 
     from slmcompress.data import CalibrationSpec, EvalSpec, calibration_tokens, eval_tokens
     from slmcompress.models import load_model
@@ -296,7 +298,9 @@ def write_tokens(work: Path, n: int, t: int) -> None:
     ev = eval_tokens(
         tok, EvalSpec(source="wikitext2", split="test", max_tokens=EVAL_TOKENS, seq_len=EVAL_SEQ)
     )
-    torch.save({"calib": calib, "eval": ev}, work / "tokens.pt")
+    save_file(
+        {"calib": calib.contiguous(), "eval": ev.contiguous()}, str(work / "tokens.safetensors")
+    )
 
 
 def depth_scaling(layers: int) -> dict:
@@ -447,7 +451,9 @@ def main() -> None:
     parser.add_argument(
         "--append", action="store_true", help="keep the rows already in quantize.json (same setup)"
     )
-    parser.add_argument("--work-dir", help="reuse this directory's tokens.pt (default: a new one)")
+    parser.add_argument(
+        "--work-dir", help="reuse this directory's tokens.safetensors (default: a new one)"
+    )
     parser.add_argument("--llmc-python", help="interpreter with llmcompressor installed")
     parser.add_argument(
         "--llmc-group", type=int, default=64, help="llm-compressor refuses 128 on hidden 576"
@@ -466,7 +472,7 @@ def main() -> None:
     n, t = (int(v) for v in args.calib.split("x"))
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="bench-quantize-"))
     work.mkdir(parents=True, exist_ok=True)
-    if not (work / "tokens.pt").exists():
+    if not (work / "tokens.safetensors").exists():
         write_tokens(work, n, t)
     setup = (
         f"C4 calibration {n}x{t} seed 0; WikiText-2 test first {EVAL_TOKENS} tokens, "
