@@ -314,17 +314,35 @@ def _validate_cross_stage(resolved: ResolvedRecipe, check_sources: bool = True) 
         (s.index for s in resolved.stages if s.pass_cls.pass_type == "quantize"), None
     )
     for stage in resolved.stages:
-        if (
-            quantized_at is not None
-            and stage.index > quantized_at
-            and stage.pass_cls.pass_type != "eval"
-        ):
-            raise RecipeError(
-                f"stages[{stage.index}].type: a {stage.pass_cls.pass_type} stage cannot follow the quantize stage "
-                f"stages[{quantized_at}]; quantize last (only eval stages may follow)"
-            )
+        if quantized_at is not None and stage.index > quantized_at:
+            _check_after_quantize(stage, resolved.stages[quantized_at])
         if check_sources:
             stage.config.validate_against(recipe, stage.index)
+
+
+#: quantize methods whose output (GPTQ v1 QuantLinears) a distill stage can train further
+TRAINABLE_QUANT_METHODS = ("gptq", "rtn")
+
+
+def _check_after_quantize(stage: Stage, quantize: Stage) -> None:
+    """After quantizing: eval stages, and distill stages that keep the model quantized (QAD)."""
+    kind = stage.pass_cls.pass_type
+    if kind == "eval":
+        return
+    method = quantize.pass_cls.pass_method
+    if kind == "distill" and method in TRAINABLE_QUANT_METHODS:
+        return
+    where = f"stages[{stage.index}].type"
+    if kind == "distill":
+        raise RecipeError(
+            f"{where}: a distill stage cannot train the {method} model of stages[{quantize.index}] "
+            f"(quantized distillation trains GPTQ v1 checkpoints: method "
+            f"{' or '.join(TRAINABLE_QUANT_METHODS)})"
+        )
+    raise RecipeError(
+        f"{where}: a {kind} stage cannot follow the quantize stage stages[{quantize.index}]; "
+        "quantize last (only eval and quantized distill stages may follow)"
+    )
 
 
 def load_recipe(

@@ -23,12 +23,15 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from slmcompress import dist
 from slmcompress.distill.checkpointing import (
+    CHECKPOINT_DIR,
     check_fingerprint,
     load_training_state,
+    read_trainer_json,
     save_training_state,
 )
 from slmcompress.distill.hidden import HiddenCapture, hidden_state_loss
 from slmcompress.distill.losses import LossName, TopK, distill_loss
+from slmcompress.errors import PassError
 from slmcompress.progress import progress_bar
 
 log = logging.getLogger(__name__)
@@ -84,10 +87,14 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.optim.AdamW:
-    """AdamW; no weight decay on norms and biases (1-D parameters), as is standard for LMs."""
+    """AdamW; no weight decay on norms and biases (1-D parameters), as is standard for LMs.
+
+    Parameters flagged ``no_weight_decay`` (quantization step sizes and latent weights,
+    see :mod:`slmcompress.quant.trainable`) are never decayed either.
+    """
     params = [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.dim() >= 2]
-    no_decay = [p for p in params if p.dim() < 2]
+    decay = [p for p in params if p.dim() >= 2 and not getattr(p, "no_weight_decay", False)]
+    no_decay = [p for p in params if not any(p is d for d in decay)]
     groups = [
         {"params": decay, "weight_decay": weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
@@ -210,17 +217,39 @@ class Trainer:
             (loss / self.s.grad_accum).backward()
             for name, value in {"loss": loss.item(), **parts}.items():
                 totals[name] = totals.get(name, 0.0) + value / self.s.grad_accum
+        totals = _mean_over_ranks(totals, self.device)
         grad_norm = self._clip()
+        self._check_finite(step, totals["loss"], grad_norm)
         lr = self.scheduler.get_last_lr()[0]
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         return {
             "step": step + 1,
-            **_mean_over_ranks(totals, self.device),
+            **totals,
             "lr": lr,
             "grad_norm": grad_norm,
         }
+
+    def _check_finite(self, step: int, loss: float, grad_norm: float) -> None:
+        """Stop before a NaN/inf update reaches the weights; the last checkpoint stays valid.
+
+        Checked on rank-averaged values, so every rank stops at the same step.
+        """
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return
+        what = f"loss {loss}" if not math.isfinite(loss) else f"gradient norm {grad_norm}"
+        saved = read_trainer_json(self.work_dir)
+        kept = (
+            f"the last good checkpoint (step {saved['step']}) is kept in "
+            f"{self.work_dir / CHECKPOINT_DIR}"
+            if saved
+            else "no checkpoint was saved yet"
+        )
+        raise PassError(
+            f"{self.where}: {what} at step {step + 1}; training stopped before that update, "
+            f"{kept} (a rerun resumes from it; a lower lr starts over)"
+        )
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]

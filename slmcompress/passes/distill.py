@@ -34,6 +34,12 @@ from slmcompress.distill.distributed import (
 )
 from slmcompress.distill.hidden import HiddenCapture, layer_map
 from slmcompress.distill.losses import LossName, TopK, top_k_logits
+from slmcompress.distill.quantized import (
+    QuantizedOption,
+    QuantizedStudent,
+    TrainFloat,
+    resolve_mode,
+)
 from slmcompress.distill.teacher_cache import TeacherCache, tokenizer_fingerprint
 from slmcompress.distill.trainer import TeacherFn, Trainer, TrainResult, TrainSettings, plot_history
 from slmcompress.errors import DataError, PassError
@@ -42,6 +48,7 @@ from slmcompress.fsutil import atomic_write_json
 from slmcompress.passes.base import Context, Pass, PassConfig
 from slmcompress.prune.planner import SOURCE_LAYERS_KEY
 from slmcompress.registry import register_pass
+from slmcompress.streaming.engine import machine_budget, resolve_budget
 
 
 class DistillConfig(PassConfig):
@@ -86,6 +93,14 @@ class DistillConfig(PassConfig):
     save_every: int = Field(50, ge=0, description="steps between resumable checkpoints (0: never)")
     data: DataSpec | None = Field(
         None, description="training text; default: the recipe's calibration source"
+    )
+    quantized: QuantizedOption = Field(
+        "auto",
+        description="a GPTQ student trains in its format: scales (EfficientQAT E2E-QP), ste "
+        "(fake-quant latent weights), lsq (ste + scales); auto: scales for a quantized student",
+    )
+    train_float: TrainFloat = Field(
+        "norms", description="quantized students: which float parameters train too"
     )
 
     @model_validator(mode="after")
@@ -136,15 +151,20 @@ class DistillPass(Pass):
         cfg: DistillConfig = self.config
         where = f"stages[{ctx.stage_index}]"
         check_seq_len(model, cfg.seq_len, where, "student")
+        student_digest = weights_digest(model)
+        cls, dtype = type(model), next(model.parameters()).dtype
+        qad = self._open_quantized(model, ctx, where)  # before any data or teacher: fail fast
         settings = self._settings(ctx)
         sequences, cache, data_id = self._training_data(ctx, where)
         sequences = self._take(sequences, settings, where, data_id)
         if cache is None and cfg.alpha < 1.0:
             cache = self._streamed_cache(model, ctx, sequences.shape[0], where)
         teacher_fn, teacher_name = self._teacher(model, ctx, cache, where)
-        fingerprint = {"student": weights_digest(model), "teacher": teacher_name, "data": data_id}
-        cls, dtype = type(model), next(model.parameters()).dtype
-        model = model.float().requires_grad_(True)  # fp32 master weights; bf16 autocast on CUDA
+        fingerprint = {"student": student_digest, "teacher": teacher_name, "data": data_id}
+        if qad is not None:
+            fingerprint["quantized"] = [qad.mode, qad.train_float]
+        else:
+            model = model.float().requires_grad_(True)  # fp32 masters; bf16 autocast on CUDA
         if dist.is_distributed():
             model = shard_model(model, ctx.device)
         trainer = Trainer(
@@ -166,13 +186,49 @@ class DistillPass(Pass):
                 self._teacher_hidden.remove()
         if dist.is_distributed():
             model = gather_full_model(model, cls, dtype) or model
+        elif qad is not None:
+            model, ctx.extra_metrics["quantized"] = qad.close(model, dtype)
+            self._compare_with_teacher(ctx, result)
         else:
             model = model.to(dtype).eval()
         if dist.is_main():
             self._report(result, ctx, teacher_name)
         return model.requires_grad_(False)
 
+    def _compare_with_teacher(self, ctx: Context, result: TrainResult) -> None:
+        """The live teacher's held-out ppl next to the student's (same tokens): what QAD closes."""
+        final = next((r["eval_ppl"] for r in reversed(result.history) if "eval_ppl" in r), None)
+        if self._teacher_model is None or final is None:
+            return
+        teacher_ppl = float(self._eval_fn(ctx)(self._teacher_model))
+        ctx.extra_metrics["quantized"].update(
+            teacher_eval_ppl=round(teacher_ppl, 4),
+            final_eval_ppl=round(final, 4),
+            eval_ppl_vs_teacher=round(final - teacher_ppl, 4),
+        )
+
     # ------------------------------------------------------------------ setup
+    def _open_quantized(
+        self, model: PreTrainedModel, ctx: Context, where: str
+    ) -> QuantizedStudent | None:
+        """A GPTQ student: swap in its trainable parameterisation (None for a float student)."""
+        cfg: DistillConfig = self.config
+        mode = resolve_mode(cfg.quantized, model, where)
+        if mode is None:
+            return None
+        if dist.is_distributed():
+            raise PassError(
+                f"{where}.quantized: a quantized student trains in one process only "
+                "(FSDP would shard its integer codes); run without torchrun"
+            )
+        qad = QuantizedStudent.open(model, mode, cfg.train_float, where)
+        qad.check_memory(model, resolve_budget(ctx.max_memory or machine_budget()))
+        ctx.log.info(
+            "distill: quantized student (%d layers), training %s: %d parameters",
+            qad.layers, mode, qad.trainable_params,
+        )  # fmt: skip
+        return qad
+
     def _settings(self, ctx: Context) -> TrainSettings:
         cfg: DistillConfig = self.config
         per_step = cfg.micro_batch_size * cfg.grad_accum * dist.world_size() * cfg.seq_len
@@ -226,7 +282,7 @@ class DistillPass(Pass):
         """
         from slmcompress.distill.teacher_cache import build_streamed_teacher_cache
         from slmcompress.models import resolve_model_dir
-        from slmcompress.streaming.engine import machine_budget, should_stream
+        from slmcompress.streaming.engine import should_stream
         from slmcompress.streaming.wiring import load_tokenizer
 
         cfg: DistillConfig = self.config
@@ -287,13 +343,13 @@ class DistillPass(Pass):
     ) -> tuple[TeacherFn, str]:
         """A function giving the teacher's targets for a batch, and the teacher's name."""
         cfg: DistillConfig = self.config
-        self._teacher_hidden = None
+        self._teacher_hidden = self._teacher_model = None
         if cfg.alpha >= 1.0:
             return (lambda ids, input_ids: None), "none (alpha=1: CE only)"
         if cache is not None:
             return self._cached_teacher(cache, ctx, where), f"cache:{cache.manifest['model']}"
         source = cfg.teacher or ctx.teacher or ctx.original_model
-        teacher = self._load_teacher(source, student, ctx, where)
+        teacher = self._teacher_model = self._load_teacher(source, student, ctx, where)
         if cfg.hidden_weight > 0:
             pruned_from_teacher = source == ctx.original_model
             self._teacher_hidden = self._hidden_capture(
