@@ -19,6 +19,8 @@ pytestmark = [
 def _clean_env(monkeypatch):
     monkeypatch.delenv(dispatch.KERNEL_ENV, raising=False)
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    # the same draws whatever ran before: a 2x128 bf16-rounded input's SQNR varies by a few dB
+    torch.manual_seed(0)
 
 
 def sqnr_db(ref: torch.Tensor, out: torch.Tensor) -> float:
