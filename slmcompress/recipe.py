@@ -292,11 +292,11 @@ def _validate_cross_stage(resolved: ResolvedRecipe, check_sources: bool = True) 
         if (
             quantized_at is not None
             and stage.index > quantized_at
-            and stage.pass_cls.pass_type != "eval"
+            and stage.pass_cls.changes_model  # eval and export stages only read the model
         ):
             raise RecipeError(
                 f"stages[{stage.index}].type: a {stage.pass_cls.pass_type} stage cannot follow the quantize stage "
-                f"stages[{quantized_at}]; quantize last (only eval stages may follow)"
+                f"stages[{quantized_at}]; quantize last (only eval and export stages may follow)"
             )
         if check_sources:
             stage.config.validate_against(recipe, stage.index)

@@ -37,6 +37,11 @@ def pretokenizer_hash(tokenizer: PreTrainedTokenizerBase) -> str:
 def detect_pretokenizer(tokenizer: PreTrainedTokenizerBase, override: str | None) -> str:
     """``tokenizer.ggml.pre``: the override, else the known name of this tokenizer's hash."""
     if override:
+        if override not in _pretokenizer_table()["names"]:
+            raise PassError(
+                f"pre_tokenizer: llama.cpp does not know {override!r} "
+                "(e.g. gpt-2, llama-bpe, qwen2, smollm; see export/pretokenizers.json)"
+            )
         return override
     digest = pretokenizer_hash(tokenizer)
     name = _pretokenizer_table()["hashes"].get(digest)

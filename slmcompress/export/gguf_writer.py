@@ -207,9 +207,8 @@ def _add_tensors(
     for hf_name, source in model_tensors(model):
         name = tensor_name(spec, n_blocks, hf_name)
         ndim = source.codes.dim() if isinstance(source, GptqTensor) else source.dim()
-        payload, type_name = _encode(
-            name, source, _target_type(name, ndim, result), options, result
-        )
+        target = _target_type(name, ndim, result)
+        payload, type_name = _encode(hf_name, source, target, options, result)  # errors: HF name
         heads = qk_permutation(spec, model.config, name)
         if heads is not None:
             payload = permute_rows(payload, heads)
