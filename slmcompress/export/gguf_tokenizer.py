@@ -48,7 +48,8 @@ def detect_pretokenizer(tokenizer: PreTrainedTokenizerBase, override: str | None
     if name is None:
         raise PassError(
             f"tokenizer: pre-tokenizer not recognised (llama.cpp hash {digest[:12]}...); "
-            "set pre_tokenizer (e.g. llama-bpe, qwen2, smollm) to the name llama.cpp uses"
+            "name llama.cpp's pre-tokenizer with pre_tokenizer / --pre-tokenizer "
+            "(e.g. llama-bpe, qwen2, smollm)"
         )
     return name
 

@@ -113,8 +113,8 @@ def export_gguf(
     try:
         with atomic_file(out) as tmp:
             writer = gguf.GGUFWriter(tmp, arch_name(spec))
+            _add_tensors(writer, model, spec, options, result)  # tensor errors first
             _write_metadata(writer, model, tokenizer, options, result)
-            _add_tensors(writer, model, spec, options, result)
             writer.write_header_to_file()
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
