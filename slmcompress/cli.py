@@ -73,7 +73,7 @@ def main_callback(
         handlers=[RichHandler(console=err_console, show_path=False)],
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "datasets", "lm_eval", "transformers", "filelock"):
+    for noisy in ("httpx", "urllib3", "datasets", "lm_eval", "transformers", "filelock", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 
