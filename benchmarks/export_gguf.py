@@ -374,7 +374,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gptq-run", default=str(ROOT / "runs" / "smollm2-gptq-w4g32-gguf"))
     parser.add_argument("--work", default=str(ROOT / "runs" / "export-gguf-bench"))
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--only", choices=["all", "float"], default="all")
     args = parser.parse_args()

@@ -182,15 +182,25 @@ def test_export_stage_in_a_recipe(tmp_path, tiny_model_dir):
     assert not (stage_dir / "model.safetensors").exists()  # the model did not change
 
 
-def test_recipe_refuses_group_128_before_export(tmp_path, tiny_model_dir):
+@pytest.mark.parametrize(
+    ("quantize", "expected"),
+    [
+        ({"group_size": 128}, r"stages\[0\] quantizes with group_size 128"),
+        (
+            {"group_size": 32, "act_order": True},
+            r"stages\[0\] uses act_order without static_groups",
+        ),
+    ],
+)
+def test_recipe_refuses_unmappable_groups_before_export(
+    tmp_path, tiny_model_dir, quantize, expected
+):
     from slmcompress.recipe import load_recipe
 
     stages = [
-        {"type": "quantize", "method": "gptq", "name": "w4", "bits": 4, "group_size": 128},
+        {"type": "quantize", "method": "gptq", "name": "w4", "bits": 4, **quantize},
         {"type": "export", "name": "gguf", "outtype": "q4_1"},
     ]
     recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), stages, tmp_path / "out")
-    with pytest.raises(
-        RecipeError, match=r"stages\[1\]\.outtype: stages\[0\] quantizes with group_size 128"
-    ):
+    with pytest.raises(RecipeError, match=r"^stages\[1\]\.outtype: " + expected):
         load_recipe(recipe)
