@@ -102,7 +102,7 @@ def main_callback(
         handlers=[RichHandler(console=err_console, show_path=False)],
         force=True,
     )
-    for noisy in ("httpx", "urllib3", "datasets", "lm_eval", "transformers", "filelock"):
+    for noisy in ("httpx", "urllib3", "datasets", "lm_eval", "transformers", "filelock", "gguf"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     from transformers.utils import logging as hf_logging
 
@@ -279,6 +279,58 @@ def generate(
     err_console.print(
         f"[dim]{result.new_tokens} tokens, {result.tokens_per_s:.1f} tokens/s decode, "
         f"prefill {result.prefill_s * 1000:.0f} ms, backends {backends or 'float'}[/]"
+    )
+
+
+# ------------------------------------------------------------------------ export
+@app.command()
+@cli_errors
+def export(
+    checkpoint: Annotated[
+        str, typer.Argument(help="Checkpoint dir (float or GPTQ), built-in alias or .gguf.")
+    ],
+    out: Annotated[Path, typer.Option(help="Output file (.gguf).")],
+    format_: Annotated[str, typer.Option("--format", help="Export format: gguf.")] = "gguf",
+    outtype: Annotated[
+        str,
+        typer.Option(
+            "--type",
+            help="auto | f32 | f16 | bf16 | q8_0 | q5_0 | q5_1 | q4_0 | q4_1 (auto: "
+            "f16 for float models, the GPTQ codes' own block type for GPTQ g32 checkpoints).",
+        ),
+    ] = "auto",
+    embedding_type: Annotated[
+        str | None, typer.Option(help="Type of token_embd/output (default: q8_0 if quantized).")
+    ] = None,
+    pre_tokenizer: Annotated[
+        str | None, typer.Option(help="tokenizer.ggml.pre when it cannot be detected.")
+    ] = None,
+    requantize: Annotated[
+        bool, typer.Option(help="Re-quantize GPTQ layers whose groups cannot map onto blocks.")
+    ] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+) -> None:
+    """Export a checkpoint for llama.cpp (GGUF); GPTQ group-32 codes are kept, not re-rounded."""
+    from slmcompress.errors import PassError
+    from slmcompress.export.gguf_writer import GgufOptions, export_gguf
+    from slmcompress.models import load_model
+
+    if format_ != "gguf":
+        raise PassError(f"--format: unknown export format {format_!r}; supported: gguf")
+    if out.exists() and not force:  # before loading any weights
+        raise PassError(f"out: {out} exists; pass --force to replace it")
+    loaded = load_model(checkpoint, dtype="float32", device="cpu")
+    options = GgufOptions(outtype, embedding_type, pre_tokenizer, requantize, force=force)
+    result = export_gguf(loaded.model, loaded.tokenizer, out, options)
+    for message in result.warnings:
+        err_console.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
+    if as_json:
+        emit_json({"path": result.path, "pre_tokenizer": result.pre_tokenizer, **result.metrics()})
+        return
+    console.print(
+        f"wrote {result.path} ({result.bytes / 2**20:.1f} MiB, {result.outtype}, tensors "
+        f"{result.tensor_types}, {result.gptq_transferred} GPTQ layers transferred)"
     )
 
 

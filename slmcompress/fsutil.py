@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
@@ -88,6 +89,32 @@ def clean_stale_tmp(root: Path) -> None:
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_file(target: Path, overwrite: bool = True) -> Iterator[Path]:
+    """Yield a temp file path beside ``target``; rename it to ``target`` only on success.
+
+    For writers that open the path themselves (e.g. ``gguf.GGUFWriter``). A failure inside
+    the block (an exception, a full disk) removes the temp file, so nothing incomplete is
+    ever left under the final name. With ``overwrite=False`` an existing target raises
+    FileExistsError before anything is written.
+    """
+    target = Path(target)
+    if not overwrite and target.exists():
+        raise FileExistsError(errno.EEXIST, "file exists", str(target))
+    fd, name = tempfile.mkstemp(prefix=f".{target.name}{TMP_MARKER}", dir=target.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o666 & ~_umask())
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def replace_problem(target: Path, marker: str) -> str | None:

@@ -325,9 +325,10 @@ TRAINABLE_QUANT_METHODS = ("gptq", "rtn")
 
 
 def _check_after_quantize(stage: Stage, quantize: Stage) -> None:
-    """After quantizing: eval stages, and distill stages that keep the model quantized (QAD)."""
+    """After quantizing: stages that only read the model (eval, export), and distill stages
+    that keep it quantized (QAD)."""
     kind = stage.pass_cls.pass_type
-    if kind == "eval":
+    if not stage.pass_cls.changes_model:
         return
     method = quantize.pass_cls.pass_method
     if kind == "distill" and method in TRAINABLE_QUANT_METHODS:
@@ -341,7 +342,7 @@ def _check_after_quantize(stage: Stage, quantize: Stage) -> None:
         )
     raise RecipeError(
         f"{where}: a {kind} stage cannot follow the quantize stage stages[{quantize.index}]; "
-        "quantize last (only eval and quantized distill stages may follow)"
+        "quantize last (only eval, export and quantized distill stages may follow)"
     )
 
 

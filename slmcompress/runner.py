@@ -516,6 +516,8 @@ class Runner:
         tmp: Path,
     ) -> PreTrainedModel:
         """Write the checkpoint and reload it, so reports (and later stages) see exactly the artifact."""
+        for name, path in ctx.artifacts.items():  # e.g. an exported .gguf, a loss curve
+            shutil.move(path, tmp / name)  # the work dir is deleted after the stage anyway
         if not stage.pass_cls.changes_model:
             return model
         metadata = {
@@ -532,8 +534,6 @@ class Runner:
             move_streamed_checkpoint(source_dir(model), tmp, metadata, ctx.work_dir)
         else:
             write_checkpoint_into(model.to("cpu"), tokenizer, tmp, metadata)
-        for name, path in ctx.artifacts.items():
-            shutil.copy2(path, tmp / name)
         del model
         if self._over_budget(tmp):
             return build_skeleton(tmp, self.dtype, allow_quantized=True)

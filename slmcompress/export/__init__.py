@@ -1,0 +1,1 @@
+"""Export compressed models to deployment formats (GGUF for llama.cpp)."""
