@@ -216,6 +216,34 @@ def _fmt_delta(value: float | None) -> str:
     return "—" if value is None else f"{value:+.4g}"
 
 
+def _deployment_md(dep: dict[str, Any] | None, metrics: dict, deltas: dict) -> list[str]:
+    """An export stage's file measured in its runtime, beside our torch numbers."""
+    if not dep:
+        return []
+    lines = ["", "## Deployment", "", f"File: {_fmt(dep['file_bytes'])} bytes."]
+    if not dep.get("runtime"):
+        return lines + [f"Not measured in its runtime: {dep.get('skipped')}."]
+    ours = metrics.get("wikitext2_ppl")
+    delta = (deltas.get("vs_original") or {}).get("wikitext2_ppl")  # ours - original
+    original = ours - delta if ours is not None and delta is not None else None
+    rows = [
+        ("WikiText-2 ppl in the runtime", _fmt(dep["wikitext2_ppl"])),
+        ("same weights in torch (this report)", _fmt(ours)),
+        ("runtime ppl vs the original float model",
+         f"{100 * (dep['wikitext2_ppl'] / original - 1):+.1f}%" if original else "n/a"),
+        ("decode tokens/s (batch 1)", _fmt(dep["decode_tokens_per_s"])),
+        ("RSS to load", f"{dep['load_rss_bytes'] / 2**20:.0f} MiB"),
+        ("threads", str(dep["threads"])),
+    ]  # fmt: skip
+    return lines + [
+        f"Measured in {dep['runtime']}:",
+        "",
+        "| | value |",
+        "|---|---:|",
+        *[f"| {k} | {v} |" for k, v in rows],
+    ]
+
+
 def render_report_md(report: dict[str, Any]) -> str:
     """Human-readable rendering of one stage report."""
     m, model = report["metrics"], report["model"]
@@ -261,6 +289,7 @@ def render_report_md(report: dict[str, Any]) -> str:
     if m.get("speed_backends"):
         used = ", ".join(f"{name} x{n}" for name, n in m["speed_backends"].items())
         lines += ["", f"Decode speed measured on the serving backends: {used}."]
+    lines += _deployment_md(report.get("extra", {}).get("deployment"), m, report["deltas"])
     lines += ["", "Timings (s): " + ", ".join(f"{k} {v:.1f}" for k, v in report["timings"].items())]
     if report["warnings"]:
         lines += ["", "## Warnings", *[f"- {w}" for w in report["warnings"]]]

@@ -31,6 +31,9 @@ class ExportGgufConfig(PassConfig):
     requantize: bool = False
     verify: bool = True
     filename: str | None = None
+    # measure the file in llama.cpp (ppl on the recipe's eval tokens, decode tokens/s, memory
+    # to load): auto = when llama-cpp-python is installed (the 'llamacpp' extra)
+    runtime_eval: Literal["auto", "off", "required"] = "auto"
 
     def output_name(self) -> str:
         """The artifact's file name in the stage directory."""
@@ -88,4 +91,23 @@ class ExportGgufPass(Pass):
             ctx.warn(message)
         ctx.artifacts[cfg.output_name()] = str(target)
         ctx.extra_metrics.update(result.metrics())
+        ctx.extra_metrics["deployment"] = self._deployment(target, ctx)
         return model
+
+    def _deployment(self, target: Any, ctx: Context) -> dict[str, Any]:
+        """The file in the runtime it ships to, on the same eval tokens as every report."""
+        from slmcompress.data import eval_tokens
+        from slmcompress.export import llama_cpp_runtime
+
+        cfg: ExportGgufConfig = self.config
+        if cfg.runtime_eval == "off" or not llama_cpp_runtime.available():
+            if cfg.runtime_eval == "required":
+                raise PassError(
+                    "runtime_eval: required, but llama-cpp-python is not installed "
+                    "(pip install 'slmcompress[llamacpp]')"
+                )
+            why = "off" if cfg.runtime_eval == "off" else "llama-cpp-python is not installed"
+            return {"runtime": None, "file_bytes": target.stat().st_size, "skipped": why}
+        spec = ctx.data.eval
+        tokens = eval_tokens(ctx.tokenizer, spec)
+        return llama_cpp_runtime.measure(target, tokens, spec.seq_len)

@@ -19,6 +19,7 @@ from conftest import write_recipe
 from transformers import AutoModelForCausalLM
 
 from slmcompress.errors import PassError, RecipeError
+from slmcompress.export import llama_cpp_runtime
 from slmcompress.export.gguf_blocks import dequantize_payload, quantize_float
 from slmcompress.export.gguf_writer import GgufOptions, export_gguf
 from slmcompress.passes.base import Context
@@ -180,6 +181,28 @@ def test_export_stage_in_a_recipe(tmp_path, tiny_model_dir):
     assert report["extra"]["gguf_outtype"] == "q4_1"
     assert report["extra"]["gguf_gptq_transferred"] == 14
     assert not (stage_dir / "model.safetensors").exists()  # the model did not change
+    deployment = report["extra"]["deployment"]  # the file in its runtime, or why not
+    assert deployment["file_bytes"] == (stage_dir / "model-auto.gguf").stat().st_size
+    if llama_cpp_runtime.available():
+        ours = report["metrics"]["wikitext2_ppl"]
+        assert deployment["wikitext2_ppl"] == pytest.approx(ours, rel=0.05)
+        assert "## Deployment" in (stage_dir / "report.md").read_text()
+    else:
+        assert deployment["skipped"] == "llama-cpp-python is not installed"
+        assert "Not measured in its runtime" in (stage_dir / "report.md").read_text()
+
+
+@pytest.mark.skipif(llama_cpp_runtime.available(), reason="needs llama-cpp-python absent")
+def test_runtime_eval_required_without_llama_cpp_is_one_line(tmp_path, tiny_model_dir):
+    from slmcompress.errors import SlmError
+    from slmcompress.recipe import load_recipe
+    from slmcompress.runner import run_recipe
+
+    stages = [{"type": "export", "name": "gguf", "format": "gguf", "runtime_eval": "required"}]
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), stages, tmp_path / "out")
+    with pytest.raises(SlmError, match="runtime_eval: required, but llama-cpp-python"):
+        run_recipe(load_recipe(recipe))
+    assert not (tmp_path / "out" / "01-gguf").exists()
 
 
 @pytest.mark.parametrize(
