@@ -126,6 +126,10 @@ def check_tensor_shapes(directory: Path, config: PretrainedConfig) -> None:
     from slmcompress.streaming.loader import read_header
 
     qcfg = getattr(config, "quantization_config", None)
+    if qcfg and not isinstance(qcfg, dict):
+        qcfg = qcfg.to_dict()
+    if qcfg and qcfg.get("quant_method") != "gptq":
+        return  # bitsandbytes & co. store their own layouts; their loaders check them
     fmt = parse_gptq_config(qcfg, str(directory / "config.json")) if qcfg else None
     float_config = copy.deepcopy(config)
     if qcfg:
