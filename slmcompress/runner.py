@@ -32,7 +32,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmcompress import dist
 from slmcompress.checkpoint import load_checkpoint, read_metadata, write_checkpoint_into
-from slmcompress.errors import RecipeError, SlmError, first_line, one_line
+from slmcompress.errors import PassError, RecipeError, SlmError, first_line, one_line
 from slmcompress.eval.report import (
     build_report,
     evaluate,
@@ -339,8 +339,10 @@ class Runner:
             too_big = self._over_budget(source)
         if too_big:
             log.warning("input model: %s", too_big)
-            metrics, timings = self._streamed_metrics(source, self.out / ".work" / INPUT_DIR)
-            warnings = [streamed_warning(too_big)]
+            metrics, timings, warning = self._streamed_metrics(
+                source, self.out / ".work" / INPUT_DIR, too_big
+            )
+            warnings = [warning]
             summary = summary_from_checkpoint(source)
         else:
             model, tokenizer = self._ensure_model()
@@ -487,8 +489,10 @@ class Runner:
                 reason = self._over_budget(evaluated_dir) or (
                     f"{NOT_EVALUATED} the model is over the memory budget"
                 )
-                ctx.warnings.append(streamed_warning(reason))
-                metrics, timings = self._streamed_metrics(evaluated_dir, work_dir / "eval")
+                metrics, timings, warning = self._streamed_metrics(
+                    evaluated_dir, work_dir / "eval", reason
+                )
+                ctx.warnings.append(warning)
             else:
                 metrics, timings = evaluate(
                     evaluated, tokenizer, self.recipe.data.eval, self.recipe.eval
@@ -609,13 +613,19 @@ class Runner:
         return report
 
     def _streamed_metrics(
-        self, directory: Path, work_dir: Path
-    ) -> tuple[dict[str, Any], dict[str, float]]:
-        """Perplexity of a checkpoint over the budget, one layer resident at a time."""
+        self, directory: Path, work_dir: Path, reason: str
+    ) -> tuple[dict[str, Any], dict[str, float], str]:
+        """Perplexity of a checkpoint over the budget, one layer resident at a time.
+
+        Returns the metrics, timings and the report warning. A budget too small for even
+        one streamed layer leaves the model unevaluated (with both reasons), never fails
+        the run: evaluation is a report, not a stage.
+        """
+        from slmcompress.eval.report import METRIC_LABELS
         from slmcompress.eval.streamed import evaluate_streamed
 
         try:
-            return evaluate_streamed(
+            metrics, timings = evaluate_streamed(
                 directory,
                 load_tokenizer(directory),
                 self.recipe.data.eval,
@@ -625,8 +635,12 @@ class Runner:
                 work_dir,
                 self.budget,
             )
+        except PassError as exc:
+            log.warning("streamed evaluation: %s", exc)
+            return dict.fromkeys(METRIC_LABELS), {}, f"{reason}; streaming it does not fit: {exc}"
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
+        return metrics, timings, streamed_warning(reason)
 
     def _write_summary(self) -> None:
         rows = []
