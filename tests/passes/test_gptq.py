@@ -295,7 +295,7 @@ def test_real_model_gptq_beats_rtn_perplexity(real_model, make_ctx):
     ours = gptq(bits=4, group_size=128, act_order=True).run(copy.deepcopy(real_model.model), ctx)
     gptq_ppl = perplexity(ours, tokens, 512).ppl
     # the one expected warning: g128 leaves a ragged group on 576-wide inputs (consumers refuse it)
-    assert len(ctx.warnings) == 1 and "group_size 128: input widths 576" in ctx.warnings[0]
+    assert ctx.warnings and all("group_size 128: input widths 576" in w for w in ctx.warnings)
     assert gptq_ppl < rtn_ppl - 1.0, (gptq_ppl, rtn_ppl)
 
 
