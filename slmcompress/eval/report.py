@@ -227,8 +227,8 @@ def _deployment_md(dep: dict[str, Any] | None, metrics: dict, deltas: dict) -> l
     delta = (deltas.get("vs_original") or {}).get("wikitext2_ppl")  # ours - original
     original = ours - delta if ours is not None and delta is not None else None
     rows = [
-        ("WikiText-2 ppl in the runtime", _fmt(dep["wikitext2_ppl"])),
-        ("same weights in torch (this report)", _fmt(ours)),
+        ("WikiText-2 ppl in the runtime", f"{dep['wikitext2_ppl']:.2f}"),
+        ("same weights in torch (this report)", f"{ours:.2f}" if ours is not None else "n/a"),
         ("runtime ppl vs the original float model",
          f"{100 * (dep['wikitext2_ppl'] / original - 1):+.1f}%" if original else "n/a"),
         ("decode tokens/s (batch 1)", _fmt(dep["decode_tokens_per_s"])),

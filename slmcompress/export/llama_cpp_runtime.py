@@ -86,10 +86,11 @@ def measure(
 ) -> dict[str, Any]:
     """The deployment metrics of one GGUF file in llama.cpp (``tokens``: the eval ids ``(N,)``)."""
     windows = tokens[: tokens.numel() // seq_len * seq_len].view(-1, seq_len)  # (W, T)
+    # first: a later load would reuse the heap a closed llama.cpp model gave back (RSS +0)
+    rss, load_s = load_footprint(path, threads)
     start = time.perf_counter()
     nll, count = llama_cpp_nll(path, windows, threads)
     ppl_s = time.perf_counter() - start
-    rss, load_s = load_footprint(path, threads)
     return {
         "runtime": "llama.cpp (llama-cpp-python)",
         "file_bytes": Path(path).stat().st_size,
