@@ -29,7 +29,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).parent))
-from scale import CHILD  # noqa: E402  (the same capped child as the scale benchmark)
+from scale import CHILD, model_config  # noqa: E402  (the scale benchmark's child and model)
 
 
 def parse_args() -> argparse.Namespace:
@@ -37,6 +37,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=40)
     parser.add_argument("--hidden", type=int, default=1024)
     parser.add_argument("--intermediate", type=int, default=4096)
+    parser.add_argument(
+        "--vocab", type=int, default=49152, help="SmolLM2's tokenizer is saved with it"
+    )
     parser.add_argument("--cap", default="2.5GiB")
     parser.add_argument("--max-memory", default="1.5GiB")
     parser.add_argument("--sequences", type=int, default=64)
@@ -122,24 +125,14 @@ def predictions(config: dict, args: argparse.Namespace) -> dict:
 
 def capped(args: argparse.Namespace, work: Path) -> dict:
     import torch
-    from transformers import AutoTokenizer, LlamaConfig
+    from transformers import AutoTokenizer
 
     from slmcompress.models import builtin_model_dir
     from slmcompress.plan import parse_bytes
     from slmcompress.streaming.loader import WeightSource
     from slmcompress.streaming.random_model import write_random_checkpoint
 
-    config = LlamaConfig(
-        vocab_size=49152,
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.hidden // 64,
-        num_key_value_heads=max(args.hidden // 256, 1),
-        head_dim=64,
-        max_position_embeddings=2048,
-        tie_word_embeddings=False,
-    )
+    config = model_config(args)  # the scale benchmark's random Llama
     model = work / "model"
     if not (model / "config.json").is_file():
         write_random_checkpoint(config, model, dtype=torch.float32, max_shard_bytes=10**9)

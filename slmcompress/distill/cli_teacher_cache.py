@@ -11,6 +11,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
+from slmcompress.cli_checks import check_context
 from slmcompress.data import DataSpec, EvalSpec, check_disjoint, check_spec
 from slmcompress.distill.teacher_cache import (
     VALUE_DTYPES,
@@ -92,21 +93,17 @@ def teacher_cache_command(
         log.info("teacher %s: %s; streaming it one layer at a time", model, decision.reason)
         directory = resolve_model_dir(model)
         tokenizer = load_tokenizer(directory)
-        _check_seq_len(AutoConfig.from_pretrained(directory, **hf_kwargs()), seq_len, model)
+        config = AutoConfig.from_pretrained(directory, **hf_kwargs())
+        check_context(getattr(config, "max_position_embeddings", None), seq_len, "--seq-len")
         build_streamed_teacher_cache(
             directory, tokenizer, spec, seq_len, top_k, Path(out), n_sequences,
             device=dev, dtype=torch_dtype, max_memory=max_memory or machine_budget(), **common,
         )  # fmt: skip
     else:
         loaded = load_model(model, dtype=dtype, device=device)
-        _check_seq_len(loaded.model.config, seq_len, model)
+        limit = getattr(loaded.model.config, "max_position_embeddings", None)
+        check_context(limit, seq_len, "--seq-len")
         build_teacher_cache(
             loaded.model, loaded.tokenizer, spec, seq_len, top_k, Path(out), n_sequences, **common
         )
     return TeacherCache(Path(out), verify=True)
-
-
-def _check_seq_len(config, seq_len: int, model: str) -> None:
-    limit = getattr(config, "max_position_embeddings", None)
-    if limit is not None and seq_len > limit:
-        raise DataError(f"--seq-len: {seq_len} exceeds {model}'s max_position_embeddings {limit}")

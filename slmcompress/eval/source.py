@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from slmcompress.cli_checks import check_context
 from slmcompress.data import EvalSpec
-from slmcompress.errors import SlmError
 
 
 @dataclass
@@ -46,7 +46,9 @@ def evaluate_source(
     if decision.stream:
         return _streamed(source, spec, options, dev, torch_dtype, budget, decision.reason)
     loaded = load_model(source, dtype=dtype, device=device)
-    _check_context(getattr(loaded.model.config, "max_position_embeddings", None), spec.seq_len)
+    check_context(
+        getattr(loaded.model.config, "max_position_embeddings", None), spec.seq_len, "--seq-len"
+    )
     metrics, timings = evaluate(loaded.model, loaded.tokenizer, spec, options)
     return SourceEvaluation(metrics, timings, model_summary(loaded.model, loaded.local_dir), False)
 
@@ -59,16 +61,10 @@ def _streamed(source, spec, options, device, dtype, budget, reason) -> SourceEva
     from slmcompress.streaming.wiring import load_tokenizer
 
     directory = resolve_model_dir(source)
-    _check_context(load_config(directory).get("max_position_embeddings"), spec.seq_len)
+    check_context(load_config(directory).get("max_position_embeddings"), spec.seq_len, "--seq-len")
     with tempfile.TemporaryDirectory(prefix="slmcompress-eval-") as work:
         metrics, timings = evaluate_streamed(
             directory, load_tokenizer(directory), spec, options, device, dtype, Path(work), budget
         )
     note = f"{reason}: perplexity streamed one decoder layer at a time; tasks and speed skipped"
     return SourceEvaluation(metrics, timings, summary_from_checkpoint(directory), True, [note])
-
-
-def _check_context(limit: Any, seq_len: int) -> None:
-    """Refuse a window longer than the model was built for (rope would silently extrapolate)."""
-    if isinstance(limit, int) and 0 < limit < seq_len:
-        raise SlmError(f"--seq-len: {seq_len} exceeds the model's context of {limit} tokens")
