@@ -399,12 +399,21 @@ class GPTQPass(Pass):
         # recomputed for the outputs (gate/up once more) rather than kept, so the pass holds
         # two layer boundaries + x_o, at most what llm-compressor's pipeline holds
         solve(down_group, (block.down_input(h) for h in residual()), keep=False)
+        # The outputs replace what they are computed from as they are written: each batch's
+        # x_o is dropped, and (in memory, where step.inputs is the loop's own list) each input
+        # is swapped for its output, so this phase never holds a third layer boundary.
         outputs = []
-        for batch, h2 in zip(step.inputs, residual(), strict=True):
+        for i, batch in enumerate(step.inputs):
+            h = batch.hidden.to(device)
+            h2 = h + block.o_proj(x_o[i])
+            x_o[i] = None
             y = h2 + block.down_proj(block.down_input(h2))  # (B, T, H)
+            del h, h2
             if not torch.isfinite(y).all():
                 raise PassError(f"layer {step.index}: NaN/Inf in its quantized outputs")
-            outputs.append(y.to(batch.hidden.device))
+            y = y.to(batch.hidden.device)
+            batch.hidden = y  # a list entry in memory; a throwaway view entry when streamed
+            outputs.append(y)
         step.set_outputs(outputs)
         return results
 
