@@ -1,0 +1,229 @@
+"""Quantization-aware distillation benchmark (issue #17): GPTQ, then KD in the quantized format.
+
+Quality rows run a shipped recipe through the real CLI (``slmcompress run``: GPTQ stage, then
+a ``distill`` stage with ``quantized: scales``) and read the stage reports, so the numbers are
+those of the written GPTQ v1 checkpoints, reloaded. Every row evaluates on the tokens of
+``benchmarks/results/quantize.md`` (WikiText-2 test, first 8,192 tokens in 512-token windows),
+whose RTN rows (32x512 calibration; RTN uses none) give the targets' reference:
+Δppl(QAD) <= 1/3 of RTN-4 g128's, <= 1/5 of RTN-3 g128's.
+
+Cost rows train the same distill stage for a few thousand tokens from a GPTQ checkpoint and,
+for comparison, ordinary float KD from the float model, each in its own process: training
+tokens/s from the stage report, the process's peak RSS from ``wait4``.
+
+A run directory that is already complete is read, not rerun (the CLI resumes), so rows can
+be added one at a time:
+
+    python benchmarks/qad.py --work /work/qad-runs --only w4g128 w3g128
+    ->  benchmarks/results/qad.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from cli_runs import (
+    RESULTS,
+    machine,
+    run_cli,
+    run_complete,
+    stage_reports,
+    stage_walls,
+    summarise,
+    versions,
+)
+
+QKD_RECIPE = "recipes/smollm2-gptq-w4g128-qkd.yaml"
+
+#: id -> (recipe, --set overrides, RTN reference row in quantize.json, target fraction of RTN Δppl)
+ROWS: dict[str, tuple[str, list[str], str | None, float | None]] = {
+    "w4g128": (QKD_RECIPE, ["eval.limit=500"], "rtn-4-128", 1 / 3),
+    "w3g128": (
+        QKD_RECIPE,
+        ["stages.0.bits=3", "stages.1.lr=2.0e-4", "eval.limit=100"],
+        "rtn-3-128",
+        1 / 5,
+    ),
+    "w2g64": (
+        QKD_RECIPE,
+        ["stages.0.bits=2", "stages.0.group_size=64", "stages.1.lr=5.0e-4", "eval.limit=100"],
+        None,
+        None,
+    ),
+    "quickstart": ("recipes/smollm2-quickstart-qkd.yaml", [], None, None),
+}
+
+#: cost rows: id -> (model: "float" or a quality row's GPTQ stage, distill overrides)
+COST_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
+    "kd-float": ("float", {}),
+    "qad-scales": ("w4g128", {"quantized": "scales"}),
+}
+COST_TOKENS = 8192
+
+
+def quality_row(row_id: str, work: Path, reference: dict[str, dict]) -> dict[str, Any]:
+    recipe, sets, rtn_row, target = ROWS[row_id]
+    run_dir = work / row_id
+    argv = ["run", recipe, "--output-dir", str(run_dir)]
+    for s in sets:
+        argv += ["--set", s]
+    proc = None if run_complete(run_dir) else run_cli(argv, work / f"{row_id}.log")
+    walls = stage_walls(run_dir)
+    stages = [{**summarise(r), "wall_s": walls.get(d)} for d, r in stage_reports(run_dir).items()]
+    row: dict[str, Any] = {
+        "id": row_id,
+        "recipe": recipe,
+        "command": shlex.join(["slmcompress", *argv]),
+        "stages": stages,
+        "process": proc,
+    }
+    float_ppl = reference["fp32"]["ppl"]
+    final, before = stages[-1], stages[-2]
+    row["ppl_before_qad"], row["ppl_after_qad"] = before["ppl"], final["ppl"]
+    if rtn_row:
+        rtn_delta = reference[rtn_row]["ppl"] - float_ppl
+        row["rtn_ppl"] = reference[rtn_row]["ppl"]
+        row["target_ppl"] = round(float_ppl + target * rtn_delta, 2)
+        row["frac_of_rtn_delta_before"] = round((before["ppl"] - float_ppl) / rtn_delta, 3)
+        row["frac_of_rtn_delta_after"] = round((final["ppl"] - float_ppl) / rtn_delta, 3)
+        row["target_met"] = final["ppl"] <= row["target_ppl"]
+    if row_id == "quickstart":  # float (healed) stage = the last stage before the GPTQ stage
+        healed = stages[-3]
+        row["healed_ppl"] = healed["ppl"]
+        row["vs_healed_pct"] = round(100 * (final["ppl"] / healed["ppl"] - 1), 2)
+        row["target_met"] = row["vs_healed_pct"] <= 5.0
+    return row
+
+
+def cost_row(row_id: str, work: Path) -> dict[str, Any]:
+    """Train COST_TOKENS tokens in a fresh process: tokens/s and the process's peak RSS."""
+    source, overrides = COST_ROWS[row_id]
+    model = "smollm2-135m"
+    if source != "float":
+        gptq = [d for d in sorted((work / source).iterdir()) if d.name.startswith("01-")]
+        model = str(gptq[0])
+    stage = {
+        "type": "distill",
+        "name": "train",
+        "loss": "forward_kl",
+        "max_tokens": COST_TOKENS,
+        "seq_len": 512,
+        "micro_batch_size": 4,
+        "lr": 1.0e-4,
+        "warmup_steps": 1,
+        "eval_every": 0,
+        "save_every": 0,
+        **overrides,
+    }
+    recipe = {
+        "name": f"qad-cost-{row_id}",
+        "model": model,
+        "teacher": "smollm2-135m",
+        "data": {
+            "calibration": {"source": "c4", "n_samples": 16, "seq_len": 512},
+            "eval": {"source": "wikitext2", "split": "test", "max_tokens": 1024, "seq_len": 512},
+        },
+        "stages": [stage],
+        "eval": {"tasks": [], "speed": False},
+    }
+    recipe_path = work / f"cost-{row_id}.yaml"
+    recipe_path.write_text(json.dumps(recipe, indent=2))  # JSON is YAML
+    run_dir = work / f"cost-{row_id}"
+    proc = run_cli(
+        ["run", str(recipe_path), "--output-dir", str(run_dir), "--force"],
+        work / f"cost-{row_id}.log",
+    )
+    stages = [summarise(r) for r in stage_reports(run_dir).values()]
+    return {"id": row_id, "model": model, "stage": stage, **stages[-1], "process": proc}
+
+
+def render_md(result: dict[str, Any]) -> str:
+    lines = [
+        "# Quantization-aware distillation (issue #17): SmolLM2-135M",
+        "",
+        f"Machine: {result['machine']}; {result['versions']}. Command: `{result['command']}`.",
+        "WikiText-2 test, first 8,192 tokens in 512-token windows (the tokens of quantize.md); "
+        "GPTQ calibration C4 128x512 (seed 0); QAD trains on C4 validation text, never on "
+        "the eval split.",
+        "",
+        "| row | GPTQ ppl | + QAD ppl | float ppl | RTN ppl | target ppl | % of RTN Δppl before → after "
+        "| target met | HellaSwag acc_norm GPTQ → QAD (n) | QAD tokens | codes changed | size MB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in result["rows"]:
+        st = row["stages"]
+        first, before, after = st[0], st[-2], st[-1]
+        frac = (
+            f"{100 * row['frac_of_rtn_delta_before']:.0f}% → {100 * row['frac_of_rtn_delta_after']:.0f}%"
+            if "frac_of_rtn_delta_after" in row
+            else ""
+        )
+        target = row.get("target_ppl") or (
+            f"≤ 5% over healed {row['healed_ppl']:.2f}" if "healed_ppl" in row else ""
+        )
+        met = {True: "yes", False: "NO"}.get(row.get("target_met"), "(no target)")
+        if "vs_healed_pct" in row:
+            met += f" ({row['vs_healed_pct']:+.1f}% vs healed)"
+        hs = f"{before['hellaswag_acc_norm']} → {after['hellaswag_acc_norm']} ({after['hellaswag_n']})"
+        q = after.get("qad", {})
+        lines.append(
+            f"| {row['id']} | {before['ppl']:.2f} | {after['ppl']:.2f} | {first['ppl']:.2f} "
+            f"| {row.get('rtn_ppl', '')} | {target} | {frac} | {met} | {hs} "
+            f"| {after.get('train_tokens')} | {q.get('codes_changed')} | {after['size_mb']} |"
+        )
+    if result.get("cost"):
+        lines += [
+            "",
+            f"Training cost ({COST_TOKENS} tokens, 4x512 micro-batches, fresh process each):",
+            "",
+            "| row | model | train tokens/s | process peak RSS GB | wall s | load avg before/after |",
+            "|---|---|---|---|---|---|",
+        ]
+        for row in result["cost"]:
+            p = row["process"]
+            lines.append(
+                f"| {row['id']} | {row['model']} | {row['train_tokens_per_s']} | {p['peak_rss_gb']} "
+                f"| {p['wall_s']} | {p['load_average']} |"
+            )
+    lines += ["", "## Notes", ""] + [f"- {n}" for n in result.get("notes", [])]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, default=Path("runs/bench-qad"))
+    parser.add_argument("--only", nargs="*", choices=list(ROWS), help="quality rows to run")
+    parser.add_argument("--cost", nargs="*", choices=list(COST_ROWS), default=[])
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    reference = {r["id"]: r for r in json.loads((RESULTS / "quantize.json").read_text())["rows"]}
+    path = args.out / "qad.json"
+    result = json.loads(path.read_text()) if path.is_file() else {"rows": [], "cost": []}
+    for row_id in args.only if args.only is not None else list(ROWS):
+        row = quality_row(row_id, args.work, reference)
+        result["rows"] = [r for r in result["rows"] if r["id"] != row_id] + [row]
+        print(json.dumps({k: v for k, v in row.items() if k != "stages"}, indent=1))
+    for row_id in args.cost:
+        row = cost_row(row_id, args.work)
+        result["cost"] = [r for r in result.get("cost", []) if r["id"] != row_id] + [row]
+        print(json.dumps(row, indent=1))
+    order = list(ROWS)
+    result["rows"].sort(key=lambda r: order.index(r["id"]))
+    result.update(
+        machine=machine(),
+        versions=versions(),
+        command="python " + shlex.join(sys.argv),
+    )
+    result.setdefault("notes", [])
+    path.write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "qad.md").write_text(render_md(result))
+
+
+if __name__ == "__main__":
+    main()
