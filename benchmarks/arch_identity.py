@@ -134,12 +134,40 @@ def main(root: Path) -> None:
     for case, recipe in cases.items():
         print(f"# running {case}", file=sys.stderr, flush=True)
         _run(root / f"{case}.yaml", recipe)
+    print_hashes(root)
+
+
+def tensor_digest(stage_dir: Path) -> str:
+    """sha256 over every tensor of a checkpoint (name, dtype, shape, bytes), whatever the
+    sharding or header order: equal for a streamed and an in-memory result of the same math."""
+    from safetensors import safe_open
+
+    digest = hashlib.sha256()
+    tensors = {}
+    for path in sorted(stage_dir.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensors[name] = handle.get_tensor(name)
+    for name in sorted(tensors):
+        t = tensors[name].contiguous()
+        digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
+
+
+def print_hashes(root: Path) -> None:
+    """``<case>/<stage>/<file> <sha256>`` per weight file, then ``<case>/<stage> tensors <sha256>``."""
     for path in sorted(root.glob("*/*/*.safetensors")):
         if path.parts[-3] == "tiny-model":
             continue
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
-        print(f"{path.relative_to(root)} {digest}")
+        print(f"{path.relative_to(root)} {hashlib.sha256(path.read_bytes()).hexdigest()}")
+    for stage in sorted({p.parent for p in root.glob("*/*/*.safetensors")}):
+        if stage.parts[-2] != "tiny-model":
+            print(f"{stage.relative_to(root)} tensors {tensor_digest(stage)}")
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    if sys.argv[1] == "--hashes":  # re-hash the outputs of an earlier run
+        print_hashes(Path(sys.argv[2]))
+    else:
+        main(Path(sys.argv[1]))

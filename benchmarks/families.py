@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from family_models import FAMILY_NAMES, VOCAB, family_model  # noqa: E402
 
 from slmcompress.arch import family_for  # noqa: E402
-from slmcompress.calib import decoder_layers, layerwise  # noqa: E402
+from slmcompress.layerwise import decoder_layers, layerwise  # noqa: E402
 from slmcompress.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from slmcompress.data import CalibrationSpec, DataConfig, EvalSpec  # noqa: E402
 from slmcompress.eval.perplexity import perplexity  # noqa: E402

@@ -170,7 +170,7 @@ def family_for(model: nn.Module) -> Family:
     Raises:
         PassError: one line naming the model type and the first module it lacks.
     """
-    from slmcompress.calib import decoder_layers
+    from slmcompress.layerwise import decoder_layers
 
     family = registered_family(model.config)
     layers = decoder_layers(model)

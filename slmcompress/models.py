@@ -13,7 +13,6 @@ import importlib.util
 import logging
 import os
 import re
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -300,8 +299,3 @@ def _load_hub(source: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
             f"a local directory or a .gguf file): {first_line(exc)}"
         ) from exc
     return model, tokenizer
-
-
-def remove_cached(alias: str) -> None:
-    """Delete a built-in model's converted cache (it is rebuilt on next use)."""
-    shutil.rmtree(cache_dir() / "models" / alias, ignore_errors=True)

@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from slmcompress.data import DataConfig, check_disjoint, check_spec
 from slmcompress.errors import ModelSourceError, RecipeError, SlmError
 from slmcompress.models import check_model_source, resolve_dtype
-from slmcompress.passes.base import Pass, PassConfig
+from slmcompress.passes.base import RUNTIME_FIELDS, Pass, PassConfig
 from slmcompress.registry import get_pass
 from slmcompress.remote_code import remote_code
 
@@ -122,14 +122,6 @@ class Stage:
     @property
     def dirname(self) -> str:
         return f"{self.index + 1:02d}-{self.name}"
-
-
-#: stage keys that change how a pass runs, never what it produces (streamed and in-memory
-#: outputs are bit-identical; checkpoint/eval cadence does not touch the weights). Left out
-#: of the stage hash so that, say, lowering max_memory after an OOM resumes the stage.
-RUNTIME_FIELDS = frozenset(
-    {"name", "streaming", "max_memory", "activation_offload", "eval_every", "save_every"}
-)
 
 
 @dataclass(frozen=True)

@@ -183,6 +183,7 @@ def build_report(
     timings: dict[str, float],
     warnings: list[str],
     extra: dict[str, Any] | None = None,
+    not_evaluated: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Assemble ``report.json`` (fixed schema; see DESIGN.md section 3)."""
     return {
@@ -198,6 +199,8 @@ def build_report(
         },
         "timings": timings,
         "warnings": warnings,
+        # metrics left out because the model is over the memory budget: {reason, warning}
+        "not_evaluated": not_evaluated,
         "extra": extra or {},
     }
 

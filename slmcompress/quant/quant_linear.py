@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,9 @@ from slmcompress.quant.packing import (
     unpack_rows,
 )
 from slmcompress.quant.qparams import n_groups
+
+if TYPE_CHECKING:
+    from slmcompress.quant.gptq_format import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,14 @@ class QuantLinear(nn.Module):
         if bias is not None:
             layer.bias.copy_(bias.to(torch.float16))
         return layer.to(codes.device)
+
+    @classmethod
+    def from_quantized(
+        cls, weight: QuantizedWeight, bias: torch.Tensor | None = None
+    ) -> QuantLinear:
+        """Build from a :class:`~slmcompress.quant.gptq_format.QuantizedWeight`."""
+        w = weight
+        return cls.from_codes(w.codes, w.scales, w.zeros, w.g_idx, w.bits, w.group_size, bias)
 
     def codes(self) -> torch.Tensor:
         """Unpacked integer codes ``(out, in)``."""
