@@ -222,7 +222,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Architecture, sizes, parameters, quantization and report summary of a checkpoint."""
-    from slmcompress.inspect import inspect_checkpoint
+    from slmcompress.checkpoint_info import inspect_checkpoint
 
     info = inspect_checkpoint(checkpoint)
     if as_json:

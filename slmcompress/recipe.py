@@ -68,7 +68,7 @@ class Recipe(BaseModel):
     @classmethod
     def _memory_size(cls, value: str | None) -> str | None:
         if value is not None:
-            from slmcompress.plan import parse_bytes
+            from slmcompress.memory_model import parse_bytes
 
             try:
                 parse_bytes(value)

@@ -263,9 +263,19 @@ class Runner:
                 )
                 self._model, self._tokenizer = loaded.model, loaded.tokenizer
             else:
-                self._model, self._tokenizer = load_checkpoint(self._model_dir, dtype=self.dtype)
-                self._model.to(self.device).eval()
+                self._model, self._tokenizer = self._load(self._model_dir)
         return self._model, self._tokenizer
+
+    def _load(self, directory: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """A written checkpoint, on the device; on CUDA its GPTQ layers on the Triton kernel,
+        so reports measure the served path (CPU keeps the torch reference, as before)."""
+        model, tokenizer = load_checkpoint(directory, dtype=self.dtype)
+        model.to(self.device).eval()
+        if self.device.type == "cuda":
+            from slmcompress.generate import prepare_for_serving
+
+            prepare_for_serving(model)
+        return model, tokenizer
 
     def _input_dir(self) -> Path | None:
         """The checkpoint directory the next stage starts from, if it is a local one."""
@@ -559,8 +569,7 @@ class Runner:
         too_big = self._over_budget(tmp)
         if too_big:
             return None, too_big
-        reloaded, _ = load_checkpoint(tmp, dtype=self.dtype)
-        return reloaded.to(self.device).eval(), None
+        return self._load(tmp)[0], None
 
     def _report(
         self, stage, model, checkpoint_dir, metrics, previous, original, timings, ctx
@@ -602,8 +611,7 @@ class Runner:
             log.warning("stage %s: %s; kept its report", stage.dirname, too_big)
             return json.loads((directory / "report.json").read_text())
         if stage.pass_cls.changes_model:
-            model, tokenizer = load_checkpoint(directory, dtype=self.dtype)
-            model.to(self.device).eval()
+            model, tokenizer = self._load(directory)
         else:
             model, tokenizer = self._ensure_model()
         metrics, timings = evaluate(model, tokenizer, self.recipe.data.eval, self.recipe.eval)

@@ -79,7 +79,7 @@ def summary_from_checkpoint(directory: Path) -> dict[str, Any]:
 
     For checkpoints too big for the memory budget (streamed stages, the 70B path).
     """
-    from slmcompress.plan import Arch
+    from slmcompress.memory_model import Arch
     from slmcompress.streaming.loader import WeightSource
 
     cfg = json.loads((Path(directory) / "config.json").read_text())

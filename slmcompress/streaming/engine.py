@@ -33,7 +33,7 @@ from slmcompress.arch import layer_type
 from slmcompress.checkpoint_io import new_metadata, write_metadata, write_quantize_config
 from slmcompress.errors import PassError
 from slmcompress.layerwise import LayerStep, WrittenCheckpoint, capture_layer_inputs
-from slmcompress.plan import (
+from slmcompress.memory_model import (
     BASE_RSS,
     DEFAULT_MEMORY_FRACTION,
     SLACK,
@@ -124,8 +124,8 @@ def should_stream(
     activation_bytes: int = 0,
 ) -> StreamDecision:
     """Stream when the model (at the compute dtype) plus activations exceed the host budget."""
+    from slmcompress.memory_model import load_config
     from slmcompress.models import resolve_model_dir
-    from slmcompress.plan import load_config
 
     model_dir = resolve_model_dir(str(model_source))
     if model_dir is None:

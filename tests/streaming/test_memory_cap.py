@@ -16,8 +16,7 @@ import textwrap
 
 import pytest
 from _stream_utils import small_config
-
-from slmcompress.streaming.random_model import write_random_checkpoint
+from random_models import write_random_checkpoint
 
 CHILD = textwrap.dedent("""
     import json, resource, sys, torch, psutil
