@@ -27,6 +27,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from slmcompress.arch import replace_module  # noqa: F401 - re-exported
 from slmcompress.checkpoint_io import (  # noqa: F401 - read_metadata, METADATA_FILE: public here too
     METADATA_FILE,
     new_metadata,
@@ -296,13 +297,6 @@ def _quant_linear_for(
     return QuantLinear(
         linear.in_features, linear.out_features, bits, group_size, bias=f"{prefix}.bias" in state
     )
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
 
 
 def bytes_on_disk(directory: Path) -> int:

@@ -262,7 +262,7 @@ def generate(
     """Serve a compressed model: generate text with a KV cache and print tokens/s."""
     from slmcompress.cli_checks import check_generate_args, check_prompt_fits
     from slmcompress.generate import generate as run_generate
-    from slmcompress.generate import prepare_for_serving
+    from slmcompress.kernels.dispatch import prepare_for_serving
     from slmcompress.models import load_model
     from slmcompress.remote_code import remote_code
 

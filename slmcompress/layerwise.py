@@ -33,7 +33,7 @@ import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from slmcompress.arch import layer_type
+from slmcompress.arch import decoder_layers, layer_type  # noqa: F401 - decoder_layers: re-exported
 from slmcompress.errors import PassError
 
 log = logging.getLogger(__name__)
@@ -41,15 +41,6 @@ log = logging.getLogger(__name__)
 
 class _StopForward(Exception):
     """Raised by the capture hook to stop the model after layer 0's inputs are known."""
-
-
-def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The model's stack of decoder layers (Llama/Mistral/Qwen/Gemma style, GPT-2 style)."""
-    base = getattr(model, "model", None) or getattr(model, "transformer", None)
-    for attr in ("layers", "h"):
-        if base is not None and isinstance(getattr(base, attr, None), nn.ModuleList):
-            return getattr(base, attr)
-    raise PassError(f"model: cannot find the decoder layers of {type(model).__name__}")
 
 
 @dataclass

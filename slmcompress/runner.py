@@ -272,7 +272,7 @@ class Runner:
         model, tokenizer = load_checkpoint(directory, dtype=self.dtype)
         model.to(self.device).eval()
         if self.device.type == "cuda":
-            from slmcompress.generate import prepare_for_serving
+            from slmcompress.kernels.dispatch import prepare_for_serving
 
             prepare_for_serving(model)
         return model, tokenizer

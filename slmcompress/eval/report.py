@@ -148,7 +148,7 @@ def evaluate(
         timings["tasks_s"] = time.perf_counter() - start
     if options.speed:
         from slmcompress.eval.speed import generation_speed
-        from slmcompress.generate import prepare_for_serving
+        from slmcompress.kernels.dispatch import prepare_for_serving
 
         start = time.perf_counter()
         backends = prepare_for_serving(model)  # time the serving path, not the reference

@@ -117,6 +117,15 @@ def set_backends(model: nn.Module, force: bool = False) -> dict[str, int]:
     return dict(counts)
 
 
+def prepare_for_serving(model: nn.Module) -> dict[str, int]:
+    """Pick the fastest backend per quantized layer; returns how many layers got each.
+
+    Triton kernel on CUDA; on CPU torch's int4 kernel, or a dequantized copy made once where
+    it cannot serve (8-bit, odd shapes). Float models: ``{}``. Idempotent.
+    """
+    return set_backends(model) or {}
+
+
 def group_layout(g_idx: torch.Tensor, group_size: int, in_features: int) -> tuple[int, int]:
     """``(g_mode, group_size)`` for the kernel: ``i // group_size`` (one group: a huge size) or gather."""
     from slmcompress.kernels.int4_matmul import G_GATHER, G_UNIFORM, SINGLE_GROUP

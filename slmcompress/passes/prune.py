@@ -245,8 +245,8 @@ def _apply_plan(
     if ctx.residency.in_memory:
         pruned = slice_model(model, plan)
         return pruned, pruned
+    from slmcompress.prune.streamed_export import export_pruned_streamed
     from slmcompress.streaming.loader import build_skeleton
-    from slmcompress.streaming.prune_export import export_pruned_streamed
 
     out = export_pruned_streamed(
         model, ctx.residency.source, plan, Path(ctx.work_dir) / "streamed-checkpoint", ctx.dtype

@@ -13,7 +13,7 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel
 
-from slmcompress.checkpoint import replace_module
+from slmcompress.arch import replace_module
 from slmcompress.errors import PassError
 from slmcompress.quant.gptq_format import QuantizedWeight
 from slmcompress.quant.packing import pack_multiple

@@ -5,8 +5,7 @@
 - :mod:`.engine`: :class:`StreamingRun` (the streamed :class:`~slmcompress.layerwise.LayerLoop`)
   and :func:`should_stream`;
 - :mod:`.residency`: how the runner holds a stage's model, and the loop that follows;
-- :mod:`.resume`: per-layer resume state; :mod:`.sharded_writer`: size-limited shards;
-- :mod:`.prune_export`: a pruned checkpoint sliced tensor by tensor from disk.
+- :mod:`.resume`: per-layer resume state; :mod:`.sharded_writer`: size-limited shards.
 
 Nothing here imports the passes, the recipe or the runner: the algorithms are written once
 against the loop, and the runner chooses which loop they get.

@@ -125,7 +125,7 @@ def should_stream(
 ) -> StreamDecision:
     """Stream when the model (at the compute dtype) plus activations exceed the host budget."""
     from slmcompress.memory_model import load_config
-    from slmcompress.models import resolve_model_dir
+    from slmcompress.model_sources import resolve_model_dir
 
     model_dir = resolve_model_dir(str(model_source))
     if model_dir is None:
