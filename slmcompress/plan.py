@@ -194,7 +194,7 @@ def _plan_stage(
     t = getattr(cfg, "seq_len", None) or calib.seq_len
     batch = getattr(cfg, "batch_size", 1)
     streaming = _streaming_options(cfg).streaming
-    if kind in ("quantize.gptq", "prune"):
+    if stage.pass_cls.supports_streaming:  # its work is one layer loop: in memory or streamed
         pass_name = "gptq" if kind == "quantize.gptq" else "importance"
         est = estimate_calibration_pass(
             arch,
