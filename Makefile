@@ -39,6 +39,7 @@ test-fast: venv
 lint: venv
 	$(BIN)/ruff check slmcompress tests benchmarks
 	$(BIN)/ruff format --check slmcompress tests benchmarks
+	$(BIN)/lint-imports
 
 format: venv
 	$(BIN)/ruff check --fix slmcompress tests benchmarks

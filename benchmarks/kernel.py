@@ -30,7 +30,10 @@ import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from slmcompress.kernels import dispatch  # noqa: E402
-from slmcompress.kernels.reference import random_quant_linear  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from random_models import random_quant_linear  # noqa: E402
+
 from slmcompress.quant.qparams import rtn_quantize_weight  # noqa: E402
 from slmcompress.quant.quant_linear import QuantLinear  # noqa: E402
 
@@ -260,7 +263,7 @@ def bench_e2e(device: str, dry: bool) -> list[dict]:
     """SmolLM2-135M-shaped Llama (random weights): fp16 vs GPTQ-4bit through the kernel."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slmcompress.plan import PUBLISHED_CONFIGS
+    from slmcompress.memory_model import PUBLISHED_CONFIGS
 
     dtype = torch.float32 if dry else torch.float16
     config = LlamaConfig(**(TINY if dry else {**PUBLISHED_CONFIGS["smollm2-135m"], "head_dim": 64}))

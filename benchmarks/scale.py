@@ -122,7 +122,7 @@ def model_config(args: argparse.Namespace):
 
 
 def predict(config: dict, pass_name: str, args: argparse.Namespace) -> int:
-    from slmcompress.plan import PROFILES, Arch, estimate_calibration_pass, parse_bytes
+    from slmcompress.memory_model import PROFILES, Arch, estimate_calibration_pass, parse_bytes
 
     estimate = estimate_calibration_pass(
         Arch.from_config(config),
@@ -221,8 +221,7 @@ def bit_exact_small(work: Path) -> bool:
 
     from slmcompress.checkpoint import load_gptq_checkpoint
     from slmcompress.passes.gptq import GPTQConfig, GPTQPass
-    from slmcompress.streaming.drivers import gptq_streaming
-    from slmcompress.streaming.engine import StreamOptions
+    from slmcompress.streaming.engine import StreamingRun, StreamOptions
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -256,20 +255,16 @@ def bit_exact_small(work: Path) -> bool:
     )
     reference = LlamaForCausalLM.from_pretrained(work / "small").eval()
     reference = GPTQPass(cfg).run(reference, Ctx(work / "w1")).state_dict()
-    out = gptq_streaming(
-        GPTQPass(cfg),
-        work / "small",
-        Ctx(work / "w2"),
-        work / "small-q",
-        StreamOptions(activation_offload="disk", max_memory="4GB"),
-    )
+    options = StreamOptions(activation_offload="disk", max_memory="4GB", batch_size=2)
+    run = StreamingRun(work / "small", tokens, torch.device("cpu"), work / "w2", options)
+    out = GPTQPass(cfg).quantize(run, Ctx(work / "w2")).path
     qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
     got = load_gptq_checkpoint(out, qcfg, torch.float32).state_dict()
     return set(got) == set(reference) and all(torch.equal(got[k], reference[k]) for k in reference)
 
 
 def render_md(data: dict) -> str:
-    from slmcompress.plan import format_bytes
+    from slmcompress.memory_model import format_bytes
 
     lines = [
         "# Scale benchmark: streaming calibration under a memory cap",
@@ -323,10 +318,12 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     import torch
     from transformers import AutoTokenizer
 
+    from slmcompress.memory_model import parse_bytes
     from slmcompress.models import builtin_model_dir
-    from slmcompress.plan import parse_bytes
     from slmcompress.streaming.loader import WeightSource
-    from slmcompress.streaming.random_model import write_random_checkpoint
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from random_models import write_random_checkpoint
 
     config = model_config(args)
     model_dir = work / "model"

@@ -29,6 +29,7 @@ from pathlib import Path
 
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # random_models
 from scale import CHILD, model_config  # noqa: E402  (the scale benchmark's child and model)
 
 
@@ -104,7 +105,7 @@ def same_cache(a: Path, b: Path) -> bool:
 
 
 def predictions(config: dict, args: argparse.Namespace) -> dict:
-    from slmcompress.plan import (
+    from slmcompress.memory_model import (
         DEFAULT_MEMORY_FRACTION,
         PROFILES,
         Arch,
@@ -125,12 +126,12 @@ def predictions(config: dict, args: argparse.Namespace) -> dict:
 
 def capped(args: argparse.Namespace, work: Path) -> dict:
     import torch
+    from random_models import write_random_checkpoint
     from transformers import AutoTokenizer
 
+    from slmcompress.memory_model import parse_bytes
     from slmcompress.models import builtin_model_dir
-    from slmcompress.plan import parse_bytes
     from slmcompress.streaming.loader import WeightSource
-    from slmcompress.streaming.random_model import write_random_checkpoint
 
     config = model_config(args)  # the scale benchmark's random Llama
     model = work / "model"
@@ -268,7 +269,7 @@ def smollm2(work: Path) -> dict:
 
 
 def render_md(data: dict) -> str:
-    from slmcompress.plan import format_bytes
+    from slmcompress.memory_model import format_bytes
 
     lines = ["# Streamed forward: teacher cache and evaluation larger than memory", ""]
     lines += [f"Machine: {data['machine']}; versions: {data['versions']}.", ""]

@@ -159,6 +159,22 @@ def model_type_of(config: Any) -> str:
     return str(getattr(config, "model_type", None) or "unknown")
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of decoder layers (Llama/Mistral/Qwen/Gemma style, GPT-2 style)."""
+    base = getattr(model, "model", None) or getattr(model, "transformer", None)
+    for attr in ("layers", "h"):
+        if base is not None and isinstance(getattr(base, attr, None), nn.ModuleList):
+            return getattr(base, attr)
+    raise PassError(f"model: cannot find the decoder layers of {type(model).__name__}")
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Replace the submodule at dotted path ``name``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
 def registered_family(config: Any) -> Family | None:
     """The registered family of a config, or None."""
     return FAMILIES.get(model_type_of(config))
@@ -170,8 +186,6 @@ def family_for(model: nn.Module) -> Family:
     Raises:
         PassError: one line naming the model type and the first module it lacks.
     """
-    from slmcompress.calib import decoder_layers
-
     family = registered_family(model.config)
     layers = decoder_layers(model)
     if family is None:

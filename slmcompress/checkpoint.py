@@ -27,19 +27,26 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from slmcompress.arch import replace_module  # noqa: F401 - re-exported
+from slmcompress.checkpoint_io import (  # noqa: F401 - read_metadata, METADATA_FILE: public here too
+    METADATA_FILE,
+    new_metadata,
+    parse_header,
+    read_header,
+    read_metadata,
+    write_metadata,
+    write_quantize_config,
+)
 from slmcompress.errors import CheckpointError, first_line
 from slmcompress.fsutil import atomic_dir
 from slmcompress.quant.gptq_format import GPTQFormat, packed_shapes, parse_gptq_config
 from slmcompress.quant.quant_linear import QuantLinear
 from slmcompress.remote_code import check_local_code, hf_kwargs
-from slmcompress.versions import versions
 
 if TYPE_CHECKING:
     from slmcompress.streaming.loader import StreamingModel
 
 log = logging.getLogger(__name__)
-
-METADATA_FILE = "slmcompress.json"
 
 
 def save_checkpoint(
@@ -65,13 +72,8 @@ def write_checkpoint_into(
     """Write the checkpoint files into an existing (temporary) directory."""
     model.save_pretrained(directory, safe_serialization=True)
     tokenizer.save_pretrained(directory)
-    qcfg = getattr(model.config, "quantization_config", None)
-    if isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq":
-        (directory / "quantize_config.json").write_text(json.dumps(qcfg, indent=2) + "\n")
-    meta = {"format_version": 1, "versions": versions(), **(metadata or {})}
-    (directory / METADATA_FILE).write_text(
-        json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
-    )
+    write_quantize_config(directory, getattr(model.config, "quantization_config", None))
+    write_metadata(directory, new_metadata(metadata))
     for name, text in (extra_files or {}).items():
         (directory / name).write_text(text)
 
@@ -123,8 +125,6 @@ def check_tensor_shapes(directory: Path, config: PretrainedConfig) -> None:
     Without it a wrong shape surfaces as transformers' multi-line load report, or as a
     shape error inside a GPTQ kernel.
     """
-    from slmcompress.streaming.loader import read_header
-
     qcfg = getattr(config, "quantization_config", None)
     if qcfg and not isinstance(qcfg, dict):
         qcfg = qcfg.to_dict()
@@ -172,8 +172,6 @@ def _check_safetensors(path: Path) -> None:
 
     Reads the header only (no mmap), so checking a multi-GB shard costs no address space.
     """
-    from slmcompress.streaming.loader import parse_header
-
     if not path.is_file():
         raise CheckpointError(f"checkpoint: weight shard {path} is missing")
     try:
@@ -299,19 +297,6 @@ def _quant_linear_for(
     return QuantLinear(
         linear.in_features, linear.out_features, bits, group_size, bias=f"{prefix}.bias" in state
     )
-
-
-def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
-    """Replace the submodule at dotted path ``name``."""
-    parent_name, _, child = name.rpartition(".")
-    parent = model.get_submodule(parent_name) if parent_name else model
-    setattr(parent, child, new)
-
-
-def read_metadata(directory: Path) -> dict[str, Any]:
-    """The ``slmcompress.json`` of a checkpoint, or ``{}`` for a foreign checkpoint."""
-    path = Path(directory) / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def bytes_on_disk(directory: Path) -> int:

@@ -222,7 +222,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Architecture, sizes, parameters, quantization and report summary of a checkpoint."""
-    from slmcompress.inspect import inspect_checkpoint
+    from slmcompress.checkpoint_info import inspect_checkpoint
 
     info = inspect_checkpoint(checkpoint)
     if as_json:
@@ -262,7 +262,7 @@ def generate(
     """Serve a compressed model: generate text with a KV cache and print tokens/s."""
     from slmcompress.cli_checks import check_generate_args, check_prompt_fits
     from slmcompress.generate import generate as run_generate
-    from slmcompress.generate import prepare_for_serving
+    from slmcompress.kernels.dispatch import prepare_for_serving
     from slmcompress.models import load_model
     from slmcompress.remote_code import remote_code
 

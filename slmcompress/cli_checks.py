@@ -27,7 +27,7 @@ _EVAL_OPTIONS = {
 
 def eval_inputs(tasks: str, limit: int, ppl_tokens: int, seq_len: int, speed: bool):
     """The eval command's options as ``(EvalSpec, EvalOptions)``; errors name the option."""
-    from slmcompress.recipe import EvalOptions
+    from slmcompress.data import EvalOptions
 
     try:
         options = EvalOptions(tasks=[t for t in tasks.split(",") if t], limit=limit, speed=speed)

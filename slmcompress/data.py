@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PreTrainedTokenizerBase
 
 from slmcompress.errors import DataError
@@ -256,3 +256,25 @@ def eval_tokens(tokenizer: PreTrainedTokenizerBase, spec: EvalSpec) -> torch.Ten
     if usable == 0:
         raise DataError(f"data.eval: {spec.source} has fewer than {spec.seq_len} tokens")
     return stream[:usable].clone()
+
+
+class EvalOptions(BaseModel):
+    """The recipe's ``eval:`` section: what every stage report measures."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    ppl: bool = True
+    tasks: list[str] = Field(default_factory=list)
+    limit: int | None = Field(200, ge=1)
+    batch_size: int = Field(8, ge=1)
+    speed: bool = True
+    speed_tokens: int = Field(32, ge=1)
+
+    @field_validator("tasks")
+    @classmethod
+    def _known_tasks(cls, tasks: list[str]) -> list[str]:
+        known = {"hellaswag"}
+        for task in tasks:
+            if task not in known:
+                raise ValueError(f"unknown task {task!r}; valid: {', '.join(sorted(known))}")
+        return tasks

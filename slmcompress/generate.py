@@ -9,6 +9,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmcompress.eval.speed import TokenClock
+from slmcompress.kernels.dispatch import prepare_for_serving  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)
@@ -20,19 +21,6 @@ class Generation:
     tokens_per_s: float
     prefill_s: float
     decode_s: float
-
-
-def prepare_for_serving(model: PreTrainedModel) -> dict[str, int]:
-    """Pick the fastest backend per quantized layer; returns how many layers got each.
-
-    Triton kernel on CUDA; on CPU torch's int4 kernel, or a dequantized copy made once where
-    it cannot serve (8-bit, odd shapes). Float models: ``{}``. Idempotent.
-    """
-    try:
-        from slmcompress.kernels.dispatch import set_backends
-    except ImportError:
-        return {}
-    return set_backends(model) or {}
 
 
 def _sync(device: torch.device) -> None:

@@ -15,34 +15,17 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from slmcompress.data import DataConfig, check_disjoint, check_spec
+from slmcompress.data import (  # noqa: F401 - EvalOptions: re-exported
+    DataConfig,
+    EvalOptions,
+    check_disjoint,
+    check_spec,
+)
 from slmcompress.errors import ModelSourceError, RecipeError, SlmError
 from slmcompress.models import check_model_source, resolve_dtype
-from slmcompress.passes.base import Pass, PassConfig
+from slmcompress.passes.base import RUNTIME_FIELDS, Pass, PassConfig
 from slmcompress.registry import get_pass
 from slmcompress.remote_code import remote_code
-
-
-class EvalOptions(BaseModel):
-    """The recipe's ``eval:`` section: what every stage report measures."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    ppl: bool = True
-    tasks: list[str] = Field(default_factory=list)
-    limit: int | None = Field(200, ge=1)
-    batch_size: int = Field(8, ge=1)
-    speed: bool = True
-    speed_tokens: int = Field(32, ge=1)
-
-    @field_validator("tasks")
-    @classmethod
-    def _known_tasks(cls, tasks: list[str]) -> list[str]:
-        known = {"hellaswag"}
-        for task in tasks:
-            if task not in known:
-                raise ValueError(f"unknown task {task!r}; valid: {', '.join(sorted(known))}")
-        return tasks
 
 
 class Recipe(BaseModel):
@@ -68,7 +51,7 @@ class Recipe(BaseModel):
     @classmethod
     def _memory_size(cls, value: str | None) -> str | None:
         if value is not None:
-            from slmcompress.plan import parse_bytes
+            from slmcompress.memory_model import parse_bytes
 
             try:
                 parse_bytes(value)
@@ -122,14 +105,6 @@ class Stage:
     @property
     def dirname(self) -> str:
         return f"{self.index + 1:02d}-{self.name}"
-
-
-#: stage keys that change how a pass runs, never what it produces (streamed and in-memory
-#: outputs are bit-identical; checkpoint/eval cadence does not touch the weights). Left out
-#: of the stage hash so that, say, lowering max_memory after an OOM resumes the stage.
-RUNTIME_FIELDS = frozenset(
-    {"name", "streaming", "max_memory", "activation_offload", "eval_every", "save_every"}
-)
 
 
 @dataclass(frozen=True)

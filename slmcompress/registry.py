@@ -46,6 +46,17 @@ def methods_of(type_: str) -> list[str]:
     return sorted(m for t, m in _REGISTRY if t == type_ and m is not None)
 
 
+def streamable_passes() -> list[str]:
+    """What the passes that can stream are called in messages (``quantize.gptq``, ``prune ...``)."""
+    _load_builtin_passes()
+    names = [
+        (t + (f".{m}" if m else ""), cls.streaming_note)
+        for (t, m), cls in _REGISTRY.items()
+        if cls.supports_streaming
+    ]
+    return [name + note for name, note in sorted(names, reverse=True)]
+
+
 def get_pass(type_: str, method: str | None, where: str = "stage") -> type[Pass]:
     """Look up a pass class; unknown names list the valid ones in the error."""
     _load_builtin_passes()

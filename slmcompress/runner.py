@@ -21,7 +21,7 @@ import logging
 import random
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +31,8 @@ from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmcompress import dist
-from slmcompress.checkpoint import load_checkpoint, read_metadata, write_checkpoint_into
+from slmcompress.checkpoint import load_checkpoint, write_checkpoint_into
+from slmcompress.checkpoint_io import read_metadata, write_metadata
 from slmcompress.errors import PassError, RecipeError, SlmError, first_line, one_line
 from slmcompress.eval.report import (
     build_report,
@@ -51,20 +52,16 @@ from slmcompress.fsutil import (
     clean_stale_tmp,
     exclusive_lock,
 )
+from slmcompress.layerwise import WrittenCheckpoint
 from slmcompress.models import load_model, resolve_device, resolve_dtype
-from slmcompress.passes.base import Context
+from slmcompress.passes.base import Context, StageOutput, StreamingOptions
 from slmcompress.recipe import ResolvedRecipe, Stage
+from slmcompress.registry import streamable_passes
 from slmcompress.remote_code import remote_code
 from slmcompress.streaming.engine import machine_budget, should_stream
 from slmcompress.streaming.loader import build_skeleton
-from slmcompress.streaming.wiring import (
-    can_stream,
-    is_lazy,
-    lazy_model_for,
-    load_tokenizer,
-    move_streamed_checkpoint,
-    source_dir,
-)
+from slmcompress.streaming.residency import IN_MEMORY, Residency
+from slmcompress.streaming.wiring import load_tokenizer, move_streamed_checkpoint
 from slmcompress.versions import versions
 
 log = logging.getLogger(__name__)
@@ -266,9 +263,19 @@ class Runner:
                 )
                 self._model, self._tokenizer = loaded.model, loaded.tokenizer
             else:
-                self._model, self._tokenizer = load_checkpoint(self._model_dir, dtype=self.dtype)
-                self._model.to(self.device).eval()
+                self._model, self._tokenizer = self._load(self._model_dir)
         return self._model, self._tokenizer
+
+    def _load(self, directory: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+        """A written checkpoint, on the device; on CUDA its GPTQ layers on the Triton kernel,
+        so reports measure the served path (CPU keeps the torch reference, as before)."""
+        model, tokenizer = load_checkpoint(directory, dtype=self.dtype)
+        model.to(self.device).eval()
+        if self.device.type == "cuda":
+            from slmcompress.kernels.dispatch import prepare_for_serving
+
+            prepare_for_serving(model)
+        return model, tokenizer
 
     def _input_dir(self) -> Path | None:
         """The checkpoint directory the next stage starts from, if it is a local one."""
@@ -281,40 +288,52 @@ class Runner:
         decision = should_stream(directory, max_memory or self.budget, self.dtype)
         if not decision.stream:
             return None
-        return f"{NOT_EVALUATED} {decision.reason}; raise max_memory to evaluate it"
+        return f"{decision.reason}; raise max_memory to evaluate it"
 
-    def _stage_model(self, stage: Stage) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """The model a stage runs on: in memory, or a weightless skeleton the pass streams.
+    def _stage_input(
+        self, stage: Stage
+    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Residency]:
+        """The model a stage runs on and how it is held: the one residency decision.
 
-        GPTQ and pruning stream a model over the memory budget (or when ``streaming: true``);
-        any other pass needs the model in memory and refuses one over the budget.
+        A pass that can stream (``Pass.can_stream``) gets a weightless skeleton when the
+        model is over the memory budget or the stage says ``streaming: true``; any other pass
+        needs the model in memory and refuses one over the budget, unless it changes nothing
+        (an eval stage: the skeleton is reported on by a streamed perplexity).
         """
-        flag = getattr(stage.config, "streaming", None)
-        own_budget = getattr(stage.config, "max_memory", None) and can_stream(stage.config)
-        if self._model is not None and flag is not True and not own_budget:
-            return self._model, self._tokenizer
+        cfg = stage.config
+        options = cfg if isinstance(cfg, StreamingOptions) else None
+        streamable = stage.pass_cls.can_stream(cfg)
+        flag = options.streaming if options else None
+        stage_budget = options.max_memory if options else None
+        if self._model is not None and flag is not True and not (stage_budget and streamable):
+            return self._model, self._tokenizer, IN_MEMORY
         directory = self._input_dir()
-        if directory is not None:
-            stage_budget = getattr(stage.config, "max_memory", None)
-            skeleton = lazy_model_for(
-                directory, stage.config, self.dtype, default_max_memory=self.budget
-            )
-            if skeleton is not None:
+        if directory is None:
+            return *self._ensure_model(), IN_MEMORY
+        if streamable and flag is not False:
+            decision = should_stream(directory, stage_budget or self.budget, self.dtype)
+            if flag or decision.stream:
+                log.info("streaming: %s", decision.reason)
                 self._model = None
-                return skeleton, load_tokenizer(directory)
-            too_big = self._over_budget(directory, stage_budget)
-            if too_big and stage.pass_cls.changes_model:
-                raise SlmError(
-                    f"stage {stage.dirname}: the model is over the memory budget "
-                    f"({too_big.removeprefix(NOT_EVALUATED).split(';')[0].strip()}) and "
-                    f"{_pass_name(stage)} cannot stream it; only quantize.gptq and "
-                    f"prune (method activation or random) can"
+                residency = Residency(
+                    "streamed",
+                    directory,
+                    decision.reason,
+                    stage_budget or self.recipe.max_memory,
+                    options.activation_offload,
                 )
-            if too_big:  # report-only stage
-                return build_skeleton(directory, self.dtype, allow_quantized=True), load_tokenizer(
-                    directory
-                )
-        return self._ensure_model()
+                return build_skeleton(directory, self.dtype), load_tokenizer(directory), residency
+        too_big = self._over_budget(directory, stage_budget)
+        if too_big and stage.pass_cls.changes_model:
+            raise SlmError(
+                f"stage {stage.dirname}: the model is over the memory budget "
+                f"({too_big.split(';')[0].strip()}) and {_pass_name(stage)} cannot stream it; "
+                f"only {' and '.join(streamable_passes())} can"
+            )
+        if too_big:
+            skeleton = build_skeleton(directory, self.dtype, allow_quantized=True)
+            return skeleton, load_tokenizer(directory), Residency("report_only", directory, too_big)
+        return *self._ensure_model(), IN_MEMORY
 
     # ---------------------------------------------------------------- input report
     def _input_report(self) -> dict[str, Any]:
@@ -337,12 +356,13 @@ class Runner:
                 return cached["metrics"]
         else:
             too_big = self._over_budget(source)
+        not_evaluated = None
         if too_big:
-            log.warning("input model: %s", too_big)
-            metrics, timings, warning = self._streamed_metrics(
+            log.warning("input model: not evaluated: %s", too_big)
+            metrics, timings, not_evaluated = self._streamed_metrics(
                 source, self.out / ".work" / INPUT_DIR, too_big
             )
-            warnings = [warning]
+            warnings = [not_evaluated.warning]
             summary = summary_from_checkpoint(source)
         else:
             model, tokenizer = self._ensure_model()
@@ -360,12 +380,11 @@ class Runner:
             timings,
             warnings,
         )
+        report["not_evaluated"] = asdict(not_evaluated) if not_evaluated else None
         with atomic_dir(directory) as tmp:
             (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
             (tmp / "report.md").write_text(render_report_md(report))
-            (tmp / "slmcompress.json").write_text(
-                json.dumps({"input_key": key, "versions": versions()}, indent=2)
-            )
+            write_metadata(tmp, {"input_key": key, "versions": versions()})
         return metrics
 
     def _source_dir(self) -> Path | None:
@@ -430,7 +449,11 @@ class Runner:
         return StageOutcome(stage.name, directory, "ran", wall, report)
 
     def _context(
-        self, stage: Stage, tokenizer: PreTrainedTokenizerBase, stage_hash: str
+        self,
+        stage: Stage,
+        tokenizer: PreTrainedTokenizerBase,
+        stage_hash: str,
+        residency: Residency = IN_MEMORY,
     ) -> Context:
         work_dir = self.out / ".work" / stage.dirname
         if dist.is_main():
@@ -438,7 +461,7 @@ class Runner:
         if stage.pass_cls.supports_distributed:  # every rank is here: read only once it is claimed
             dist.barrier()
         work_dir.mkdir(parents=True, exist_ok=True)
-        return Context(
+        ctx = Context(
             tokenizer=tokenizer,
             data=self.recipe.data,
             device=self.device,
@@ -450,49 +473,49 @@ class Runner:
             seed=self.recipe.seed,
             stage_index=stage.index,
             max_memory=self.recipe.max_memory,
+            residency=residency,
         )
+        if residency.streamed:
+            ctx.extra_metrics["streamed_from"] = str(residency.source)
+        return ctx
 
     def _follow(self, stage: Stage, stage_hash: str) -> StageOutcome:
         """Ranks > 0: join distributed passes, otherwise wait for rank 0's checkpoint."""
         directory = self.out / stage.dirname
         skip = not self._must_rerun(stage) and self._is_complete(stage, stage_hash)
         if not skip and stage.pass_cls.supports_distributed:
-            model, tokenizer = self._stage_model(stage)  # the same budget check as rank 0
+            model, tokenizer, residency = self._stage_input(stage)  # the same budget check
             seed_everything(self.recipe.seed)
-            stage.pass_cls(stage.config).run(model, self._context(stage, tokenizer, stage_hash))
+            ctx = self._context(stage, tokenizer, stage_hash, residency)
+            stage.pass_cls(stage.config).run(model, ctx)
         if stage.pass_cls.changes_model:
-            self._model, self._model_dir = (
-                None,
-                directory,
-            )  # rank 0 writes it before the next barrier
+            self._model, self._model_dir = None, directory  # rank 0 writes it before the barrier
         return StageOutcome(stage.name, directory, "skipped" if skip else "followed")
 
     def _execute(
         self, stage: Stage, stage_hash: str, previous: dict, original: dict
     ) -> dict[str, Any]:
         """Run the pass, write checkpoint + report into a temp dir, evaluate the saved artifact."""
-        model, tokenizer = self._stage_model(stage)
+        model, tokenizer, residency = self._stage_input(stage)
         directory = self.out / stage.dirname
-        ctx = self._context(stage, tokenizer, stage_hash)
-        work_dir = ctx.work_dir
+        ctx = self._context(stage, tokenizer, stage_hash, residency)
         seed_everything(self.recipe.seed)
         log.info("stage %s: %s", stage.dirname, stage.pass_cls.__name__)
         pass_start = time.perf_counter()
-        new_model = stage.pass_cls(stage.config).run(model, ctx)
+        output = stage.pass_cls(stage.config).run(model, ctx)
         pass_s = time.perf_counter() - pass_start
         self._model = None  # the input model may have been modified in place
         with atomic_dir(directory) as tmp:
-            evaluated = self._write_stage(stage, stage_hash, new_model, tokenizer, ctx, tmp)
+            evaluated, too_big = self._write_stage(stage, stage_hash, output, tokenizer, ctx, tmp)
             checkpoint_dir = tmp if stage.pass_cls.changes_model else None
-            if is_lazy(evaluated):  # over the memory budget: perplexity streamed, not the rest
-                evaluated_dir = checkpoint_dir or self._input_dir()
-                reason = self._over_budget(evaluated_dir) or (
-                    f"{NOT_EVALUATED} the model is over the memory budget"
+            not_evaluated = None
+            if evaluated is None:  # over the memory budget: perplexity streamed, not the rest
+                metrics, timings, not_evaluated = self._streamed_metrics(
+                    checkpoint_dir or self._input_dir(),
+                    ctx.work_dir / "eval",
+                    too_big or "the model is over the memory budget",
                 )
-                metrics, timings, warning = self._streamed_metrics(
-                    evaluated_dir, work_dir / "eval", reason
-                )
-                ctx.warnings.append(warning)
+                ctx.warnings.append(not_evaluated.warning)
             else:
                 metrics, timings = evaluate(
                     evaluated, tokenizer, self.recipe.data.eval, self.recipe.eval
@@ -501,29 +524,33 @@ class Runner:
             report = self._report(
                 stage, evaluated, checkpoint_dir, metrics, previous, original, timings, ctx
             )
+            report["not_evaluated"] = asdict(not_evaluated) if not_evaluated else None
             self._write_report(tmp, report, stage_hash, timings)
         if stage.pass_cls.changes_model:
             self._model_dir = directory
-        self._model, self._tokenizer = (
-            (None, None) if is_lazy(evaluated) else (evaluated, tokenizer)
-        )
-        shutil.rmtree(work_dir, ignore_errors=True)
+        self._model, self._tokenizer = (None, None) if evaluated is None else (evaluated, tokenizer)
+        shutil.rmtree(ctx.work_dir, ignore_errors=True)
         return report
 
     def _write_stage(
         self,
         stage: Stage,
         stage_hash: str,
-        model: PreTrainedModel,
+        output: StageOutput,
         tokenizer: PreTrainedTokenizerBase,
         ctx: Context,
         tmp: Path,
-    ) -> PreTrainedModel:
-        """Write the checkpoint and reload it, so reports (and later stages) see exactly the artifact."""
+    ) -> tuple[PreTrainedModel | None, str | None]:
+        """Write the checkpoint and reload it, so reports (and later stages) see exactly the artifact.
+
+        Returns the model to evaluate, or ``None`` and why when it is over the memory budget.
+        """
         for name, path in ctx.artifacts.items():  # e.g. an exported .gguf, a loss curve
             shutil.move(path, tmp / name)  # the work dir is deleted after the stage anyway
         if not stage.pass_cls.changes_model:
-            return model
+            if ctx.residency.in_memory:
+                return output, None
+            return None, self._over_budget(self._input_dir())
         metadata = {
             "stage": stage.name,
             "stage_index": stage.index + 1,
@@ -534,20 +561,20 @@ class Runner:
             "seed": self.recipe.seed,
             "config": stage.config.model_dump(),
         }
-        if is_lazy(model):
-            move_streamed_checkpoint(source_dir(model), tmp, metadata, ctx.work_dir)
+        if isinstance(output, WrittenCheckpoint):
+            move_streamed_checkpoint(output.path, tmp, metadata, ctx.work_dir)
         else:
-            write_checkpoint_into(model.to("cpu"), tokenizer, tmp, metadata)
-        del model
-        if self._over_budget(tmp):
-            return build_skeleton(tmp, self.dtype, allow_quantized=True)
-        reloaded, _ = load_checkpoint(tmp, dtype=self.dtype)
-        return reloaded.to(self.device).eval()
+            write_checkpoint_into(output.to("cpu"), tokenizer, tmp, metadata)
+        del output
+        too_big = self._over_budget(tmp)
+        if too_big:
+            return None, too_big
+        return self._load(tmp)[0], None
 
     def _report(
         self, stage, model, checkpoint_dir, metrics, previous, original, timings, ctx
     ) -> dict:
-        if is_lazy(model):
+        if model is None:
             summary = summary_from_checkpoint(checkpoint_dir or self._input_dir())
         else:
             summary = model_summary(model, checkpoint_dir)
@@ -571,9 +598,7 @@ class Runner:
         meta.update(
             stage_hash=stage_hash, eval_hash=self.resolved.eval_hash(), wall_s=sum(timings.values())
         )
-        (directory / "slmcompress.json").write_text(
-            json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
-        )
+        write_metadata(directory, meta)
 
     def _reevaluate(
         self, stage: Stage, directory: Path, previous: dict, original: dict
@@ -586,8 +611,7 @@ class Runner:
             log.warning("stage %s: %s; kept its report", stage.dirname, too_big)
             return json.loads((directory / "report.json").read_text())
         if stage.pass_cls.changes_model:
-            model, tokenizer = load_checkpoint(directory, dtype=self.dtype)
-            model.to(self.device).eval()
+            model, tokenizer = self._load(directory)
         else:
             model, tokenizer = self._ensure_model()
         metrics, timings = evaluate(model, tokenizer, self.recipe.data.eval, self.recipe.eval)
@@ -602,24 +626,24 @@ class Runner:
             previous,
             original,
             {**old["timings"], **timings},
-            [w for w in old["warnings"] if not w.startswith(NOT_EVALUATED)],
+            [w for w in old["warnings"] if w != (old.get("not_evaluated") or {}).get("warning")],
             old.get("extra"),
         )
         atomic_write_json(directory / "report.json", report)
         atomic_write_text(directory / "report.md", render_report_md(report))
         meta = read_metadata(directory)
         meta["eval_hash"] = self.resolved.eval_hash()
-        atomic_write_json(directory / "slmcompress.json", meta)
+        write_metadata(directory, meta, atomic=True)
         return report
 
     def _streamed_metrics(
         self, directory: Path, work_dir: Path, reason: str
-    ) -> tuple[dict[str, Any], dict[str, float], str]:
+    ) -> tuple[dict[str, Any], dict[str, float], NotEvaluated]:
         """Perplexity of a checkpoint over the budget, one layer resident at a time.
 
-        Returns the metrics, timings and the report warning. A budget too small for even
-        one streamed layer leaves the model unevaluated (with both reasons), never fails
-        the run: evaluation is a report, not a stage.
+        Returns the metrics, timings and what the report lacks and why. A budget too small
+        for even one streamed layer leaves the model unevaluated (with both reasons), never
+        fails the run: evaluation is a report, not a stage.
         """
         from slmcompress.eval.report import METRIC_LABELS
         from slmcompress.eval.streamed import evaluate_streamed
@@ -637,10 +661,11 @@ class Runner:
             )
         except PassError as exc:
             log.warning("streamed evaluation: %s", exc)
-            return dict.fromkeys(METRIC_LABELS), {}, f"{reason}; streaming it does not fit: {exc}"
+            warning = f"{NOT_EVALUATED} {reason}; streaming it does not fit: {exc}"
+            return dict.fromkeys(METRIC_LABELS), {}, NotEvaluated(reason, warning)
         finally:
             shutil.rmtree(work_dir, ignore_errors=True)
-        return metrics, timings, streamed_warning(reason)
+        return metrics, timings, NotEvaluated(reason, streamed_warning(reason))
 
     def _write_summary(self) -> None:
         rows = []
@@ -663,21 +688,28 @@ def run_recipe(resolved: ResolvedRecipe, **kwargs: Any) -> RunResult:
     return Runner(resolved, **kwargs).run()
 
 
-#: prefix of the report warning for a stage whose metrics were skipped (over the memory budget)
+#: how the report warning of a stage whose metrics were skipped starts (for readers)
 NOT_EVALUATED = "not evaluated:"
+
+
+@dataclass(frozen=True)
+class NotEvaluated:
+    """The report field ``not_evaluated``: metrics a report lacks, and why."""
+
+    reason: str  # why the model was not loaded (over the memory budget)
+    warning: str  # the line of the report's warnings that says so
 
 
 def streamed_warning(reason: str) -> str:
     """The report warning of a model evaluated by streaming: which metrics are missing."""
-    why = reason.removeprefix(NOT_EVALUATED).strip()
     return (
-        f"{NOT_EVALUATED} task accuracy and generation speed ({why}); "
+        f"{NOT_EVALUATED} task accuracy and generation speed ({reason}); "
         "perplexity was measured by a streamed forward, one decoder layer at a time"
     )
 
 
 def _skipped_for_budget(report: dict[str, Any]) -> bool:
-    return any(str(w).startswith(NOT_EVALUATED) for w in report.get("warnings", []))
+    return report.get("not_evaluated") is not None
 
 
 def read_run_manifest(directory: Path) -> dict[str, Any] | None:

@@ -126,3 +126,11 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+def stream_from(directory: Path, dtype: torch.dtype = torch.float32):
+    """What the runner hands a pass for a streamed stage: a weightless skeleton + residency."""
+    from slmcompress.streaming.loader import build_skeleton
+    from slmcompress.streaming.residency import Residency
+
+    return build_skeleton(Path(directory), dtype), Residency("streamed", Path(directory))

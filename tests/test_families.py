@@ -13,12 +13,13 @@ import copy
 
 import pytest
 import torch
+from conftest import stream_from
 from family_models import FAMILY_NAMES, VOCAB, family_config, family_model
 from transformers import AutoModelForCausalLM
 
 from slmcompress.arch import family_for
-from slmcompress.calib import decoder_layers, layerwise
 from slmcompress.checkpoint import load_checkpoint, save_checkpoint
+from slmcompress.layerwise import decoder_layers, layerwise
 from slmcompress.passes.gptq import GPTQConfig, GPTQPass
 from slmcompress.passes.prune import PruneConfig, PrunePass
 from slmcompress.passes.quantize_rtn import RTNConfig, RTNPass
@@ -26,7 +27,6 @@ from slmcompress.prune.importance import random_importance
 from slmcompress.prune.planner import KeepPlan, plan_keep, resolve_target, sizes_of
 from slmcompress.prune.slicing import head_channels, slice_model
 from slmcompress.streaming.sharded_writer import save_state_sharded
-from slmcompress.streaming.wiring import lazy_model_for, source_dir
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -188,18 +188,19 @@ def test_streamed_prune_and_gptq_equal_in_memory(family, make_ctx, tokenizer, tm
         AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval(),
         make_ctx(work_dir=tmp_path / "a"),
     )
-    skeleton = lazy_model_for(
-        tmp_path / "m", cfg.model_copy(update={"streaming": True}), torch.float32
-    )
-    result = PrunePass(cfg).run(skeleton, make_ctx(work_dir=tmp_path / "b"))
-    streamed = AutoModelForCausalLM.from_pretrained(source_dir(result)).eval()
+    skeleton, residency = stream_from(tmp_path / "m")
+    result = PrunePass(cfg).run(skeleton, make_ctx(work_dir=tmp_path / "b", residency=residency))
+    streamed = AutoModelForCausalLM.from_pretrained(result.path).eval()
     _assert_same_state(expected, streamed)
 
     gcfg = dict(type="quantize", method="gptq", bits=4, group_size=32, batch_size=4)
     fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
     in_memory = GPTQPass(GPTQConfig(**gcfg)).run(fresh, make_ctx(work_dir=tmp_path / "c"))
-    fresh = AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
-    got = GPTQPass(GPTQConfig(**gcfg, streaming=True)).run(fresh, make_ctx(work_dir=tmp_path / "d"))
+    skeleton, residency = stream_from(tmp_path / "m")
+    out = GPTQPass(GPTQConfig(**gcfg)).run(
+        skeleton, make_ctx(work_dir=tmp_path / "d", residency=residency)
+    )
+    got, _ = load_checkpoint(out.path)
     _assert_same_state(in_memory, got)
 
 
@@ -275,13 +276,9 @@ def test_fused_weight_of_the_wrong_shape_names_the_tensor(make_ctx, tokenizer, t
         _prune(model, make_ctx(), {"ffn_hidden_size": 64})
     _write_dir(model, tmp_path / "m", tokenizer)  # the same checkpoint on disk
     with pytest.raises(SlmError, match=r"qkv_proj\.weight"):
-        skeleton = lazy_model_for(
-            tmp_path / "m",
-            PruneConfig(type="prune", target={"ffn_hidden_size": 64}, streaming=True),
-            torch.float32,
-        )
+        skeleton, residency = stream_from(tmp_path / "m")
         PrunePass(PruneConfig(type="prune", target={"ffn_hidden_size": 64})).run(
-            skeleton, make_ctx(work_dir=tmp_path / "w")
+            skeleton, make_ctx(work_dir=tmp_path / "w", residency=residency)
         )
     assert not (tmp_path / "w" / "streamed-checkpoint").exists()
 

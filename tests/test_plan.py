@@ -6,16 +6,14 @@ import pytest
 from conftest import write_recipe
 
 from slmcompress.errors import RecipeError
-from slmcompress.plan import (
+from slmcompress.memory_model import (
     PROFILES,
     PUBLISHED_CONFIGS,
     Arch,
     estimate_calibration_pass,
     parse_bytes,
-    plan_recipe,
-    plan_to_dict,
-    render_plan,
 )
+from slmcompress.plan import plan_recipe, plan_to_dict, render_plan
 from slmcompress.recipe import load_recipe
 
 GiB = 2**30
@@ -144,7 +142,11 @@ def test_plan_a_70b_recipe_whose_model_is_not_on_this_machine(tmp_path):
 
 
 def test_plan_of_a_distill_stage_whose_teacher_is_over_the_budget(tmp_path, tiny_model_dir):
-    from slmcompress.plan import compute_bound_tokens, estimate_streamed_forward, load_config
+    from slmcompress.memory_model import (
+        compute_bound_tokens,
+        estimate_streamed_forward,
+        load_config,
+    )
 
     stages = [{"type": "distill", "top_k": 64, "max_tokens": 10_000_000, "seq_len": 2048}]
 

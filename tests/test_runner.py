@@ -10,7 +10,7 @@ from conftest import write_recipe
 from safetensors.torch import load_file
 
 from slmcompress.errors import SlmError
-from slmcompress.passes.eval import EvalPass
+from slmcompress.passes.evaluate import EvalPass
 from slmcompress.passes.quantize_rtn import RTNPass
 from slmcompress.recipe import load_recipe
 from slmcompress.runner import run_recipe

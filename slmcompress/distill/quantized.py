@@ -115,7 +115,7 @@ class QuantizedStudent:
 
     def check_memory(self, model: nn.Module, budget_bytes: int) -> None:
         """Student tensors + gradient and AdamW state of the trainable ones must fit the budget."""
-        from slmcompress.plan import format_bytes
+        from slmcompress.memory_model import format_bytes
 
         tensors = [*model.parameters(), *model.buffers()]
         held = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())

@@ -79,7 +79,7 @@ def summary_from_checkpoint(directory: Path) -> dict[str, Any]:
 
     For checkpoints too big for the memory budget (streamed stages, the 70B path).
     """
-    from slmcompress.plan import Arch
+    from slmcompress.memory_model import Arch
     from slmcompress.streaming.loader import WeightSource
 
     cfg = json.loads((Path(directory) / "config.json").read_text())
@@ -148,7 +148,7 @@ def evaluate(
         timings["tasks_s"] = time.perf_counter() - start
     if options.speed:
         from slmcompress.eval.speed import generation_speed
-        from slmcompress.generate import prepare_for_serving
+        from slmcompress.kernels.dispatch import prepare_for_serving
 
         start = time.perf_counter()
         backends = prepare_for_serving(model)  # time the serving path, not the reference
@@ -183,6 +183,7 @@ def build_report(
     timings: dict[str, float],
     warnings: list[str],
     extra: dict[str, Any] | None = None,
+    not_evaluated: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Assemble ``report.json`` (fixed schema; see DESIGN.md section 3)."""
     return {
@@ -198,6 +199,8 @@ def build_report(
         },
         "timings": timings,
         "warnings": warnings,
+        # metrics left out because the model is over the memory budget: {reason, warning}
+        "not_evaluated": not_evaluated,
         "extra": extra or {},
     }
 

@@ -56,8 +56,8 @@ def evaluate_source(
 def _streamed(source, spec, options, device, dtype, budget, reason) -> SourceEvaluation:
     from slmcompress.eval.report import summary_from_checkpoint
     from slmcompress.eval.streamed import evaluate_streamed
+    from slmcompress.memory_model import load_config
     from slmcompress.models import resolve_model_dir
-    from slmcompress.plan import load_config
     from slmcompress.streaming.wiring import load_tokenizer
 
     directory = resolve_model_dir(source)

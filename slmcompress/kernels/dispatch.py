@@ -16,6 +16,7 @@ import logging
 import os
 import weakref
 from collections import Counter
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
@@ -104,7 +105,7 @@ def set_backends(model: nn.Module, force: bool = False) -> dict[str, int]:
     for module in model.modules():
         if isinstance(module, QuantLinear):
             backend, reason = explain_backend(module, module.qweight.device, force)
-            module.backend = backend
+            module.backend, module.matmul = backend, quant_matmul
             if backend.startswith("triton"):
                 packed_weight(module)
             elif backend == "cpu-int4":
@@ -114,6 +115,15 @@ def set_backends(model: nn.Module, force: bool = False) -> dict[str, int]:
     for (backend, reason), count in reasons.items():
         log.info("%d quantized layers -> %s: %s", count, backend, reason)
     return dict(counts)
+
+
+def prepare_for_serving(model: nn.Module) -> dict[str, int]:
+    """Pick the fastest backend per quantized layer; returns how many layers got each.
+
+    Triton kernel on CUDA; on CPU torch's int4 kernel, or a dequantized copy made once where
+    it cannot serve (8-bit, odd shapes). Float models: ``{}``. Idempotent.
+    """
+    return set_backends(model) or {}
 
 
 def group_layout(g_idx: torch.Tensor, group_size: int, in_features: int) -> tuple[int, int]:
@@ -185,3 +195,14 @@ def quant_matmul(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     x2d = x.reshape(-1, layer.in_features)  # (M, K)
     out = int4_matmul.quant_matmul(x2d, packed_weight(layer))  # (M, N)
     return out.reshape(*x.shape[:-1], layer.out_features)
+
+
+def backend_for_layer(bits: int | None, out_features: int, g_idx: torch.Tensor) -> str:
+    """The backend a QuantLinear of this shape would use here, with the dispatcher's reason.
+
+    Used by ``slmcompress inspect`` (no QuantLinear is built: the dispatcher reads only these).
+    """
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    layer = SimpleNamespace(bits=bits, out_features=out_features, g_idx=g_idx)
+    backend, reason = explain_backend(layer, device)
+    return f"{backend} ({reason})"

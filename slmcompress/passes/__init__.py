@@ -3,7 +3,7 @@
 from slmcompress.passes import (  # noqa: F401
     bnb,  # noqa: F401
     distill,  # noqa: F401
-    eval,
+    evaluate,  # noqa: F401
     export_gguf,  # noqa: F401
     gptq,  # noqa: F401
     prune,  # noqa: F401

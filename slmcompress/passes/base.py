@@ -6,11 +6,17 @@ import logging
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from slmcompress.layerwise import LayerLoop, WrittenCheckpoint
+from slmcompress.streaming.residency import IN_MEMORY, Residency
+
+#: what ``Pass.run`` returns: the new model, or the checkpoint it wrote (streamed input)
+StageOutput = PreTrainedModel | WrittenCheckpoint
 
 if TYPE_CHECKING:
     from slmcompress.data import DataConfig
@@ -28,6 +34,27 @@ class PassConfig(BaseModel):
         """Cross-stage checks (override); raise RecipeError naming the field."""
 
 
+#: stage keys that change how a pass runs, never what it produces (streamed and in-memory
+#: outputs are bit-identical; checkpoint/eval cadence does not touch the weights). Left out
+#: of the stage hash so that, say, lowering max_memory after an OOM resumes the stage.
+RUNTIME_FIELDS = frozenset(
+    {"name", "streaming", "max_memory", "activation_offload", "eval_every", "save_every"}
+)
+
+
+class StreamingOptions(PassConfig):
+    """The stage keys of a pass that can stream (``Pass.supports_streaming``).
+
+    They change how the stage runs, never what it produces (streamed and in-memory outputs
+    are bit-identical), so they stay out of the stage hash (``recipe.RUNTIME_FIELDS``).
+    """
+
+    # None: stream when the model exceeds max_memory; true/false force it
+    streaming: bool | None = None
+    max_memory: str | None = None  # host budget, e.g. "24GiB" (default: the recipe's)
+    activation_offload: Literal["auto", "cpu", "disk"] = "auto"
+
+
 @dataclass
 class Context:
     """What a pass may use besides the model. Passes never read the YAML themselves."""
@@ -43,6 +70,7 @@ class Context:
     seed: int = 0
     stage_index: int = 0
     max_memory: str | None = None  # the recipe's host budget (stages may set their own)
+    residency: Residency = IN_MEMORY  # how the runner holds this stage's input model
     log: logging.Logger = field(default_factory=lambda: logging.getLogger("slmcompress"))
     warnings: list[str] = field(default_factory=list)
     extra_metrics: dict[str, Any] = field(default_factory=dict)
@@ -68,9 +96,28 @@ class Context:
             self._token_cache[key] = calibration_tokens(self.tokenizer, spec, n, t, self.seed)
         return self._token_cache[key]
 
+    def unchanged(self, model: PreTrainedModel) -> StageOutput:
+        """The stage output of a pass that changed nothing: the model, or its input checkpoint."""
+        return model if self.residency.in_memory else WrittenCheckpoint(self.residency.source)
+
+    def layer_loop(
+        self,
+        model: PreTrainedModel,
+        tokens: torch.Tensor,
+        batch_size: int,
+        pass_name: str,
+        key: dict[str, Any],
+        subdir: str | None = None,
+    ) -> LayerLoop:
+        """The layer-by-layer loop over ``model`` that the stage's residency implies."""
+        work_dir = self.work_dir / subdir if subdir else self.work_dir
+        return self.residency.layer_loop(
+            model, tokens, self.device, self.dtype, work_dir, batch_size, pass_name, key
+        )
+
 
 class Pass(ABC):
-    """One compression step: ``run(model, ctx)`` returns the new model."""
+    """One compression step: ``run(model, ctx)`` returns the new model (or written checkpoint)."""
 
     Config: ClassVar[type[PassConfig]]
     pass_type: ClassVar[str]
@@ -81,10 +128,18 @@ class Pass(ABC):
     changes_model: ClassVar[bool] = True
     #: runs on every torchrun rank (others run on rank 0 only, see slmcompress.dist)
     supports_distributed: ClassVar[bool] = False
+    #: runs layer by layer from disk when the runner streams its input (Config is StreamingOptions)
+    supports_streaming: ClassVar[bool] = False
+    streaming_note: ClassVar[str] = ""  # which configs can, for messages
 
     def __init__(self, config: PassConfig) -> None:
         self.config = config
 
+    @classmethod
+    def can_stream(cls, config: PassConfig) -> bool:
+        """Whether a stage with this config can run on a streamed (never loaded) model."""
+        return cls.supports_streaming and isinstance(config, StreamingOptions)
+
     @abstractmethod
-    def run(self, model: PreTrainedModel, ctx: Context) -> PreTrainedModel:
-        """Apply the pass and return the (new or modified) model."""
+    def run(self, model: PreTrainedModel, ctx: Context) -> StageOutput:
+        """Apply the pass; return the new model, or (streamed input) the checkpoint written."""

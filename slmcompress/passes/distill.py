@@ -23,7 +23,6 @@ from pydantic import Field, model_validator
 from transformers import PreTrainedModel
 
 from slmcompress import dist
-from slmcompress.calib import decoder_layers
 from slmcompress.data import DataSpec, check_disjoint, eval_tokens, packed_sequences, spec_identity
 from slmcompress.distill.checkpointing import weights_digest
 from slmcompress.distill.distributed import (
@@ -45,6 +44,7 @@ from slmcompress.distill.trainer import TeacherFn, Trainer, TrainResult, TrainSe
 from slmcompress.errors import DataError, PassError
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.fsutil import atomic_write_json
+from slmcompress.layerwise import decoder_layers
 from slmcompress.passes.base import Context, Pass, PassConfig
 from slmcompress.prune.planner import SOURCE_LAYERS_KEY
 from slmcompress.registry import register_pass

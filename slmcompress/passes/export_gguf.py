@@ -70,10 +70,8 @@ class ExportGgufPass(Pass):
     changes_model = False
 
     def run(self, model: PreTrainedModel, ctx: Context) -> PreTrainedModel:
-        from slmcompress.streaming.wiring import is_lazy
-
         cfg: ExportGgufConfig = self.config
-        if is_lazy(model):
+        if not ctx.residency.in_memory:
             raise PassError(
                 "export: the model is over the memory budget; GGUF export loads it whole"
             )

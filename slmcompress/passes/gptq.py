@@ -1,7 +1,8 @@
 """GPTQ post-training weight quantization (``type: quantize, method: gptq``), layer by layer.
 
-For each decoder layer (via :func:`slmcompress.calib.layerwise`, so memory follows one
-layer + the calibration activations): linears that read the same input (q/k/v, gate/up)
+For each decoder layer (via the stage's :class:`~slmcompress.layerwise.LayerLoop`, so memory
+follows one layer + the calibration activations, whether the model is in memory or streamed
+from disk): linears that read the same input (q/k/v, gate/up)
 form an *input group* sharing one Hessian and one stacked GPTQ solve. With
 ``true_sequential`` the groups are quantized in execution order, each seeing inputs from
 the already-quantized earlier groups (q/k/v -> o -> gate/up -> down). The math lives in
@@ -21,9 +22,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from slmcompress.arch import LLAMA_LAYOUT, Family, registered_family
-from slmcompress.calib import LayerStep, _layer_output, _to, decoder_layers, layerwise
 from slmcompress.errors import PassError
-from slmcompress.passes.base import Context, Pass
+from slmcompress.layerwise import LayerLoop, LayerStep, _layer_output, _to, decoder_layers
+from slmcompress.passes.base import RUNTIME_FIELDS, Context, Pass, StageOutput, StreamingOptions
 from slmcompress.passes.quantize_rtn import ClipSearchOptions
 from slmcompress.progress import progress_bar
 from slmcompress.quant.convert import (
@@ -56,7 +57,7 @@ def _family(model: nn.Module) -> Family:
     return registered_family(model.config) or LLAMA_LAYOUT
 
 
-class GPTQConfig(ClipSearchOptions):
+class GPTQConfig(ClipSearchOptions, StreamingOptions):
     """``type: quantize, method: gptq`` (AutoGPTQ/GPTQModel option names).
 
     ``clip_search`` (see :class:`ClipSearchOptions`; on by default here) picks each group's
@@ -82,10 +83,6 @@ class GPTQConfig(ClipSearchOptions):
     n_samples: int | None = Field(None, ge=1)
     seq_len: int | None = Field(None, ge=8)
     batch_size: int = Field(8, ge=1)
-    # streaming (slmcompress.streaming): layers read from disk one at a time, resumable per layer
-    streaming: bool | None = None  # None: stream when the runner handed over an unloaded skeleton
-    max_memory: str | None = None  # host budget, e.g. "24GiB" (default: 80% of available RAM)
-    activation_offload: Literal["auto", "cpu", "disk"] = "auto"
 
     def quantization_config(self) -> dict:
         """The ``quantization_config`` a checkpoint quantized with these settings carries."""
@@ -140,60 +137,68 @@ class GPTQPass(Pass):
 
     Config = GPTQConfig
     requires_calibration = True
+    supports_streaming = True
 
     @torch.no_grad()
-    def run(self, model: PreTrainedModel, ctx: Context) -> PreTrainedModel:
+    def run(self, model: PreTrainedModel, ctx: Context) -> StageOutput:
         ensure_not_quantized(model)
-        # resolved once, before either path: the streamed one keys its resume state on it
+        # resolved once, before the loop: a streamed loop keys its resume state on it
         self.config = cfg = resolve_group_size(self.config, model, ctx)
-        from slmcompress.streaming.wiring import streamed_gptq
-
-        if (streamed := streamed_gptq(self, model, ctx)) is not None:
-            return streamed
         release_freed_memory_eagerly()  # layer-sized temporaries must not pile up in the heap
-        targets = self._targets(model, ctx)
         tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
-        prefix = _layers_prefix(model)
-        errors: dict[str, dict[str, float]] = {}
-        self._groups_cache: dict[tuple, list[list[str]]] = {}
-        n_layers = len(decoder_layers(model))
+        key = {"gptq": cfg.model_dump(exclude=RUNTIME_FIELDS)}
+        loop = ctx.layer_loop(model, tokens, cfg.batch_size, "gptq", key)
+        return self.quantize(loop, ctx)
+
+    def quantize(
+        self, loop: LayerLoop, ctx: Context, max_layers: int | None = None
+    ) -> StageOutput | None:
+        """The layer loop: GPTQ each layer, commit it, finish into the quantized model.
+
+        ``max_layers`` (benchmarks) stops after that many layers and returns ``None``; a
+        streamed loop keeps the committed layers for a later resume.
+        """
+        cfg: GPTQConfig = self.config
+        targets = self._targets(loop.model, ctx)
+        prefix = _layers_prefix(loop.model)
+        self._groups_cache: dict[tuple, Any] = {}
+        n_layers = loop.num_layers()
+        last = [max_layers - 1] if max_layers else None
         with progress_bar(f"gptq w{cfg.bits} g{cfg.group_size}", total=n_layers) as advance:
-            for step in layerwise(model, tokens, ctx.device, cfg.batch_size):
-                name = f"{prefix}.{step.index}"
-                errors[name] = self.quantize_step(step, name, model, targets, ctx)
-                advance(info=_error_line(errors[name]))
-        model.config.quantization_config = cfg.quantization_config()
+            for step in loop.steps(last):
+                errors, rtn = self.quantize_step(
+                    step, f"{prefix}.{step.index}", loop.model, targets, ctx
+                )
+                loop.commit(step.index, meta={"errors": errors, "rtn_errors": rtn})
+                advance(info=_error_line(errors))
+        if max_layers and max_layers < n_layers:
+            return None
+        # resumed layers were quantized by an earlier process: their figures come from disk
+        metas = {f"{prefix}.{i}": loop.result_meta(i) for i in range(n_layers)}
+        errors = {name: meta.get("errors", {}) for name, meta in metas.items()}
+        rtn = {name: meta.get("rtn_errors", {}) for name, meta in metas.items()}
+        ctx.extra_metrics["rtn_layer_errors"] = rtn
         ctx.extra_metrics["gptq_layer_errors"] = errors
         ctx.extra_metrics["quantized_linears"] = sum(len(e) for e in errors.values())
-        ctx.extra_metrics["gptq_vs_rtn_output_err"] = error_vs_rtn(errors, ctx)
-        return model
+        ctx.extra_metrics["gptq_vs_rtn_output_err"] = error_vs_rtn(errors, rtn)
+        return loop.finish({"quantization_config": cfg.quantization_config()})
 
     def quantize_step(
         self, step: LayerStep, name: str, model: nn.Module, targets: set[str], ctx: Context
-    ) -> dict[str, float]:
+    ) -> tuple[dict[str, float], dict[str, float]]:
         """GPTQ the target linears of decoder layer ``name`` and swap in their ``QuantLinear``s.
 
-        Shared by the in-memory loop and the streaming driver (``model`` is then the skeleton
-        the step's layer belongs to). Returns each linear's relative output error.
+        ``model`` is the model the step's layer belongs to (a skeleton when streamed).
+        Returns each linear's relative output error, GPTQ's and plain RTN's.
         """
         cfg: GPTQConfig = self.config
         local = {n: m for n, m in step.layer.named_modules() if f"{name}.{n}" in targets}
         self._arch = _family(model)
         results = self._quantize_layer(step, name, local, ctx) if local else {}
         for lname, res in results.items():
-            install_quant_linear(
-                model,
-                f"{name}.{lname}",
-                res.codes,
-                res.scales,
-                res.zeros,
-                res.g_idx,
-                cfg.bits,
-                cfg.group_size,
-            )
-        rtn = ctx.extra_metrics.setdefault("rtn_layer_errors", {})
-        rtn[name] = {n: _sig(r.stats["rtn_rel_output_err"]) for n, r in results.items()}
-        return {lname: _sig(res.stats["rel_output_err"]) for lname, res in results.items()}
+            install_quant_linear(model, f"{name}.{lname}", res.quantized(cfg.bits, cfg.group_size))
+        rtn = {n: _sig(r.stats["rtn_rel_output_err"]) for n, r in results.items()}
+        return {lname: _sig(res.stats["rel_output_err"]) for lname, res in results.items()}, rtn
 
     def _targets(self, model: PreTrainedModel, ctx: Context) -> set[str]:
         """Names of the linears to quantize; everything left out is reported with ctx.warn."""
@@ -564,13 +569,14 @@ def _error_line(errors: dict[str, float]) -> str:
     return " ".join(f"{name.rsplit('.', 1)[-1]}={err:.2e}" for name, err in errors.items())
 
 
-def error_vs_rtn(errors: dict[str, dict[str, float]], ctx: Context) -> dict[str, float | int]:
+def error_vs_rtn(
+    errors: dict[str, dict[str, float]], rtn: dict[str, dict[str, float]]
+) -> dict[str, float | int]:
     """GPTQ's layer-output error as a fraction of plain RTN's, on the same calibration Hessians.
 
     The layer objective GPTQ minimises; the report shows how much of it was removed
     (linears without an RTN figure, e.g. from resume state of an older version, are left out).
     """
-    rtn = ctx.extra_metrics.get("rtn_layer_errors", {})
     ratios = sorted(
         e / rtn[layer][name]
         for layer, per in errors.items()

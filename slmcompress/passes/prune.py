@@ -22,11 +22,12 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from slmcompress.errors import PassError, RecipeError
 from slmcompress.eval.report import count_params
-from slmcompress.passes.base import Context, Pass, PassConfig
+from slmcompress.layerwise import WrittenCheckpoint
+from slmcompress.passes.base import Context, Pass, PassConfig, StageOutput, StreamingOptions
 from slmcompress.prune.align import align_sizes
 from slmcompress.prune.importance import (
     Importance,
-    activation_importance,
+    activation_importance_of,
     check_supported,
     loss_depth_scores,
     magnitude_importance,
@@ -43,7 +44,6 @@ from slmcompress.prune.planner import (
 )
 from slmcompress.prune.slicing import slice_model
 from slmcompress.registry import register_pass
-from slmcompress.streaming.wiring import is_lazy
 
 
 class PruneTarget(BaseModel):
@@ -64,7 +64,7 @@ class PruneTarget(BaseModel):
         return self
 
 
-class PruneConfig(PassConfig):
+class PruneConfig(StreamingOptions):
     """``type: prune`` -- one of ``target`` or ``param_ratio`` (+ ``axis``)."""
 
     method: Literal["activation", "magnitude", "random"] = "activation"
@@ -87,12 +87,8 @@ class PruneConfig(PassConfig):
     n_samples: int | None = Field(None, ge=1)
     seq_len: int | None = Field(None, ge=8)
     batch_size: int = Field(4, ge=1)
-    # streaming (slmcompress.streaming): importance scored layer by layer with bounded
-    # activations and per-layer resume; None = stream when the runner hands over a weightless
-    # skeleton (the model exceeds max_memory), which also slices tensor by tensor from disk
-    streaming: bool | None = None
-    max_memory: str | None = None
-    activation_offload: Literal["auto", "cpu", "disk"] = "auto"
+    # streaming (StreamingOptions): importance scored layer by layer with bounded activations
+    # and per-layer resume, and the export sliced tensor by tensor from disk
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
@@ -168,9 +164,16 @@ class PrunePass(Pass):
 
     Config = PruneConfig
     requires_calibration = True
+    supports_streaming = True
+    streaming_note = " (method activation or random)"
+
+    @classmethod
+    def can_stream(cls, config: PassConfig) -> bool:
+        """Magnitude scores need every weight in memory; activation and random stream."""
+        return super().can_stream(config) and config.method in ("activation", "random")
 
     @torch.no_grad()
-    def run(self, model: PreTrainedModel, ctx: Context) -> PreTrainedModel:
+    def run(self, model: PreTrainedModel, ctx: Context) -> StageOutput:
         cfg: PruneConfig = self.config
         check_supported(model)
         current = sizes_of(model.config)
@@ -179,15 +182,15 @@ class PrunePass(Pass):
             ctx.warn(f"prune: {alignment.line()}")
         if sizes == current:
             ctx.warn("prune: the target equals the model's sizes; nothing pruned")
-            return model
+            return ctx.unchanged(model)
         start = time.perf_counter()
         importance = self._importance(model, ctx, current, sizes)
         plan = plan_keep(importance, current, sizes, cfg.depth_mode)
-        pruned = _export_streamed(model, plan, ctx) if is_lazy(model) else slice_model(model, plan)
+        output, pruned = _apply_plan(model, plan, ctx)
         ctx.extra_metrics["prune"] = _summary(
             model, pruned, current, sizes, plan.layers, importance, time.perf_counter() - start
         ) | {"alignment": alignment.summary(), "alignment_line": alignment.line()}
-        return pruned
+        return output
 
     def _importance(
         self, model: PreTrainedModel, ctx: Context, current: ArchSizes, sizes: ArchSizes
@@ -196,7 +199,7 @@ class PrunePass(Pass):
         n_drop = current.num_layers - sizes.num_layers
         block = n_drop if (cfg.depth_mode == "contiguous" and n_drop > 0) else 1
         if cfg.method == "magnitude":
-            if is_lazy(model):
+            if not ctx.residency.in_memory:
                 raise PassError(
                     "prune.method: magnitude needs the weights in memory; a model over "
                     "max_memory is pruned with method activation or random"
@@ -205,19 +208,15 @@ class PrunePass(Pass):
         if cfg.method == "random":
             return random_importance(model, ctx.seed)
         tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
-        from slmcompress.streaming.wiring import streamed_importance
-
-        importance = streamed_importance(self, model, ctx, tokens, block)
-        if importance is None:
-            importance = activation_importance(
-                model,
-                tokens,
-                ctx.device,
-                cfg.batch_size,
-                block_size=block,
-                head_metric=cfg.head_metric,
+        if block != 1 and ctx.residency.streamed:
+            raise PassError(
+                "importance: streaming scores single layers only (block_size 1); "
+                "use depth_mode/ block scoring in memory"
             )
-        if n_drop > 0 and cfg.depth_metric == "loss" and is_lazy(model):
+        key = {"importance": "minitron-activation", "head_metric": cfg.head_metric}
+        loop = ctx.layer_loop(model, tokens, cfg.batch_size, "importance", key, "importance")
+        importance = activation_importance_of(loop, block, cfg.head_metric)
+        if n_drop > 0 and cfg.depth_metric == "loss" and ctx.residency.streamed:
             ctx.warn(
                 "prune.depth_metric: loss needs the whole model in memory; this streamed run "
                 "ranks layers by block importance (depth_metric: cosine) instead"
@@ -236,22 +235,23 @@ class PrunePass(Pass):
         return importance
 
 
-def _export_streamed(skeleton: PreTrainedModel, plan: Any, ctx: Context) -> PreTrainedModel:
-    """Slice from disk into a sharded checkpoint; hand the runner a skeleton of the result."""
-    from slmcompress.streaming.loader import build_skeleton
-    from slmcompress.streaming.prune_export import export_pruned_streamed
-    from slmcompress.streaming.wiring import LAZY_ATTR, source_dir
+def _apply_plan(
+    model: PreTrainedModel, plan: Any, ctx: Context
+) -> tuple[StageOutput, PreTrainedModel]:
+    """The stage output, and a model (or skeleton) of it to count parameters on.
 
-    source = source_dir(skeleton)
-    if source is None:
-        raise PassError("prune: streaming needs the stage's input model as a local directory")
+    Streamed: slice tensor by tensor from the input shards into a sharded checkpoint.
+    """
+    if ctx.residency.in_memory:
+        pruned = slice_model(model, plan)
+        return pruned, pruned
+    from slmcompress.prune.streamed_export import export_pruned_streamed
+    from slmcompress.streaming.loader import build_skeleton
+
     out = export_pruned_streamed(
-        skeleton, source, plan, Path(ctx.work_dir) / "streamed-checkpoint", ctx.dtype
+        model, ctx.residency.source, plan, Path(ctx.work_dir) / "streamed-checkpoint", ctx.dtype
     )
-    ctx.extra_metrics["streamed_from"] = str(source)
-    result = build_skeleton(out, ctx.dtype)
-    setattr(result, LAZY_ATTR, str(out))
-    return result
+    return WrittenCheckpoint(out), build_skeleton(out, ctx.dtype)
 
 
 def _summary(

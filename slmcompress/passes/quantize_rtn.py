@@ -22,6 +22,7 @@ from slmcompress.quant.convert import (
     quantizable_linears,
     resolve_group_size,
 )
+from slmcompress.quant.gptq_format import QuantizedWeight
 from slmcompress.quant.qparams import clip_grid, rtn_quantize_weight
 from slmcompress.registry import register_pass
 
@@ -81,9 +82,8 @@ class RTNPass(Pass):
                     clip_ratios=cfg.clip_ratios(),
                     clip_norm=cfg.clip_norm,
                 )
-                install_quant_linear(
-                    model, name, codes, scales, zeros, g_idx, cfg.bits, cfg.group_size
-                )
+                weight = QuantizedWeight(codes, scales, zeros, g_idx, cfg.bits, cfg.group_size)
+                install_quant_linear(model, name, weight)
                 advance(info=name)
         model.config.quantization_config = gptq_quantization_config(
             cfg.bits, cfg.group_size, cfg.sym, desc_act=False, damp_percent=0.01, method="rtn"

@@ -13,7 +13,8 @@ increase when a layer (or block) is removed, or by block importance 1 - cos(inpu
 output) (Men et al. 2024 "ShortGPT"; used by ModelOpt and Sreenivas et al. 2024).
 
 Scores are "higher = more important" everywhere. All activation statistics come from one
-pass of :func:`slmcompress.calib.layerwise`, so memory follows one decoder layer.
+pass of a :class:`~slmcompress.layerwise.LayerLoop`, so memory follows one decoder layer
+(in memory or streamed from disk: the loop below is written once for both).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,8 +32,8 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from slmcompress.arch import Family, LayerParts, check_layer_shapes, family_for, layer_parts
-from slmcompress.calib import decoder_layers, layerwise
 from slmcompress.errors import PassError
+from slmcompress.layerwise import LayerLoop, LayerStep, MemoryLoop, decoder_layers
 from slmcompress.prune.planner import sizes_of
 
 log = logging.getLogger(__name__)
@@ -226,42 +227,81 @@ def activation_importance(
     """Minitron importance of heads, neurons and hidden channels, plus cosine depth scores.
 
     Args:
-        model: a Llama-style causal LM.
+        model: a Llama-style causal LM (in memory).
         tokens: calibration ids ``(N, T)``.
         device: compute device (one layer at a time lives there).
         batch_size: calibration batch size.
         block_size: also score every contiguous block of this many layers by 1 - cos.
         head_metric: ``projected_output`` or ``attention_output`` (see :class:`_LayerHooks`).
     """
+    loop = MemoryLoop(model, tokens, device, batch_size)
+    return activation_importance_of(loop, block_size, head_metric)
+
+
+@torch.no_grad()
+def activation_importance_of(
+    loop: LayerLoop, block_size: int = 1, head_metric: str = "projected_output"
+) -> Importance:
+    """:func:`activation_importance` over any :class:`~slmcompress.layerwise.LayerLoop`.
+
+    Each layer's scores are committed (a resume point when streamed); the per-layer cosine
+    sum is kept as a float in the metadata, so the depth scores are the same division
+    whether the loop ran in one process or was resumed.
+    """
+    model = loop.model
     family = check_supported(model)
     n_heads = model.config.num_attention_heads
-    heads, neurons, per_layer_cos = [], [], []
-    hidden: torch.Tensor | None = None
-    single, block = _BlockCosine(1), _BlockCosine(block_size)
-    for step in layerwise(model, tokens, device, batch_size):
-        hooks = _LayerHooks(model_parts(model, step.layer, family), n_heads, head_metric)
-        try:
-            outputs = step.forward(keep_outputs=True)
-        finally:
-            hooks.remove()
-        step.set_outputs(outputs)
-        inputs = [b.hidden for b in step.inputs]
-        single.add(inputs, outputs)
-        block.add(inputs, outputs)
-        heads.append(hooks.head_values())
-        neurons.append(hooks.neurons.value())
-        hidden = hooks.hidden.value() if hidden is None else hidden + hooks.hidden.value()
-        per_layer_cos.append(single.scores[-1])
+    block = _BlockCosine(block_size) if block_size > 1 else None
+    for step in loop.steps():
+        tensors, meta, outputs = score_layer(
+            step, model_parts(model, step.layer, family), n_heads, head_metric
+        )
+        if block is not None:  # in memory only: keeps the inputs of the last k layers
+            block.add([b.hidden for b in step.inputs], outputs)
+        loop.commit(step.index, tensors, meta)
+    heads, neurons, cos, hidden = [], [], [], None
+    for index in range(loop.num_layers()):
+        tensors, meta = loop.result(index)
+        heads.append(tensors["heads"])
+        neurons.append(tensors["neurons"])
+        hidden = tensors["hidden"] if hidden is None else hidden + tensors["hidden"]
+        cos.append(meta["cos_total"] / meta["cos_count"])
     return Importance(
         heads=heads,
         neurons=neurons,
         hidden=hidden,
-        layers=torch.tensor(per_layer_cos),
-        blocks=torch.tensor(block.scores),
+        layers=torch.tensor(cos),
+        blocks=torch.tensor(block.scores if block is not None else cos),
         block_size=block_size,
         method="activation",
         extra={"depth_metric": "cosine", "head_metric": head_metric},
     )
+
+
+@torch.no_grad()
+def score_layer(
+    step: LayerStep, parts: LayerParts, n_heads: int, head_metric: str = "projected_output"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any], Sequence[torch.Tensor]]:
+    """One layer's Minitron statistics, its 1 - cos sum and token count, and its outputs.
+
+    The layer did not change, so its outputs become the next layer's inputs as they are.
+    """
+    hooks = _LayerHooks(parts, n_heads, head_metric)
+    try:
+        outputs = step.forward(keep_outputs=True)
+    finally:
+        hooks.remove()
+    step.set_outputs(outputs)
+    total, count = 0.0, 0
+    for batch, out in zip(step.inputs, outputs, strict=True):  # lazily: streamed inputs
+        s, n = cosine_importance(batch.hidden, out)
+        total, count = total + s, count + n
+    tensors = {
+        "heads": hooks.head_values(),
+        "neurons": hooks.neurons.value(),
+        "hidden": hooks.hidden.value(),
+    }
+    return tensors, {"cos_total": total, "cos_count": count}, outputs
 
 
 # ------------------------------------------------------------------ baselines

@@ -22,8 +22,8 @@ from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
 from slmcompress.arch import PART_INPUT, Family, family_for, part_rows, segments
-from slmcompress.calib import decoder_layers
 from slmcompress.errors import PassError
+from slmcompress.layerwise import decoder_layers
 from slmcompress.prune.planner import KeepPlan, pruned_config
 
 log = logging.getLogger(__name__)

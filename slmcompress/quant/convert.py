@@ -10,12 +10,12 @@ import fnmatch
 from collections.abc import Iterable
 from typing import Any
 
-import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from slmcompress.checkpoint import replace_module
+from slmcompress.arch import replace_module
 from slmcompress.errors import PassError
+from slmcompress.quant.gptq_format import QuantizedWeight
 from slmcompress.quant.packing import pack_multiple
 from slmcompress.quant.quant_linear import QuantLinear
 
@@ -162,22 +162,11 @@ def quantizable_linears(
     return chosen, skipped
 
 
-def install_quant_linear(
-    model: nn.Module,
-    name: str,
-    codes: torch.Tensor,
-    scales: torch.Tensor,
-    zeros: torch.Tensor,
-    g_idx: torch.Tensor,
-    bits: int,
-    group_size: int,
-) -> QuantLinear:
-    """Replace ``model.<name>`` (an nn.Linear) with the packed QuantLinear of these codes."""
+def install_quant_linear(model: nn.Module, name: str, weight: QuantizedWeight) -> QuantLinear:
+    """Replace ``model.<name>`` (an nn.Linear) with the packed QuantLinear of ``weight``."""
     linear = model.get_submodule(name)
     bias = linear.bias.detach() if linear.bias is not None else None
-    layer = QuantLinear.from_codes(
-        codes.cpu(), scales.cpu(), zeros.cpu(), g_idx.cpu(), bits, group_size, bias
-    )
+    layer = QuantLinear.from_quantized(weight.cpu(), bias)
     replace_module(model, name, layer.to(linear.weight.device))
     return layer
 

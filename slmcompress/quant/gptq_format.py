@@ -6,13 +6,40 @@ line naming the key or tensor instead of a TypeError or a shape error deep in a 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from slmcompress.errors import CheckpointError
 from slmcompress.quant.packing import pack_multiple
 from slmcompress.quant.qparams import n_groups
+
+
+@dataclass(frozen=True)
+class QuantizedWeight:
+    """One linear's quantized weight before packing (GPTQ v1 semantics, see DESIGN.md sec. 3).
+
+    ``w[o, i] = scales[g_idx[i], o] * (codes[o, i] - zeros[g_idx[i], o])``.
+    """
+
+    codes: torch.Tensor  # (out, in) int32 in [0, 2**bits)
+    scales: torch.Tensor  # (G, out) float
+    zeros: torch.Tensor  # (G, out) int32
+    g_idx: torch.Tensor  # (in,) int32 group of each input channel
+    bits: int
+    group_size: int
+
+    def cpu(self) -> QuantizedWeight:
+        return QuantizedWeight(
+            self.codes.cpu(),
+            self.scales.cpu(),
+            self.zeros.cpu(),
+            self.g_idx.cpu(),
+            self.bits,
+            self.group_size,
+        )
 
 
 class GPTQFormat(BaseModel):

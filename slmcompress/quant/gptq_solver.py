@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 import torch
 
 from slmcompress.errors import PassError
+from slmcompress.quant.gptq_format import QuantizedWeight
 from slmcompress.quant.qparams import (
     compute_qparams,
     dequantize_weight,
@@ -90,6 +91,10 @@ class GPTQResult:
         torch.Tensor
     )  # (out, in) float32 fake-quantized weight: scales[g_idx] * (codes - zeros[g_idx])
     stats: dict = field(default_factory=dict)
+
+    def quantized(self, bits: int, group_size: int) -> QuantizedWeight:
+        """The codes/scales/zeros/g_idx as the value :func:`install_quant_linear` packs."""
+        return QuantizedWeight(self.codes, self.scales, self.zeros, self.g_idx, bits, group_size)
 
 
 @contextmanager

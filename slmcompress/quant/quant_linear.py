@@ -1,7 +1,9 @@
 """``QuantLinear``: a Linear whose buffers are exactly the GPTQ v1 packed tensors.
 
 The checkpoint stays independent of the kernel: quantizing produces packed tensors,
-loading swaps this module in, and ``forward`` runs the backend ``set_backends`` chose:
+loading swaps this module in, and ``forward`` runs the matmul that
+:func:`slmcompress.kernels.dispatch.set_backends` installed for the backend it chose
+(this module never imports the kernels):
 ``triton-int3/4`` (CUDA), ``cpu-int4`` (torch's int4 CPU kernel), ``torch-cached``
 (dequantized once, kept: CPU layers no kernel takes) or ``torch`` (dequantize + matmul per
 call: the reference, and what every layer uses until a backend is set).
@@ -11,7 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +29,9 @@ from slmcompress.quant.packing import (
     unpack_rows,
 )
 from slmcompress.quant.qparams import n_groups
+
+if TYPE_CHECKING:
+    from slmcompress.quant.gptq_format import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +63,8 @@ class QuantLinear(nn.Module):
             "bias", torch.zeros(out_features, dtype=torch.float16) if bias else None
         )
         self.backend = "torch"
+        #: ``(x, layer) -> x @ W^T`` of the chosen backend, installed by ``set_backends``
+        self.matmul: Callable[[torch.Tensor, QuantLinear], torch.Tensor] | None = None
         self._weight_cache: torch.Tensor | None = None
         self.cache_weight = False  # see cached_dequantization()
 
@@ -82,6 +90,14 @@ class QuantLinear(nn.Module):
             layer.bias.copy_(bias.to(torch.float16))
         return layer.to(codes.device)
 
+    @classmethod
+    def from_quantized(
+        cls, weight: QuantizedWeight, bias: torch.Tensor | None = None
+    ) -> QuantLinear:
+        """Build from a :class:`~slmcompress.quant.gptq_format.QuantizedWeight`."""
+        w = weight
+        return cls.from_codes(w.codes, w.scales, w.zeros, w.g_idx, w.bits, w.group_size, bias)
+
     def codes(self) -> torch.Tensor:
         """Unpacked integer codes ``(out, in)``."""
         return unpack_qweight(self.qweight, self.bits, self.in_features)
@@ -99,12 +115,10 @@ class QuantLinear(nn.Module):
         return w.T.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._reference_path(x):
+        if self.matmul is None or self._reference_path(x):
             out = F.linear(x, self._float_weight(x.dtype))
         else:
-            from slmcompress.kernels import dispatch
-
-            out = dispatch.quant_matmul(x, self)
+            out = self.matmul(x, self)
         if self.bias is not None:
             out = out + self.bias.to(out.dtype)
         return out

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmcompress.checkpoint import replace_module
+from slmcompress.arch import replace_module
 from slmcompress.errors import PassError
 from slmcompress.quant.qparams import max_code
 from slmcompress.quant.quant_linear import QuantLinear

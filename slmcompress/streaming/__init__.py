@@ -1,11 +1,14 @@
-"""Out-of-core (streaming) calibration for models larger than memory: the 70B path.
+"""Out-of-core (streaming) execution for models larger than memory: the 70B path.
 
 - :mod:`.loader`: meta skeleton + one decoder layer at a time from safetensors shards;
 - :mod:`.activations`: calibration activations in memory up to a budget, on disk beyond;
-- :mod:`.engine`: :class:`StreamingRun` / :func:`streaming_layerwise` (the ``LayerStep``
-  contract of :mod:`slmcompress.calib`) and :func:`should_stream`;
-- :mod:`.resume`: per-layer resume state; :mod:`.sharded_writer`: size-limited shards;
-- :mod:`.drivers`: streamed GPTQ and importance scoring.
+- :mod:`.engine`: :class:`StreamingRun` (the streamed :class:`~slmcompress.layerwise.LayerLoop`)
+  and :func:`should_stream`;
+- :mod:`.residency`: how the runner holds a stage's model, and the loop that follows;
+- :mod:`.resume`: per-layer resume state; :mod:`.sharded_writer`: size-limited shards.
+
+Nothing here imports the passes, the recipe or the runner: the algorithms are written once
+against the loop, and the runner chooses which loop they get.
 """
 
 from slmcompress.streaming.engine import (
@@ -13,7 +16,6 @@ from slmcompress.streaming.engine import (
     StreamingRun,
     StreamOptions,
     should_stream,
-    streaming_layerwise,
 )
 
 __all__ = [
@@ -21,5 +23,4 @@ __all__ = [
     "StreamOptions",
     "StreamingRun",
     "should_stream",
-    "streaming_layerwise",
 ]

@@ -25,8 +25,8 @@ from typing import Any, Literal
 import torch
 from safetensors.torch import load_file, save_file
 
-from slmcompress.calib import LayerBatch
 from slmcompress.errors import PassError
+from slmcompress.layerwise import LayerBatch
 
 log = logging.getLogger(__name__)
 

@@ -1,23 +1,26 @@
-"""Streaming (out-of-core) layer-wise calibration: the model never has to fit in memory.
+"""Streaming (out-of-core) layer-wise execution: the model never has to fit in memory.
 
-Same contract as :func:`slmcompress.calib.layerwise` -- passes receive :class:`LayerStep`
-objects with ``.index``, ``.layer``, ``.inputs``, ``.forward()``, ``.set_outputs()`` --
-but each layer is read from the safetensors shards when reached and dropped afterwards,
-calibration activations live in an :class:`ActivationStore` (memory up to a budget, disk
-beyond), and every finished layer is a resume point::
+:class:`StreamingRun` is the :class:`~slmcompress.layerwise.LayerLoop` of a model that stays
+on disk -- passes receive :class:`~slmcompress.layerwise.LayerStep` objects with ``.index``,
+``.layer``, ``.inputs``, ``.forward()``, ``.set_outputs()`` -- but each layer is read from the
+safetensors shards when reached and dropped afterwards, calibration activations live in an
+:class:`ActivationStore` (memory up to a budget, disk beyond), every committed layer is a
+resume point, and ``finish`` assembles the sharded checkpoint from the committed layers::
 
     run = StreamingRun(model_dir, tokens, device, work_dir, StreamOptions(max_memory="3GB"))
     for step in run.steps():
         ...process step.layer...
-        run.save_result(step.index, {...tensors...})
+        run.commit(step.index)          # the layer's weights, or commit(i, {...scores...})
+    out = run.finish({"quantization_config": ...})   # a WrittenCheckpoint
 """
 
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +30,10 @@ import torch
 from torch import nn
 
 from slmcompress.arch import layer_type
-from slmcompress.calib import LayerBatch, LayerStep, _layer_output, _to, capture_layer_inputs
+from slmcompress.checkpoint_io import new_metadata, write_metadata, write_quantize_config
 from slmcompress.errors import PassError
-from slmcompress.plan import (
+from slmcompress.layerwise import LayerStep, WrittenCheckpoint, capture_layer_inputs
+from slmcompress.memory_model import (
     BASE_RSS,
     DEFAULT_MEMORY_FRACTION,
     SLACK,
@@ -42,6 +46,11 @@ from slmcompress.plan import (
 from slmcompress.streaming.activations import ActivationStore, BatchView, OffloadMode
 from slmcompress.streaming.loader import StreamingModel
 from slmcompress.streaming.resume import ResumeState, tokens_digest
+from slmcompress.streaming.sharded_writer import (
+    DEFAULT_SHARD_BYTES,
+    copy_side_files,
+    sharded_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +65,7 @@ class StreamOptions:
     resume: bool = True
     pass_name: str = "gptq"  # for the working-set estimate in the budget check
     key: dict[str, Any] = field(default_factory=dict)  # what the pass result depends on
+    max_shard_bytes: int = DEFAULT_SHARD_BYTES  # of the checkpoint ``finish`` writes
 
 
 _M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
@@ -114,8 +124,8 @@ def should_stream(
     activation_bytes: int = 0,
 ) -> StreamDecision:
     """Stream when the model (at the compute dtype) plus activations exceed the host budget."""
-    from slmcompress.models import resolve_model_dir
-    from slmcompress.plan import load_config
+    from slmcompress.memory_model import load_config
+    from slmcompress.model_sources import resolve_model_dir
 
     model_dir = resolve_model_dir(str(model_source))
     if model_dir is None:
@@ -156,21 +166,13 @@ class StreamingLayerStep(LayerStep):
         self.next_store: ActivationStore | None = None
         self.created: list[ActivationStore] = []
 
-    @torch.no_grad()
-    def forward(self, keep_outputs: bool = False) -> Sequence[torch.Tensor] | None:
-        """Run every calibration batch through the layer; kept outputs stream into a store."""
-        if not keep_outputs:
-            return super().forward(keep_outputs=False)
-        store = self._new_store()
-        for batch in self.inputs:
-            out = _layer_output(
-                self.layer(batch.hidden.to(self.device), **_to(batch.kwargs, self.device))
-            )
-            if not torch.isfinite(out).all():
-                store.discard()
-                raise PassError(f"layer {self.index}: NaN/Inf in activations")
-            store.append(out.to(batch.hidden.device))
-        return store
+    def _output_sink(self) -> ActivationStore:  # type: ignore[override]
+        """Kept outputs stream into a store (memory up to the budget, disk beyond)."""
+        return self._new_store()
+
+    def _drop_sink(self, outputs: ActivationStore | None) -> None:
+        if outputs is not None:
+            outputs.discard()
 
     def _new_store(self) -> ActivationStore:
         store = self._run.new_store(self.index + 1)
@@ -217,7 +219,8 @@ class StreamingRun:
             model if isinstance(model, StreamingModel) else StreamingModel(Path(model), dtype)
         )
         self.tokens, self.device = tokens, torch.device(device)
-        self.root = Path(work_dir) / "stream"
+        self.work_dir = Path(work_dir)
+        self.root = self.work_dir / "stream"
         self.budget = resolve_budget(self.options.max_memory)
         self.activation_budget = self._check_budget()
         if not self.options.resume and self.root.exists():
@@ -342,38 +345,57 @@ class StreamingRun:
             self.stream.release_non_layer()
         return kwargs, store
 
-    # ------------------------------------------------------------ results
-    def save_result(
-        self, index: int, tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None = None
+    # ------------------------------------------------------------ results (LayerLoop)
+    @property
+    def model(self) -> nn.Module:
+        """The skeleton the streamed layers belong to (passes swap modules into it)."""
+        return self.stream.model
+
+    def num_layers(self) -> int:
+        return self.stream.num_layers()
+
+    def commit(
+        self,
+        index: int,
+        tensors: dict[str, torch.Tensor] | None = None,
+        meta: dict[str, Any] | None = None,
     ) -> None:
-        """Persist a layer's pass result before the loop moves on (it is the resume point)."""
+        """Persist a layer's result before the loop moves on (it is the resume point).
+
+        ``tensors=None``: the layer's own weights, under their names in the model.
+        """
+        if tensors is None:
+            name = f"{self.stream.layer_prefix.rstrip('.')}.{index}"
+            layer = self.stream.model.get_submodule(name)
+            tensors = {f"{name}.{k}": v for k, v in layer.state_dict().items()}
         self.state.save_result(index, tensors, meta)
 
-    def load_result(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    def result(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return self.state.load_result(index)
 
-    def load_meta(self, index: int) -> dict[str, Any]:
+    def result_meta(self, index: int) -> dict[str, Any]:
+        """A committed layer's metadata only (no tensor is read)."""
         return self.state.load_meta(index)
 
-
-def streaming_layerwise(
-    model_dir: Path,
-    tokens: torch.Tensor,
-    device: torch.device,
-    work_dir: Path,
-    options: StreamOptions | None = None,
-    dtype: torch.dtype = torch.float32,
-    layer_indices: list[int] | None = None,
-) -> Iterator[StreamingLayerStep]:
-    """Drop-in for :func:`slmcompress.calib.layerwise` reading layers from ``model_dir``.
-
-    Passes that only observe layers (importance scoring) can use it unchanged; passes whose
-    results must survive a crash use :class:`StreamingRun` and ``save_result``.
-    """
-    run = StreamingRun(model_dir, tokens, device, work_dir, options, dtype)
-    yield from run.steps(layer_indices)
-
-
-def inputs_as_batches(view: BatchView) -> list[LayerBatch]:
-    """Materialise a view (tests and small models only)."""
-    return list(view)
+    def finish(
+        self, config_updates: dict[str, Any], out_dir: Path | None = None
+    ) -> WrittenCheckpoint:
+        """Non-layer tensors from the source + every committed layer -> sharded HF checkpoint."""
+        out = Path(out_dir) if out_dir else self.work_dir / "streamed-checkpoint"
+        stream = self.stream
+        config = stream.config.to_dict()
+        config.update(config_updates, torch_dtype=str(stream.dtype).removeprefix("torch."))
+        with sharded_checkpoint(out, self.options.max_shard_bytes) as writer:
+            for name in stream.non_layer_names():
+                writer.add(name, stream.source.get(name, stream.dtype))
+            for index in range(stream.num_layers()):
+                tensors, _meta = self.result(index)
+                writer.add_many(tensors)
+                del tensors
+            copy_side_files(stream.model_dir, writer.directory)
+            (writer.directory / "config.json").write_text(
+                json.dumps(config, indent=2, sort_keys=True) + "\n"
+            )
+            write_quantize_config(writer.directory, config_updates.get("quantization_config"))
+            write_metadata(writer.directory, new_metadata(streamed=True))
+        return WrittenCheckpoint(out)

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmcompress.calib import _layer_output, _to
 from slmcompress.errors import PassError
+from slmcompress.layerwise import _layer_output, _to
 from slmcompress.streaming.engine import StreamingLayerStep, StreamingRun, StreamOptions
 from slmcompress.streaming.loader import StreamingModel, materialise, release
 
@@ -74,8 +74,8 @@ def streamed_forward(
     for step in run.steps():
         if step.index == last:
             rows = _final_rows(stream, step, tokens, head, device, chunk_bytes)
-            run.save_result(last, rows)
-    tensors, _meta = run.load_result(last)
+            run.commit(last, rows)
+    tensors, _meta = run.result(last)
     return tensors
 
 

@@ -16,11 +16,9 @@ front so a missing or truncated shard fails before hours of work, naming the fil
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,95 +26,21 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from slmcompress.calib import decoder_layers
+from slmcompress.checkpoint_io import (  # noqa: F401 - re-exported for the streaming modules
+    DTYPES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    TensorEntry,
+    parse_header,
+    read_header,
+    shard_entries,
+    shard_paths,
+)
 from slmcompress.errors import CheckpointError
+from slmcompress.layerwise import decoder_layers
 from slmcompress.remote_code import check_local_code, hf_kwargs
 
 log = logging.getLogger(__name__)
-
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-}
-
-
-@dataclass(frozen=True)
-class TensorEntry:
-    """Where one tensor lives: shard file, byte range of its data, dtype and shape."""
-
-    path: Path
-    start: int  # absolute file offset of the first byte
-    nbytes: int
-    dtype: str
-    shape: tuple[int, ...]
-
-
-def parse_header(path: Path) -> tuple[int, dict]:
-    """(data section offset, header dict) of a safetensors file, read without mmap.
-
-    Raises ``OSError`` / ``ValueError``; :func:`read_header` words them for the user.
-    """
-    with open(path, "rb") as handle:
-        header_len = int.from_bytes(handle.read(8), "little")
-        if header_len <= 0 or header_len > 100_000_000:
-            raise ValueError(f"implausible header length {header_len}")
-        return 8 + header_len, json.loads(handle.read(header_len))
-
-
-def read_header(path: Path) -> tuple[int, dict]:
-    """Parse a safetensors header; return (data section offset, header dict)."""
-    try:
-        return parse_header(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"checkpoint: weight shard {path} is missing") from None
-    except (ValueError, OSError) as exc:
-        raise CheckpointError(f"checkpoint: weight shard {path} is corrupt ({exc})") from exc
-
-
-def shard_entries(path: Path) -> dict[str, TensorEntry]:
-    """Every tensor of one shard; raises CheckpointError naming the shard if it is truncated."""
-    base, header = read_header(path)
-    entries = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        entries[name] = TensorEntry(
-            path, base + begin, end - begin, info["dtype"], tuple(info["shape"])
-        )
-    needed = base + max((e.start - base + e.nbytes for e in entries.values()), default=0)
-    size = path.stat().st_size
-    if size < needed:
-        raise CheckpointError(
-            f"checkpoint: weight shard {path} is truncated ({size} bytes, its header needs {needed})"
-        )
-    return entries
-
-
-def shard_paths(model_dir: Path) -> list[Path]:
-    """The shard files named by the index (or the single ``model.safetensors``)."""
-    index = model_dir / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
-            raise CheckpointError(f"checkpoint: {index} is not a valid safetensors index") from exc
-        return [model_dir / name for name in sorted(set(weight_map.values()))]
-    if (model_dir / SINGLE_FILE).is_file():
-        return [model_dir / SINGLE_FILE]
-    raise CheckpointError(f"checkpoint: {model_dir} has no {SINGLE_FILE} or {INDEX_FILE}")
 
 
 class WeightSource:
@@ -333,11 +257,6 @@ class StreamingModel:
 
     def num_layers(self) -> int:
         return len(self.layers)
-
-    def layer_bytes(self, index: int = 0) -> int:
-        """Bytes one decoder layer occupies at the compute dtype."""
-        elem = torch.empty((), dtype=self.dtype).element_size()
-        return sum(p.numel() for p in self.layers[index].parameters()) * elem
 
     def load_layer(self, index: int, device: torch.device) -> nn.Module:
         """Materialise decoder layer ``index`` on ``device``."""

@@ -127,9 +127,6 @@ class ResumeState:
                 f"{what} while saving the result of layer {layer} to {path}: {exc.strerror or exc}"
             ) from exc
 
-    def has_result(self, layer: int) -> bool:
-        return self.result_path(layer).is_file()
-
     def load_result(self, layer: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and metadata saved for ``layer``."""
         path = self._existing_result(layer)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 
 import torch
 
@@ -36,11 +37,11 @@ def run_case(case: dict) -> float:
     """Relative max error of the kernel (or dequant / dense path) for one case."""
     from slmcompress.kernels import int4_matmul as km  # imports Triton: interpreter already on
     from slmcompress.kernels.dispatch import packed_weight
-    from slmcompress.kernels.reference import (
-        dequantize_reference,
-        quant_matmul_reference,
-        random_quant_linear,
-    )
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: random_models
+    from random_models import random_quant_linear
+
+    from slmcompress.kernels.reference import dequantize_reference, quant_matmul_reference
 
     layer = random_quant_linear(
         case["k"],

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from random_models import random_quant_linear
 
 from slmcompress.kernels import cpu_int4, dispatch
-from slmcompress.kernels.reference import quant_matmul_reference, random_quant_linear
+from slmcompress.kernels.reference import quant_matmul_reference
 from slmcompress.quant.quant_linear import QuantLinear, cached_dequantization
 
 pytestmark = [

@@ -8,10 +8,11 @@ import logging
 import pytest
 import torch
 from _interp import run_interpreted
+from random_models import random_quant_linear
 from torch import nn
 
 from slmcompress.kernels import dispatch
-from slmcompress.kernels.reference import quant_matmul_reference, random_quant_linear
+from slmcompress.kernels.reference import quant_matmul_reference
 
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None, reason="triton is not installed"
@@ -110,3 +111,20 @@ def test_tiny_llama_generates_the_same_tokens_through_the_kernel():
     assert result["backends"] == {f"triton-int{bits}": 15}  # 7 per layer x 2 + lm_head
     assert result["kernel_tokens"] == result["torch_tokens"]
     assert result["max_logit_diff"] < 1e-3
+
+
+def test_quant_linear_runs_only_the_matmul_the_dispatcher_installed(monkeypatch):
+    """QuantLinear never imports the kernels: until set_backends installs a matmul, forward
+    is the torch reference; after, it calls exactly the installed one."""
+    layer = random_quant_linear(64, 64, 4, 32)
+    x = torch.randn(3, 64)
+    assert layer.matmul is None
+    reference = layer(x)
+    dispatch.set_backends(layer)  # CPU: the int4 CPU kernel
+    assert layer.backend == "cpu-int4" and layer.matmul is dispatch.quant_matmul
+    calls = []
+    real = layer.matmul
+    layer.matmul = lambda inp, lyr: calls.append(lyr) or real(inp, lyr)
+    served = layer(x)
+    assert calls == [layer]
+    assert (served - reference).abs().max() < 0.02 * reference.abs().max()  # bf16 kernel

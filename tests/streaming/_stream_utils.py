@@ -55,3 +55,48 @@ def write_sharded_model(
 
 def random_tokens(n: int = 6, t: int = 16, vocab: int = 1000, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, (n, t), generator=torch.Generator().manual_seed(seed))  # (N, T)
+
+
+def streamed_importance(model_dir, tokens, work_dir, options=None, head_metric="projected_output"):
+    """Minitron importance of a model on disk through the streaming loop (resumable)."""
+    from dataclasses import replace
+
+    from slmcompress.prune.importance import activation_importance_of
+    from slmcompress.streaming.engine import StreamingRun, StreamOptions
+
+    options = replace(
+        options or StreamOptions(batch_size=2, max_memory="8GB"),
+        pass_name="importance",
+        key={"importance": "minitron-activation", "head_metric": head_metric},
+    )
+    run = StreamingRun(Path(model_dir), tokens, torch.device("cpu"), work_dir, options)
+    return activation_importance_of(run, 1, head_metric)
+
+
+def streamed_gptq(gptq_pass, model_dir, ctx, options=None, tokens=None, max_layers=None):
+    """GPTQ of a model on disk through the streaming loop; the checkpoint dir it wrote."""
+    from dataclasses import replace
+
+    from slmcompress.passes.base import RUNTIME_FIELDS
+    from slmcompress.streaming.engine import StreamingRun, StreamOptions
+
+    cfg = gptq_pass.config
+    if tokens is None:
+        tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
+    options = replace(
+        options or StreamOptions(),
+        batch_size=cfg.batch_size,
+        pass_name="gptq",
+        key={"gptq": cfg.model_dump(exclude=RUNTIME_FIELDS)},
+    )
+    run = StreamingRun(Path(model_dir), tokens, ctx.device, ctx.work_dir, options, ctx.dtype)
+    out = gptq_pass.quantize(run, ctx, max_layers)
+    return out.path if out is not None else None
+
+
+def assert_same_importance(a, b):
+    for x, y in zip(a.heads + a.neurons, b.heads + b.neurons, strict=True):
+        assert torch.equal(x, y)
+    assert torch.equal(a.hidden, b.hidden)
+    assert torch.equal(a.layers, b.layers)
+    assert torch.equal(a.blocks, b.blocks)

@@ -6,38 +6,32 @@ import errno
 
 import pytest
 import torch
-from _stream_utils import random_tokens, small_config, write_sharded_model
+from _stream_utils import (
+    assert_same_importance,
+    random_tokens,
+    small_config,
+    streamed_gptq,
+    streamed_importance,
+    write_sharded_model,
+)
 
-from slmcompress.arch import family_for, layer_parts
-from slmcompress.calib import layerwise
 from slmcompress.checkpoint import load_checkpoint
 from slmcompress.errors import PassError
-from slmcompress.streaming.drivers import gptq_streaming, importance_streaming, score_step
 from slmcompress.streaming.engine import StreamingRun, StreamOptions, should_stream
 
 CPU = torch.device("cpu")
 
 
-def _in_memory_scores(model, tokens, batch_size):
-    scores, family = {}, family_for(model)
-    for step in layerwise(model, tokens, CPU, batch_size=batch_size):
-        parts = layer_parts(step.layer, family, model.config)
-        scores.update(
-            {f"model.layers.{step.index}.{k}": v for k, v in score_step(step, parts).items()}
-        )
-    return scores
-
-
 @pytest.mark.parametrize("offload", ["cpu", "disk", "auto"])
-def test_streamed_importance_is_bit_exact(tmp_path, offload):
+def test_streamed_minitron_importance_is_bit_exact(tmp_path, offload):
+    from slmcompress.prune.importance import activation_importance
+
     model = write_sharded_model(tmp_path / "m", small_config())
     tokens = random_tokens()
-    expected = _in_memory_scores(model, tokens, batch_size=2)
+    expected = activation_importance(model, tokens, CPU, batch_size=2)
     options = StreamOptions(batch_size=2, activation_offload=offload, max_memory="8GB")
-    got = importance_streaming(tmp_path / "m", tokens, CPU, tmp_path / "w", options)
-    assert set(got) == set(expected)
-    for name in expected:
-        assert torch.equal(got[name], expected[name]), name
+    got = streamed_importance(tmp_path / "m", tokens, tmp_path / "w", options)
+    assert_same_importance(expected, got)
 
 
 def test_auto_offload_spills_beyond_the_budget(tmp_path):
@@ -71,13 +65,11 @@ def test_streamed_gptq_is_bit_exact_and_reloads(tmp_path, make_ctx, tokenizer):
     )
     reference, _ = load_checkpoint(tmp_path / "m")
     reference = gptq.GPTQPass(config).run(reference, make_ctx(work_dir=tmp_path / "w1"))
-    out = gptq_streaming(
+    out = streamed_gptq(
         gptq.GPTQPass(config),
         tmp_path / "m",
         make_ctx(work_dir=tmp_path / "w2"),
-        tmp_path / "q",
-        StreamOptions(activation_offload="disk", max_memory="8GB"),
-        max_shard_bytes=300_000,
+        StreamOptions(activation_offload="disk", max_memory="8GB", max_shard_bytes=300_000),
     )
     assert len(list(out.glob("model-*.safetensors"))) > 1
     got, _ = load_checkpoint(out)
@@ -104,10 +96,9 @@ def test_disk_full_while_spilling_fails_cleanly(tmp_path, monkeypatch):
 
     monkeypatch.setattr(activations, "save_file", save_file)
     with pytest.raises(PassError, match="disk full while spilling"):
-        importance_streaming(
+        streamed_importance(
             tmp_path / "m",
             random_tokens(),
-            CPU,
             tmp_path / "w",
             StreamOptions(batch_size=1, activation_offload="disk", max_memory="8GB"),
         )
@@ -126,27 +117,6 @@ def test_should_stream_compares_model_with_budget(tmp_path):
     assert not should_stream(str(tmp_path / "m"), max_memory="64GB").stream
 
 
-def test_streamed_minitron_importance_matches_the_prune_module(tmp_path):
-    importance = pytest.importorskip("slmcompress.prune.importance")
-    from slmcompress.streaming.drivers import activation_importance_streaming
-
-    model = write_sharded_model(tmp_path / "m", small_config())
-    tokens = random_tokens()
-    expected = importance.activation_importance(model, tokens, CPU, batch_size=2)
-    got = activation_importance_streaming(
-        tmp_path / "m",
-        tokens,
-        CPU,
-        tmp_path / "w",
-        StreamOptions(batch_size=2, activation_offload="disk", max_memory="8GB"),
-    )
-    for a, b in zip(expected.heads + expected.neurons, got.heads + got.neurons, strict=True):
-        assert torch.equal(a, b)
-    assert torch.equal(expected.hidden, got.hidden)
-    assert torch.equal(expected.layers, got.layers)
-    assert torch.equal(expected.blocks, got.blocks)
-
-
 def test_resumed_gptq_keeps_every_layers_rtn_comparison(tmp_path, make_ctx, tokenizer, monkeypatch):
     gptq = pytest.importorskip("slmcompress.passes.gptq")
     write_sharded_model(
@@ -163,15 +133,11 @@ def test_resumed_gptq_keeps_every_layers_rtn_comparison(tmp_path, make_ctx, toke
 
     monkeypatch.setattr(gptq.GPTQPass, "quantize_step", die_at_layer_1)
     with pytest.raises(KeyboardInterrupt):
-        gptq_streaming(
-            gptq.GPTQPass(config),
-            tmp_path / "m",
-            make_ctx(work_dir=tmp_path / "w"),
-            tmp_path / "q",
-            options,
+        streamed_gptq(
+            gptq.GPTQPass(config), tmp_path / "m", make_ctx(work_dir=tmp_path / "w"), options
         )
     monkeypatch.setattr(gptq.GPTQPass, "quantize_step", real_step)
     resumed = make_ctx(work_dir=tmp_path / "w")  # a new process: layer 0 comes from disk
-    gptq_streaming(gptq.GPTQPass(config), tmp_path / "m", resumed, tmp_path / "q", options)
+    streamed_gptq(gptq.GPTQPass(config), tmp_path / "m", resumed, options)
     assert set(resumed.extra_metrics["rtn_layer_errors"]) == {"model.layers.0", "model.layers.1"}
     assert resumed.extra_metrics["gptq_vs_rtn_output_err"]["linears"] == 14

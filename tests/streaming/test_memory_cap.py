@@ -16,38 +16,41 @@ import textwrap
 
 import pytest
 from _stream_utils import small_config
-
-from slmcompress.streaming.random_model import write_random_checkpoint
+from random_models import write_random_checkpoint
 
 CHILD = textwrap.dedent("""
     import json, resource, sys, torch, psutil
     from pathlib import Path
-    from slmcompress.streaming.drivers import importance_streaming, gptq_streaming
-    from slmcompress.streaming.engine import StreamOptions
+    from dataclasses import replace
+    from slmcompress.streaming.engine import StreamingRun, StreamOptions
+    from slmcompress.prune.importance import activation_importance_of
     from slmcompress.passes.gptq import GPTQConfig, GPTQPass
     model_dir, warm_dir, work, headroom = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
     with_gptq = sys.argv[5] == "1"
     tokens = torch.randint(0, 1000, (4, 32), generator=torch.Generator().manual_seed(0))
     options = StreamOptions(batch_size=2, max_memory="1GB")
+    cpu = torch.device("cpu")
     class Ctx:
-        dtype, device, extra_metrics = torch.float32, torch.device("cpu"), {}
+        dtype, device, extra_metrics = torch.float32, cpu, {}
         def __init__(self, work_dir): self.work_dir = work_dir
         def warn(self, message): pass
     cfg = GPTQConfig(type="quantize", method="gptq", bits=4, group_size=64, batch_size=2)
     def both(directory, tag):
-        scores = importance_streaming(directory, tokens, torch.device("cpu"), work / f"imp-{tag}", options)
+        run = StreamingRun(directory, tokens, cpu, work / f"imp-{tag}", replace(options, pass_name="importance"))
+        scores = activation_importance_of(run)
         out = None
         if with_gptq:
-            out = gptq_streaming(GPTQPass(cfg), directory, Ctx(work / f"gptq-{tag}"), work / f"q-{tag}", options,
-                                 tokens=tokens, max_shard_bytes=20_000_000)
-        return scores, out
+            ctx = Ctx(work / f"gptq-{tag}")
+            gptq_options = replace(options, pass_name="gptq", max_shard_bytes=20_000_000)
+            out = GPTQPass(cfg).quantize(StreamingRun(directory, tokens, cpu, ctx.work_dir, gptq_options), ctx).path
+        return len(scores.heads), out
     both(warm_dir, "warm")  # lazy imports, thread pools, allocator arenas: before the cap
     proc = psutil.Process()
     base_rss, base_vms = proc.memory_info().rss, proc.memory_info().vms
     resource.setrlimit(resource.RLIMIT_AS, (base_vms + headroom, base_vms + headroom))
     scores, out = both(model_dir, "big")
     peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
-    print(json.dumps({"base_rss": base_rss, "peak_rss": peak, "scores": len(scores),
+    print(json.dumps({"base_rss": base_rss, "peak_rss": peak, "scores": scores,
                       "shards": len(list(out.glob("*.safetensors"))) if out else None}))
 """)
 

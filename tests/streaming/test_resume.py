@@ -9,47 +9,53 @@ import textwrap
 
 import pytest
 import torch
-from _stream_utils import random_tokens, small_config, write_sharded_model
+from _stream_utils import (
+    assert_same_importance,
+    random_tokens,
+    small_config,
+    streamed_importance,
+    write_sharded_model,
+)
 
 from slmcompress.errors import PassError
-from slmcompress.streaming.drivers import importance_streaming, score_step
-from slmcompress.streaming.engine import StreamOptions
+from slmcompress.prune import importance
 
 CPU = torch.device("cpu")
-OPTIONS = StreamOptions(batch_size=2, max_memory="8GB")
+
+
+_REAL_SCORER = importance.score_layer
 
 
 class Crash(Exception):
     pass
 
 
-def test_restart_continues_from_the_last_finished_layer(tmp_path):
+def _scorer(monkeypatch, crash_at=None, seen=None):
+    """Wrap the per-layer scorer: record layers, or crash at one."""
+    real = _REAL_SCORER
+
+    def score(step, *args):
+        if step.index == crash_at:
+            raise Crash
+        if seen is not None:
+            seen.append(step.index)
+        return real(step, *args)
+
+    monkeypatch.setattr(importance, "score_layer", score)
+
+
+def test_restart_continues_from_the_last_finished_layer(tmp_path, monkeypatch):
     write_sharded_model(tmp_path / "m", small_config())
     tokens = random_tokens()
-    expected = importance_streaming(tmp_path / "m", tokens, CPU, tmp_path / "ref", OPTIONS)
-
-    def crash_at_2(step, heads):
-        if step.index == 2:
-            raise Crash
-        return score_step(step, heads)
-
-    crash_at_2.__qualname__ = "score_step"  # same pass identity as the rerun
+    expected = streamed_importance(tmp_path / "m", tokens, tmp_path / "ref")
+    _scorer(monkeypatch, crash_at=2)
     with pytest.raises(Crash):
-        importance_streaming(
-            tmp_path / "m", tokens, CPU, tmp_path / "w", OPTIONS, scorer=crash_at_2
-        )
+        streamed_importance(tmp_path / "m", tokens, tmp_path / "w")
     seen = []
-
-    def counting(step, heads):
-        seen.append(step.index)
-        return score_step(step, heads)
-
-    counting.__qualname__ = "score_step"
-    got = importance_streaming(
-        tmp_path / "m", tokens, CPU, tmp_path / "w", OPTIONS, scorer=counting
-    )
+    _scorer(monkeypatch, seen=seen)
+    got = streamed_importance(tmp_path / "m", tokens, tmp_path / "w")
     assert seen == [2, 3]
-    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert_same_importance(expected, got)
 
 
 @pytest.mark.slow
@@ -57,16 +63,18 @@ def test_sigkill_mid_run_resumes(tmp_path):
     write_sharded_model(tmp_path / "m", small_config())
     script = textwrap.dedent(f"""
         import os, signal, torch
-        from slmcompress.streaming.drivers import importance_streaming, score_step
-        from slmcompress.streaming.engine import StreamOptions
-        def scorer(step, heads):
+        from slmcompress.prune import importance
+        from slmcompress.streaming.engine import StreamingRun, StreamOptions
+        real = importance.score_layer
+        def scorer(step, *args):
             if step.index == 3 and os.environ.get("KILL"):
                 os.kill(os.getpid(), signal.SIGKILL)
-            return score_step(step, heads)
-        scorer.__qualname__ = "score_step"
+            return real(step, *args)
+        importance.score_layer = scorer
         tokens = torch.randint(0, 1000, (6, 16), generator=torch.Generator().manual_seed(0))
-        importance_streaming({str(tmp_path / "m")!r}, tokens, torch.device("cpu"), {str(tmp_path / "w")!r},
-                             StreamOptions(batch_size=2, max_memory="8GB"), scorer=scorer)
+        options = StreamOptions(batch_size=2, max_memory="8GB", pass_name="importance")
+        run = StreamingRun({str(tmp_path / "m")!r}, tokens, torch.device("cpu"), {str(tmp_path / "w")!r}, options)
+        importance.activation_importance_of(run)
         print("DONE")
     """)
     killed = subprocess.run(
@@ -79,19 +87,11 @@ def test_sigkill_mid_run_resumes(tmp_path):
     assert resumed.returncode == 0 and "DONE" in resumed.stdout, resumed.stderr[-2000:]
 
 
-def test_mismatched_config_is_a_one_line_error(tmp_path):
+def test_mismatched_config_is_a_one_line_error(tmp_path, monkeypatch):
     write_sharded_model(tmp_path / "m", small_config())
-
-    def crash_at_1(step, heads):
-        if step.index == 1:
-            raise Crash
-        return score_step(step, heads)
-
-    crash_at_1.__qualname__ = "score_step"
+    _scorer(monkeypatch, crash_at=1)
     with pytest.raises(Crash):
-        importance_streaming(
-            tmp_path / "m", random_tokens(), CPU, tmp_path / "w", OPTIONS, scorer=crash_at_1
-        )
+        streamed_importance(tmp_path / "m", random_tokens(), tmp_path / "w")
     with pytest.raises(PassError, match=r"different configuration \(differs in: tokens\)") as info:
-        importance_streaming(tmp_path / "m", random_tokens(seed=1), CPU, tmp_path / "w", OPTIONS)
+        streamed_importance(tmp_path / "m", random_tokens(seed=1), tmp_path / "w")
     assert "\n" not in str(info.value)

@@ -96,6 +96,9 @@ def test_over_budget_gptq_streams_and_its_streamed_ppl_matches_in_memory(model_d
         report = _report(outcome.directory)
         assert ppl(outcome.directory) == pytest.approx(ppl(reference.directory), rel=1e-4)
         assert any(w.startswith("not evaluated: task accuracy") for w in report["warnings"])
+        # typed, not parsed back from the warning: why, and the warning that says so
+        assert "exceeds the budget" in report["not_evaluated"]["reason"]
+        assert report["not_evaluated"]["warning"] in report["warnings"]
 
     gptq_s, gptq_m = streamed.stages[0].directory, in_memory.stages[0].directory
     assert json.loads((gptq_s / "slmcompress.json").read_text())["streamed"] is True
@@ -187,6 +190,7 @@ def test_raising_max_memory_evaluates_the_stages_that_were_skipped(model_dir, tm
     # ... but its checkpoint was evaluated in memory, to the streamed perplexity
     assert report["metrics"]["wikitext2_ppl"] == pytest.approx(streamed_ppl, rel=1e-4)
     assert not any(w.startswith("not evaluated") for w in report["warnings"])
+    assert report["not_evaluated"] is None
     assert _report(out / "00-input")["metrics"]["wikitext2_ppl"] > 1
     after = _tensors(second.stages[0].directory)
     assert set(after) == set(checkpoint) and all(

@@ -1,16 +1,19 @@
-"""The GPTQ and prune passes hand their loops to the streaming engine on request."""
+"""The GPTQ and prune passes run their one layer loop streamed when the runner says so."""
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 from _stream_utils import small_config, write_sharded_model
+from conftest import stream_from
 from transformers import LlamaForCausalLM
 
 from slmcompress.checkpoint import load_checkpoint
+from slmcompress.layerwise import WrittenCheckpoint
 from slmcompress.passes.gptq import GPTQConfig, GPTQPass
 from slmcompress.passes.prune import PruneConfig, PrunePass
-from slmcompress.streaming.wiring import is_lazy, lazy_model_for, source_dir
 
 
 @pytest.fixture
@@ -35,46 +38,41 @@ def _assert_same(a, b):
         assert torch.equal(sa[name], sb[name]), name
 
 
-def test_gptq_streaming_true_equals_in_memory(model_dir, make_ctx, tmp_path):
+def test_streamed_gptq_writes_the_in_memory_checkpoint(model_dir, make_ctx, tmp_path):
     base = dict(type="quantize", method="gptq", bits=4, group_size=32, batch_size=2)
     expected = GPTQPass(GPTQConfig(**base)).run(_load(model_dir), make_ctx(work_dir=tmp_path / "a"))
-    ctx = make_ctx(work_dir=tmp_path / "b")
-    got = GPTQPass(GPTQConfig(**base, streaming=True, activation_offload="disk")).run(
-        _load(model_dir), ctx
-    )
+    skeleton, residency = stream_from(model_dir)
+    residency = replace(residency, activation_offload="disk")
+    ctx = make_ctx(work_dir=tmp_path / "b", residency=residency)
+    out = GPTQPass(GPTQConfig(**base)).run(skeleton, ctx)
+    # a skeleton in, a written checkpoint out: never loaded whole
+    assert isinstance(out, WrittenCheckpoint) and out.path != model_dir
+    got, _ = load_checkpoint(out.path)
     _assert_same(expected, got)
-    assert "streamed_from" in ctx.extra_metrics
     # the per-layer results are the resume point until the runner publishes the stage
     assert any((tmp_path / "b" / "stream").rglob("*.safetensors"))
 
 
-def test_runner_skeleton_streams_automatically(model_dir, make_ctx, tmp_path):
-    config = GPTQConfig(type="quantize", method="gptq", bits=4, group_size=32, batch_size=2)
-    assert (
-        lazy_model_for(model_dir, config.model_copy(update={"max_memory": "64GB"}), torch.float32)
-        is None
-    )
-    skeleton = lazy_model_for(
-        model_dir, config.model_copy(update={"max_memory": "1KB"}), torch.float32
-    )
-    assert skeleton is not None and is_lazy(skeleton)
-    expected = GPTQPass(config).run(_load(model_dir), make_ctx(work_dir=tmp_path / "a"))
-    result = GPTQPass(config).run(skeleton, make_ctx(work_dir=tmp_path / "b"))
-    # a skeleton in, a skeleton out: it points at the sharded checkpoint, never loaded whole
-    assert is_lazy(result) and source_dir(result) != model_dir
-    got, _ = load_checkpoint(source_dir(result))
-    _assert_same(expected, got)
-
-
-def test_prune_streamed_importance_gives_the_same_model(model_dir, make_ctx, tmp_path):
+def test_prune_streamed_gives_the_same_model(model_dir, make_ctx, tmp_path):
     base = dict(type="prune", target={"ffn_hidden_size": 64}, depth_metric="cosine", batch_size=2)
     expected = PrunePass(PruneConfig(**base)).run(
         _load(model_dir), make_ctx(work_dir=tmp_path / "a")
     )
-    got = PrunePass(PruneConfig(**base, streaming=True)).run(
-        _load(model_dir), make_ctx(work_dir=tmp_path / "b")
+    skeleton, residency = stream_from(model_dir)
+    out = PrunePass(PruneConfig(**base)).run(
+        skeleton, make_ctx(work_dir=tmp_path / "b", residency=residency)
     )
-    _assert_same(expected, got)
+    _assert_same(expected, _load(out.path))
+
+
+def test_can_stream_is_declared_by_the_pass():
+    from slmcompress.passes.quantize_rtn import RTNConfig, RTNPass
+
+    assert GPTQPass.can_stream(GPTQConfig(type="quantize", method="gptq"))
+    assert PrunePass.can_stream(PruneConfig(type="prune", target={"ffn_hidden_size": 64}))
+    magnitude = PruneConfig(type="prune", method="magnitude", target={"ffn_hidden_size": 64})
+    assert not PrunePass.can_stream(magnitude)
+    assert not RTNPass.can_stream(RTNConfig(type="quantize", method="rtn"))
 
 
 def test_recipe_with_streaming_gptq_runs_end_to_end(tmp_path, tiny_model_dir):

@@ -1,4 +1,4 @@
-"""Layer-by-layer calibration engine, written once for GPTQ, importance and depth scoring.
+"""Layer-by-layer execution, written once for GPTQ, importance and depth scoring.
 
 "capture the inputs of decoder layer 0 -> for each layer: move it to the compute device,
 let the pass observe/modify it, produce the inputs of the next layer -> move it back".
@@ -13,6 +13,12 @@ Usage::
         ...modify step.layer... # e.g. quantize its linears
     # the engine recomputes each layer's outputs after the pass is done with it,
     # unless the pass called step.set_outputs() because it did not change the layer.
+
+A pass writes its loop once against :class:`LayerLoop`: iterate the steps, ``commit`` each
+layer's result (a resume point when streamed), ``finish`` into the stage output. Two
+implementations: :class:`MemoryLoop` here (the model is in memory) and
+:class:`slmcompress.streaming.engine.StreamingRun` (layers read from shards, one at a time).
+Which one a pass gets is the runner's decision (``ctx.layer_loop``), never the pass's.
 """
 
 from __future__ import annotations
@@ -20,13 +26,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 import torch
 from torch import nn
 from transformers import PreTrainedModel
 
-from slmcompress.arch import layer_type
+from slmcompress.arch import decoder_layers, layer_type  # noqa: F401 - decoder_layers: re-exported
 from slmcompress.errors import PassError
 
 log = logging.getLogger(__name__)
@@ -34,20 +41,6 @@ log = logging.getLogger(__name__)
 
 class _StopForward(Exception):
     """Raised by the capture hook to stop the model after layer 0's inputs are known."""
-
-
-def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
-    """The model's stack of decoder layers (Llama/Mistral/Qwen/Gemma style, GPT-2 style)."""
-    base = getattr(model, "model", None) or getattr(model, "transformer", None)
-    for attr in ("layers", "h"):
-        if base is not None and isinstance(getattr(base, attr, None), nn.ModuleList):
-            return getattr(base, attr)
-    raise PassError(f"model: cannot find the decoder layers of {type(model).__name__}")
-
-
-def linear_modules(layer: nn.Module) -> dict[str, nn.Linear]:
-    """Named ``nn.Linear`` submodules of one decoder layer, in execution order."""
-    return {name: mod for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)}
 
 
 @dataclass
@@ -191,16 +184,24 @@ class LayerStep:
     @torch.no_grad()
     def forward(self, keep_outputs: bool = False) -> list[torch.Tensor] | None:
         """Run every calibration batch through the layer (hooks observe it)."""
-        outputs = []
+        outputs = self._output_sink() if keep_outputs else None
         for batch in self.inputs:
             out = _layer_output(
                 self.layer(batch.hidden.to(self.device), **_to(batch.kwargs, self.device))
             )
             if not torch.isfinite(out).all():
+                self._drop_sink(outputs)
                 raise PassError(f"layer {self.index}: NaN/Inf in activations")
-            if keep_outputs:
+            if outputs is not None:
                 outputs.append(out.to(batch.hidden.device))
-        return outputs if keep_outputs else None
+        return outputs
+
+    def _output_sink(self) -> list[torch.Tensor]:
+        """Where kept outputs go (a list here; the streaming step's goes to disk beyond a budget)."""
+        return []
+
+    def _drop_sink(self, outputs: Any) -> None:
+        """Release a sink abandoned because a batch produced NaN/Inf."""
 
     def set_outputs(self, outputs: list[torch.Tensor]) -> None:
         """Use these as the next layer's inputs (the pass did not change this layer)."""
@@ -252,3 +253,94 @@ def layerwise(
             layer.to(original)
     finally:
         model.train(was_training)
+
+
+class LayerLoop(Protocol):
+    """Layer-by-layer execution, however the model is held: what every calibrated pass uses.
+
+    ``model`` is the model the steps' layers belong to (a weightless skeleton when streamed:
+    passes swap modules into it, e.g. ``QuantLinear``).
+    """
+
+    model: PreTrainedModel
+
+    def num_layers(self) -> int:
+        """Decoder layers in the model."""
+
+    def steps(self, layer_indices: list[int] | None = None) -> Iterator[LayerStep]:
+        """Yield each (unfinished) layer with its calibration inputs."""
+
+    def commit(
+        self,
+        index: int,
+        tensors: dict[str, torch.Tensor] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """Keep layer ``index``'s result before the loop moves on (the resume point).
+
+        ``tensors=None``: the result is the layer's own (changed) weights.
+        """
+
+    def result(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """A committed layer's tensors and metadata."""
+
+    def result_meta(self, index: int) -> dict[str, Any]:
+        """A committed layer's metadata only."""
+
+    def finish(self, config_updates: dict[str, Any]) -> PreTrainedModel | WrittenCheckpoint:
+        """The stage output once every layer committed its weights (config updated)."""
+
+
+@dataclass(frozen=True)
+class WrittenCheckpoint:
+    """A stage output that is a checkpoint directory, not a model: the pass streamed its input.
+
+    The runner moves ``path`` into the stage directory; nothing loads it whole.
+    """
+
+    path: Path
+
+
+class MemoryLoop:
+    """:class:`LayerLoop` over a model held in memory (one layer on the device at a time)."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokens: torch.Tensor,
+        device: torch.device,
+        batch_size: int = 1,
+        offload: torch.device | None = None,
+    ) -> None:
+        self.model, self.tokens, self.device = model, tokens, device
+        self.batch_size, self.offload = batch_size, offload
+        self._results: dict[int, tuple[dict[str, torch.Tensor], dict[str, Any]]] = {}
+
+    def num_layers(self) -> int:
+        return len(decoder_layers(self.model))
+
+    def steps(self, layer_indices: list[int] | None = None) -> Iterator[LayerStep]:
+        yield from layerwise(
+            self.model, self.tokens, self.device, self.batch_size, self.offload, layer_indices
+        )
+
+    def commit(
+        self,
+        index: int,
+        tensors: dict[str, torch.Tensor] | None = None,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        """Keep the result; changed weights already live in the model."""
+        self._results[index] = (tensors or {}, meta or {})
+
+    def result(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        return self._results[index]
+
+    def result_meta(self, index: int) -> dict[str, Any]:
+        return self._results[index][1]
+
+    def finish(self, config_updates: dict[str, Any]) -> PreTrainedModel:
+        """The model itself: its layers were changed in place."""
+        for key, value in config_updates.items():
+            setattr(self.model.config, key, value)
+        return self.model

@@ -59,7 +59,7 @@ def _describe_quant(qcfg: dict[str, Any]) -> str:
 
 def _scan_tensors(directory: Path, qcfg: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
     """Logical parameter count (packed weights counted as in*out) and the quantized layers."""
-    from slmcompress.kernels_info import backend_for_layer
+    from slmcompress.kernels.dispatch import backend_for_layer
     from slmcompress.quant.qparams import default_g_idx
 
     bits = qcfg.get("bits")

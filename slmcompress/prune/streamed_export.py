@@ -8,7 +8,6 @@ output shard straight away, so memory holds one tensor at a time whatever the mo
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
+from slmcompress.checkpoint_io import new_metadata, write_metadata
 from slmcompress.errors import PassError
 from slmcompress.prune.planner import KeepPlan, pruned_config
 from slmcompress.prune.slicing import iter_sliced
@@ -25,7 +25,6 @@ from slmcompress.streaming.sharded_writer import (
     copy_side_files,
     sharded_checkpoint,
 )
-from slmcompress.versions import versions
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +80,6 @@ def export_pruned_streamed(
         copy_side_files(Path(source_dir), writer.directory)
         config.torch_dtype = str(dtype).removeprefix("torch.")
         config.to_json_file(writer.directory / "config.json")
-        meta = {"format_version": 1, "versions": versions(), "streamed": True, **(metadata or {})}
-        (writer.directory / "slmcompress.json").write_text(
-            json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
-        )
+        write_metadata(writer.directory, new_metadata(metadata, streamed=True))
     log.info("prune: streamed export written to %s", out_dir)
     return Path(out_dir)
