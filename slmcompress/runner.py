@@ -709,7 +709,11 @@ def streamed_warning(reason: str) -> str:
 
 
 def _skipped_for_budget(report: dict[str, Any]) -> bool:
-    return report.get("not_evaluated") is not None
+    """Metrics skipped for the budget: the typed field, or (reports written before it
+    existed) a warning with the old prefix, so resuming an old run still re-evaluates."""
+    if "not_evaluated" in report:
+        return report["not_evaluated"] is not None
+    return any(str(w).startswith(NOT_EVALUATED) for w in report.get("warnings", []))
 
 
 def read_run_manifest(directory: Path) -> dict[str, Any] | None:

@@ -161,3 +161,15 @@ def test_scratch_of_another_stage_hash_is_discarded_and_own_scratch_kept(tmp_pat
     (legacy / "stale").write_text("no marker")
     claim_work_dir(legacy, "hash-c")
     assert not (legacy / "stale").exists()
+
+
+def test_reports_skipped_for_the_budget_are_recognised_typed_and_pre_typed():
+    """A resumed run re-evaluates a stage skipped for the budget, whether its report has
+    the typed ``not_evaluated`` field or only the warning older reports carried."""
+    from slmcompress.runner import NOT_EVALUATED, _skipped_for_budget
+
+    warning = f"{NOT_EVALUATED} task accuracy (over budget)"
+    assert _skipped_for_budget({"not_evaluated": {"reason": "r", "warning": warning}})
+    assert not _skipped_for_budget({"not_evaluated": None, "warnings": [warning]})
+    assert _skipped_for_budget({"warnings": ["other", warning]})  # written before the field
+    assert not _skipped_for_budget({"warnings": ["other"]})
