@@ -93,3 +93,18 @@ def versions() -> dict[str, str]:
 
 def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def run_row(row_id: str, work: Path, argv: list[str]) -> dict[str, Any]:
+    """Run ``slmcompress <argv> --output-dir work/row_id`` unless that run is complete; its stages."""
+    run_dir = work / row_id
+    argv = [*argv, "--output-dir", str(run_dir)]
+    proc = None if run_complete(run_dir) else run_cli(argv, work / f"{row_id}.log")
+    walls = stage_walls(run_dir)
+    stages = [{**summarise(r), "wall_s": walls.get(d)} for d, r in stage_reports(run_dir).items()]
+    return {
+        "id": row_id,
+        "command": shlex.join(["slmcompress", *argv]),
+        "stages": stages,
+        "process": proc,
+    }

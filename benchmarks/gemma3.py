@@ -23,16 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from cli_runs import (
-    RESULTS,
-    machine,
-    run_cli,
-    run_complete,
-    stage_reports,
-    stage_walls,
-    summarise,
-    versions,
-)
+from cli_runs import RESULTS, machine, run_row, versions
 
 DATA = {
     "calibration": {"source": "c4", "n_samples": 32, "seq_len": 512},
@@ -44,20 +35,6 @@ QUANT_ROWS: dict[str, dict[str, Any]] = {
     "rtn-4-128": {**QUANT, "name": "rtn-4-128", "method": "rtn"},
     "gptq-4-128": {**QUANT, "name": "gptq-4-128", "method": "gptq", "act_order": True},
 }
-
-
-def run_row(row_id: str, work: Path, argv: list[str]) -> dict[str, Any]:
-    run_dir = work / row_id
-    argv = [*argv, "--output-dir", str(run_dir)]
-    proc = None if run_complete(run_dir) else run_cli(argv, work / f"{row_id}.log")
-    walls = stage_walls(run_dir)
-    stages = [{**summarise(r), "wall_s": walls.get(d)} for d, r in stage_reports(run_dir).items()]
-    return {
-        "id": row_id,
-        "command": shlex.join(["slmcompress", *argv]),
-        "stages": stages,
-        "process": proc,
-    }
 
 
 def quant_recipe(work: Path, row_id: str) -> Path:

@@ -31,9 +31,8 @@ from cli_runs import (
     RESULTS,
     machine,
     run_cli,
-    run_complete,
+    run_row,
     stage_reports,
-    stage_walls,
     summarise,
     versions,
 )
@@ -68,20 +67,11 @@ COST_TOKENS = 8192
 
 def quality_row(row_id: str, work: Path, reference: dict[str, dict]) -> dict[str, Any]:
     recipe, sets, rtn_row, target = ROWS[row_id]
-    run_dir = work / row_id
-    argv = ["run", recipe, "--output-dir", str(run_dir)]
+    argv = ["run", recipe]
     for s in sets:
         argv += ["--set", s]
-    proc = None if run_complete(run_dir) else run_cli(argv, work / f"{row_id}.log")
-    walls = stage_walls(run_dir)
-    stages = [{**summarise(r), "wall_s": walls.get(d)} for d, r in stage_reports(run_dir).items()]
-    row: dict[str, Any] = {
-        "id": row_id,
-        "recipe": recipe,
-        "command": shlex.join(["slmcompress", *argv]),
-        "stages": stages,
-        "process": proc,
-    }
+    row: dict[str, Any] = {**run_row(row_id, work, argv), "recipe": recipe}
+    stages = row["stages"]
     float_ppl = reference["fp32"]["ppl"]
     final, before = stages[-1], stages[-2]
     row["ppl_before_qad"], row["ppl_after_qad"] = before["ppl"], final["ppl"]
