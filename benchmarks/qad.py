@@ -44,7 +44,7 @@ ROWS: dict[str, tuple[str, list[str], str | None, float | None]] = {
     "w4g128": (QKD_RECIPE, ["eval.limit=500"], "rtn-4-128", 1 / 3),
     "w3g128": (
         QKD_RECIPE,
-        ["stages.0.bits=3", "stages.1.lr=2.0e-4", "eval.limit=100"],
+        ["stages.0.bits=3", "stages.1.lr=2.0e-4", "eval.limit=500"],
         "rtn-3-128",
         1 / 5,
     ),
