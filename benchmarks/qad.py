@@ -7,9 +7,11 @@ those of the written GPTQ v1 checkpoints, reloaded. Every row evaluates on the t
 whose RTN rows (32x512 calibration; RTN uses none) give the targets' reference:
 Δppl(QAD) <= 1/3 of RTN-4 g128's, <= 1/5 of RTN-3 g128's.
 
-Cost rows train the same distill stage for a few thousand tokens from a GPTQ checkpoint and,
-for comparison, ordinary float KD from the float model, each in its own process: training
-tokens/s from the stage report, the process's peak RSS from ``wait4``.
+Cost rows train the same distill stage for COST_TOKENS tokens from one quality row's GPTQ
+checkpoint (``--cost-from``) in each parameterisation (``scales``, ``ste``, ``lsq``, same lr)
+and, for comparison, ordinary float KD from the float model, each in its own process:
+training tokens/s from the stage report, the process's peak RSS from ``wait4``, and the
+perplexity reached on the quality rows' tokens -- the equal-budget parameterisation comparison.
 
 A run directory that is already complete is read, not rerun (the CLI resumes), so rows can
 be added one at a time:
@@ -57,12 +59,14 @@ ROWS: dict[str, tuple[str, list[str], str | None, float | None]] = {
     "quickstart": ("recipes/smollm2-quickstart-qkd.yaml", [], None, None),
 }
 
-#: cost rows: id -> (model: "float" or a quality row's GPTQ stage, distill overrides)
+#: cost rows: id -> (model: "float" or "gptq" (the --cost-from row's GPTQ stage), overrides)
 COST_ROWS: dict[str, tuple[str, dict[str, Any]]] = {
     "kd-float": ("float", {}),
-    "qad-scales": ("w4g128", {"quantized": "scales"}),
+    "qad-scales": ("gptq", {"quantized": "scales"}),
+    "qad-ste": ("gptq", {"quantized": "ste"}),
+    "qad-lsq": ("gptq", {"quantized": "lsq"}),
 }
-COST_TOKENS = 8192
+COST_TOKENS = 16384
 
 
 def quality_row(row_id: str, work: Path, reference: dict[str, dict]) -> dict[str, Any]:
@@ -90,13 +94,17 @@ def quality_row(row_id: str, work: Path, reference: dict[str, dict]) -> dict[str
     return row
 
 
-def cost_row(row_id: str, work: Path) -> dict[str, Any]:
-    """Train COST_TOKENS tokens in a fresh process: tokens/s and the process's peak RSS."""
+def cost_row(row_id: str, work: Path, gptq_row: str) -> dict[str, Any]:
+    """Train COST_TOKENS tokens in a fresh process: tokens/s, peak RSS, the ppl it reaches."""
     source, overrides = COST_ROWS[row_id]
     model = "smollm2-135m"
-    if source != "float":
-        gptq = [d for d in sorted((work / source).iterdir()) if d.name.startswith("01-")]
+    lr = 1.0e-4
+    if source == "gptq":
+        gptq = [d for d in sorted((work / gptq_row).iterdir()) if d.name.startswith("01-")]
+        if not gptq:
+            raise SystemExit(f"error: --cost-from {gptq_row}: no GPTQ stage in {work / gptq_row}")
         model = str(gptq[0])
+        lr = _row_lr(gptq_row)
     stage = {
         "type": "distill",
         "name": "train",
@@ -104,7 +112,7 @@ def cost_row(row_id: str, work: Path) -> dict[str, Any]:
         "max_tokens": COST_TOKENS,
         "seq_len": 512,
         "micro_batch_size": 4,
-        "lr": 1.0e-4,
+        "lr": lr,
         "warmup_steps": 1,
         "eval_every": 0,
         "save_every": 0,
@@ -116,7 +124,7 @@ def cost_row(row_id: str, work: Path) -> dict[str, Any]:
         "teacher": "smollm2-135m",
         "data": {
             "calibration": {"source": "c4", "n_samples": 16, "seq_len": 512},
-            "eval": {"source": "wikitext2", "split": "test", "max_tokens": 1024, "seq_len": 512},
+            "eval": {"source": "wikitext2", "split": "test", "max_tokens": 8192, "seq_len": 512},
         },
         "stages": [stage],
         "eval": {"tasks": [], "speed": False},
@@ -129,7 +137,22 @@ def cost_row(row_id: str, work: Path) -> dict[str, Any]:
         work / f"cost-{row_id}.log",
     )
     stages = [summarise(r) for r in stage_reports(run_dir).values()]
-    return {"id": row_id, "model": model, "stage": stage, **stages[-1], "process": proc}
+    return {
+        "id": row_id,
+        "model": model,
+        "stage": stage,
+        "ppl_before": stages[0]["ppl"],
+        **stages[-1],
+        "process": proc,
+    }
+
+
+def _row_lr(row_id: str) -> float:
+    """The QAD learning rate a quality row trains with (its --set, else the recipe's)."""
+    for s in ROWS[row_id][1]:
+        if s.startswith("stages.1.lr="):
+            return float(s.split("=", 1)[1])
+    return 1.0e-4
 
 
 def render_md(result: dict[str, Any]) -> str:
@@ -169,15 +192,20 @@ def render_md(result: dict[str, Any]) -> str:
     if result.get("cost"):
         lines += [
             "",
-            f"Training cost ({COST_TOKENS} tokens, 4x512 micro-batches, fresh process each):",
+            f"Training cost and the equal-budget parameterisation comparison ({COST_TOKENS} "
+            "tokens, 4x512 micro-batches, one fresh process each; ppl on the rows' tokens):",
             "",
-            "| row | model | train tokens/s | process peak RSS GB | wall s | load avg before/after |",
-            "|---|---|---|---|---|---|",
+            "| row | model | lr | ppl before → after | codes changed | train tokens/s "
+            "| process peak RSS GB | wall s | load avg before/after |",
+            "|---|---|---|---|---|---|---|---|---|",
         ]
         for row in result["cost"]:
             p = row["process"]
+            q = row.get("qad") or {}
             lines.append(
-                f"| {row['id']} | {row['model']} | {row['train_tokens_per_s']} | {p['peak_rss_gb']} "
+                f"| {row['id']} | {Path(row['model']).name} | {row['stage']['lr']} "
+                f"| {row.get('ppl_before')} → {row['ppl']} | {q.get('codes_changed', '')} "
+                f"| {row['train_tokens_per_s']} | {p['peak_rss_gb']} "
                 f"| {p['wall_s']} | {p['load_average']} |"
             )
     lines += ["", "## Notes", ""] + [f"- {n}" for n in result.get("notes", [])]
@@ -189,6 +217,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/bench-qad"))
     parser.add_argument("--only", nargs="*", choices=list(ROWS), help="quality rows to run")
     parser.add_argument("--cost", nargs="*", choices=list(COST_ROWS), default=[])
+    parser.add_argument(
+        "--cost-from", default="w3g128", choices=list(ROWS), help="whose GPTQ stage cost rows train"
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
@@ -200,7 +231,7 @@ def main() -> None:
         result["rows"] = [r for r in result["rows"] if r["id"] != row_id] + [row]
         print(json.dumps({k: v for k, v in row.items() if k != "stages"}, indent=1))
     for row_id in args.cost:
-        row = cost_row(row_id, args.work)
+        row = cost_row(row_id, args.work, args.cost_from)
         result["cost"] = [r for r in result.get("cost", []) if r["id"] != row_id] + [row]
         print(json.dumps(row, indent=1))
     order = list(ROWS)

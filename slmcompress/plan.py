@@ -244,6 +244,12 @@ def _plan_distill(
 ) -> StagePlan:
     """Student weights + fp32 grads + AdamW moments, the teacher, logits of one micro-batch.
 
+    The logits term counts (micro-batch x vocabulary) fp32 tensors alive at the loss's peak:
+    3 for the fused forward KL (student, teacher, gradient), 7 for the other losses through
+    autograd, 4 from a top-k cache (benchmarks/results/kd_loss_memory.md). AdamW's foreach
+    step adds a parameter-sized temporary and the lm_head a weight-gradient one. Measured on
+    Gemma-3-270M (4x256 tokens, 262k vocabulary): 11.4 GB peak RSS for 12.8 GB planned.
+
     A teacher over the memory budget is not loaded: the stage first streams it into a
     top-k cache over the training tokens (:func:`estimate_streamed_forward`).
     """
@@ -258,9 +264,12 @@ def _plan_distill(
     )
     cached = streamed or getattr(cfg, "teacher_cache", None)
     teacher_bytes = 0 if cached else teacher.params() * elem
-    logits = 3 * mb * t * arch.vocab * 4
+    loss = getattr(cfg, "loss", "forward_kl")
+    copies = 4 if cached else 3 if loss == "forward_kl" else 7
+    logits = copies * mb * t * arch.vocab * 4
     acts = mb * t * arch.hidden * arch.layers * 16 * elem
-    peak = int((states + teacher_bytes + logits + acts) * SLACK)
+    step_temps = student * 4 + arch.embed_params() * 4  # AdamW denominators, lm_head grad
+    peak = int((states + teacher_bytes + logits + acts + step_temps) * SLACK)
     time_s = 8 * student * tokens / profile.flops if tokens else 0.0
     disk = 2 * student * elem + states
     notes = []

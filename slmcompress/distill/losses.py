@@ -63,13 +63,76 @@ def _masked_mean(per_position: torch.Tensor, mask: torch.Tensor | None) -> torch
     return (per_position * mask).sum() / mask.sum().clamp_min(1.0)
 
 
+#: fp32 bytes of one row chunk of the fused forward KL's temporaries (a few such live at once)
+KL_CHUNK_BYTES = 64 * 2**20
+
+
+class _FusedForwardKL(torch.autograd.Function):
+    """T² · mean KL(softmax(t/T) ‖ softmax(s/T)) over rows, with its gradient made in the forward.
+
+    Autograd through the plain expression keeps ~7 vocabulary-wide fp32 tensors per token
+    (two log-softmaxes, the teacher's probabilities, their difference, the product, then the
+    backward's own) -- 7.5 GB at Gemma 3's 262k vocabulary for 4x256 tokens. Here rows are
+    done a chunk at a time and only the gradient ``T·w·(softmax(s/T) − p)`` is kept: one
+    logits-sized tensor beyond the logits themselves (Liger-Kernel's fused-loss idea).
+    """
+
+    @staticmethod
+    def forward(ctx, student, teacher, weights, temperature: float):  # type: ignore[override]
+        vocab = student.shape[-1]
+        s, t = student.reshape(-1, vocab), teacher.reshape(-1, vocab)
+        grad = torch.empty_like(s) if ctx.needs_input_grad[0] else None
+        total = torch.zeros((), dtype=torch.float32, device=s.device)
+        rows = max(1, KL_CHUNK_BYTES // (4 * vocab))
+        for i in range(0, s.shape[0], rows):
+            log_q = F.log_softmax(s[i : i + rows].float() / temperature, dim=-1)
+            log_p = F.log_softmax(t[i : i + rows].float() / temperature, dim=-1)
+            p = log_p.exp()
+            w = weights[i : i + rows]
+            total += ((p * (log_p - log_q)).sum(-1) * w).sum()
+            if grad is not None:
+                grad[i : i + rows] = ((log_q.exp_() - p) * (w * temperature)[:, None]).to(
+                    grad.dtype
+                )
+        ctx.save_for_backward(grad if grad is not None else s.new_empty(0))
+        ctx.shape, ctx.used = student.shape, False
+        return total * temperature**2
+
+    @staticmethod
+    def backward(ctx, grad_out):  # type: ignore[override]
+        if ctx.used:
+            raise RuntimeError("the fused KD loss's backward runs once (no retain_graph)")
+        ctx.used = True
+        (grad,) = ctx.saved_tensors
+        # in place: a second logits-sized tensor here would undo half the saving
+        return grad.mul_(grad_out).reshape(ctx.shape), None, None, None
+
+
+def _row_weights(
+    shape: torch.Size, mask: torch.Tensor | None, device: torch.device
+) -> torch.Tensor:
+    """Per-row weights of a masked mean over ``(B, T)`` positions, flattened."""
+    if mask is None:
+        n = shape[0] * shape[1]
+        return torch.full((n,), 1.0 / n, device=device)
+    m = mask.reshape(-1).to(device=device, dtype=torch.float32)
+    return m / m.sum().clamp_min(1.0)
+
+
 def forward_kl(
     student_logits: torch.Tensor,
     teacher: torch.Tensor | TopK,
     temperature: float = 1.0,
     mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """KL(p_teacher || q_student): mean-seeking, the Minitron default."""
+    """KL(p_teacher || q_student): mean-seeking, the Minitron default.
+
+    Full teacher logits take the fused path (:class:`_FusedForwardKL`, same value and
+    gradient, a fraction of the memory); top-k targets are already small.
+    """
+    if not isinstance(teacher, TopK):
+        weights = _row_weights(student_logits.shape, mask, student_logits.device)
+        return _FusedForwardKL.apply(student_logits, teacher.detach(), weights, temperature)
     log_p, log_q, _ = log_probs(student_logits, teacher, temperature)
     per_position = (log_p.exp() * (log_p - log_q)).sum(-1)  # (B, T)
     return _masked_mean(per_position, mask) * temperature**2

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import slmcompress.distill.losses as losses_module
 from slmcompress.distill.losses import (
     LOSSES,
     distill_loss,
@@ -135,3 +136,75 @@ def test_gradients_flow_only_to_student(logits):
         fn(student, teacher, 2.0).backward()
     assert student.grad is not None and torch.isfinite(student.grad).all()
     assert not teacher.requires_grad
+
+
+def _plain_forward_kl(student, teacher, temperature, mask=None):
+    """The unfused expression, differentiated by autograd: the fused loss's reference."""
+    log_q = F.log_softmax(student.float() / temperature, -1)
+    log_p = F.log_softmax(teacher.float() / temperature, -1)
+    per_position = (log_p.exp() * (log_p - log_q)).sum(-1)
+    if mask is not None:
+        m = mask.float()
+        return (per_position * m).sum() / m.sum() * temperature**2
+    return per_position.mean() * temperature**2
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fused_forward_kl_has_the_plain_value_and_gradient(monkeypatch, temperature, masked):
+    """Rows in chunks of 3 (a chunk boundary inside the batch), masked and not."""
+    monkeypatch.setattr(losses_module, "KL_CHUNK_BYTES", 3 * 4 * 50)
+    gen = torch.Generator().manual_seed(2)
+    student = torch.randn(3, 7, 50, generator=gen)
+    teacher = 3 * torch.randn(3, 7, 50, generator=gen)
+    mask = torch.rand(3, 7, generator=gen) > 0.3 if masked else None
+    a, b = student.clone().requires_grad_(True), student.clone().requires_grad_(True)
+    fused = forward_kl(a, teacher, temperature, mask)
+    plain = _plain_forward_kl(b, teacher, temperature, mask)
+    (2.5 * fused).backward()
+    (2.5 * plain).backward()
+    torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-8)
+
+
+def test_fused_forward_kl_in_bfloat16_keeps_the_logits_dtype():
+    gen = torch.Generator().manual_seed(3)
+    student = torch.randn(2, 4, 64, generator=gen).bfloat16().requires_grad_(True)
+    teacher = torch.randn(2, 4, 64, generator=gen).bfloat16()
+    forward_kl(student, teacher).backward()
+    reference = student.detach().float().requires_grad_(True)
+    _plain_forward_kl(reference, teacher.float(), 1.0).backward()
+    assert student.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(student.grad.float(), reference.grad, rtol=2e-2, atol=1e-4)
+
+
+def test_fused_forward_kl_saves_one_logits_sized_tensor_for_backward():
+    """The memory claim, as far as autograd shows it: the plain loss saves two (B, T, V) fp32
+    tensors for backward (and makes ~5 transient ones); the fused loss saves only its gradient.
+    The peak itself is measured by benchmarks/kd_loss_memory.py."""
+    gen = torch.Generator().manual_seed(4)
+    student = torch.randn(2, 8, 1000, generator=gen).requires_grad_(True)
+    teacher = torch.randn(2, 8, 1000, generator=gen)
+
+    def saved_bytes(fn) -> int:
+        held: list[int] = []
+
+        def pack(t):
+            held.append(t.numel() * t.element_size())
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            fn(student, teacher, 1.0)
+        return sum(held)
+
+    logits_bytes = student.numel() * 4
+    assert saved_bytes(forward_kl) <= logits_bytes + 1024
+    assert saved_bytes(_plain_forward_kl) >= 2 * logits_bytes
+
+
+def test_fused_forward_kl_refuses_a_second_backward():
+    student = torch.randn(1, 2, 9).requires_grad_(True)
+    loss = forward_kl(student, torch.randn(1, 2, 9))
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="runs once"):
+        loss.backward()

@@ -13,6 +13,8 @@ from transformers import LlamaForCausalLM
 
 import slmcompress.distill.trainer as trainer_module
 from slmcompress.checkpoint import load_checkpoint, save_checkpoint
+from slmcompress.data import DataSpec
+from slmcompress.distill.teacher_cache import build_teacher_cache
 from slmcompress.errors import PassError, RecipeError
 from slmcompress.passes.distill import DistillConfig, DistillPass
 from slmcompress.passes.quantize_rtn import RTNConfig, RTNPass
@@ -98,6 +100,40 @@ def test_trains_and_writes_a_gptq_checkpoint_that_reloads_identically(
     reloaded, _ = load_checkpoint(directory)
     assert isinstance(reloaded.model.layers[0].mlp.up_proj, QuantLinear)
     torch.testing.assert_close(reloaded(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+
+
+def test_trains_from_a_top_k_teacher_cache_without_loading_the_teacher(
+    tiny_llama, make_ctx, teacher_dir, tokenizer, tmp_path, monkeypatch
+):
+    """The 70B-teacher route: the float teacher's top-k logits cached once, the GPTQ student
+    trained from them in its format."""
+    teacher = LlamaForCausalLM.from_pretrained(teacher_dir).eval()
+    cache = build_teacher_cache(
+        teacher, tokenizer, DataSpec(source="c4"), 32, 16, tmp_path / "cache", 16,
+        show_progress=False,
+    )  # fmt: skip
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("the teacher must not be loaded")
+
+    monkeypatch.setattr("slmcompress.models.load_model", no_teacher)
+    student = _quantized(tiny_llama, make_ctx)
+    scales_before = {
+        n: m.scales.clone() for n, m in student.named_modules() if isinstance(m, QuantLinear)
+    }
+    config = _config(
+        teacher_cache=str(cache), top_k=8, quantized="scales", save_every=0, max_steps=8, lr=2e-3
+    )
+    model, ctx = _run(config, student, make_ctx, tmp_path / "w")
+    info, quant = ctx.extra_metrics["distill"], ctx.extra_metrics["quantized"]
+    assert info["teacher"].startswith("cache:") and info["final_loss"] < info["first_loss"]
+    assert quant["mode"] == "scales" and quant["codes_changed"] == 0
+    moved = [
+        not torch.equal(m.scales, scales_before[n])
+        for n, m in model.named_modules()
+        if isinstance(m, QuantLinear)
+    ]
+    assert len(moved) == 14 and all(moved)
 
 
 def test_lsq_and_float_training_options(tiny_llama, make_ctx, teacher_dir, tmp_path):
