@@ -95,6 +95,15 @@ def machine() -> str:
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
+def provenance() -> dict[str, Any]:
+    """Where and how a result was made: the machine, the versions, this script's command line."""
+    return {
+        "machine": machine(),
+        "versions": versions(),
+        "command": "python " + shlex.join(sys.argv),
+    }
+
+
 def run_row(row_id: str, work: Path, argv: list[str]) -> dict[str, Any]:
     """Run ``slmcompress <argv> --output-dir work/row_id`` unless that run is complete; its stages."""
     run_dir = work / row_id

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
-import sys
 from pathlib import Path
 from typing import Any
 
-from cli_runs import RESULTS, machine, run_row, versions
+from cli_runs import RESULTS, provenance, run_row
 
 DATA = {
     "calibration": {"source": "c4", "n_samples": 32, "seq_len": 512},
@@ -130,9 +128,7 @@ def main() -> None:
         else {}
     )
     result = {
-        "machine": machine(),
-        "versions": versions(),
-        "command": "python " + shlex.join(sys.argv),
+        **provenance(),
         "rows": rows,
         "quant": quant,
         "notes": previous.get("notes", []),

@@ -14,12 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import shlex
 import subprocess
 import sys
 from pathlib import Path
 
-from cli_runs import RESULTS, machine, versions
+from cli_runs import RESULTS, provenance
 
 #: (name, vocabulary): the families whose KD runs this bounds
 VOCABS = [("SmolLM2", 49152), ("Llama 3", 128256), ("Gemma 3", 262144)]
@@ -79,9 +78,7 @@ def main() -> None:
             rows.append({"family": family, **json.loads(out.strip().splitlines()[-1])})
             print(rows[-1])
     result = {
-        "machine": machine(),
-        "versions": versions(),
-        "command": "python " + shlex.join(sys.argv),
+        **provenance(),
         "batch": BATCH,
         "seq_len": SEQ,
         "rows": rows,
