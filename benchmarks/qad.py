@@ -167,6 +167,59 @@ def _row_lr(row_id: str) -> float:
     return 1.0e-4
 
 
+def _hellaswag(before: Any, after: Any, n: Any) -> str:
+    return "not run" if after is None else f"{before} → {after} ({n})"
+
+
+def _quality_cells(row: dict[str, Any]) -> list[str]:
+    """One quality row's table cells: from its stage reports, or from the fields of a row
+    assembled by hand from a run whose directory is gone (``w4g128``, an earlier session)."""
+    if "stages" not in row:
+        hs = row["hellaswag_acc_norm_n500"]
+        return [
+            row["id"],
+            f"{row['gptq_ppl']:.2f}",
+            f"{row['qad_ppl']:.2f}",
+            f"{row['float_ppl']:.2f}",
+            str(row["rtn_ppl"]),
+            str(row["target_ppl"]),
+            f"{100 * row['frac_of_rtn_delta_gptq']:.0f}% → {100 * row['frac_of_rtn_delta_qad']:.0f}%",
+            "yes" if row["target_met"] else "NO",
+            f"{hs['gptq']} → {hs['qad'] if hs['qad'] is not None else 'not run'} (500)",
+            str(row["qad"]["tokens"]),
+            "0.0",
+            f"{row['size_bytes']['qad'] / 1e6:.1f}",
+        ]
+    st = row["stages"]
+    first, before, after = st[0], st[-2], st[-1]
+    frac = (
+        f"{100 * row['frac_of_rtn_delta_before']:.0f}% → {100 * row['frac_of_rtn_delta_after']:.0f}%"
+        if "frac_of_rtn_delta_after" in row
+        else ""
+    )
+    target = row.get("target_ppl") or (
+        f"≤ 5% over healed {row['healed_ppl']:.2f}" if "healed_ppl" in row else ""
+    )
+    met = {True: "yes", False: "NO"}.get(row.get("target_met"), "(no target)")
+    if "vs_healed_pct" in row:
+        met += f" ({row['vs_healed_pct']:+.1f}% vs healed)"
+    q = after.get("qad", {})
+    return [
+        row["id"],
+        f"{before['ppl']:.2f}",
+        f"{after['ppl']:.2f}",
+        f"{first['ppl']:.2f}",
+        str(row.get("rtn_ppl", "")),
+        str(target),
+        frac,
+        met,
+        _hellaswag(before["hellaswag_acc_norm"], after["hellaswag_acc_norm"], after["hellaswag_n"]),
+        str(after.get("train_tokens")),
+        str(q.get("codes_changed")),
+        str(after["size_mb"]),
+    ]
+
+
 def render_md(result: dict[str, Any]) -> str:
     lines = [
         "# Quantization-aware distillation (issue #17): SmolLM2-135M",
@@ -181,26 +234,7 @@ def render_md(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in result["rows"]:
-        st = row["stages"]
-        first, before, after = st[0], st[-2], st[-1]
-        frac = (
-            f"{100 * row['frac_of_rtn_delta_before']:.0f}% → {100 * row['frac_of_rtn_delta_after']:.0f}%"
-            if "frac_of_rtn_delta_after" in row
-            else ""
-        )
-        target = row.get("target_ppl") or (
-            f"≤ 5% over healed {row['healed_ppl']:.2f}" if "healed_ppl" in row else ""
-        )
-        met = {True: "yes", False: "NO"}.get(row.get("target_met"), "(no target)")
-        if "vs_healed_pct" in row:
-            met += f" ({row['vs_healed_pct']:+.1f}% vs healed)"
-        hs = f"{before['hellaswag_acc_norm']} → {after['hellaswag_acc_norm']} ({after['hellaswag_n']})"
-        q = after.get("qad", {})
-        lines.append(
-            f"| {row['id']} | {before['ppl']:.2f} | {after['ppl']:.2f} | {first['ppl']:.2f} "
-            f"| {row.get('rtn_ppl', '')} | {target} | {frac} | {met} | {hs} "
-            f"| {after.get('train_tokens')} | {q.get('codes_changed')} | {after['size_mb']} |"
-        )
+        lines.append("| " + " | ".join(_quality_cells(row)) + " |")
     if result.get("cost"):
         lines += [
             "",
