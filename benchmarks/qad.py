@@ -152,9 +152,9 @@ def cost_row(row_id: str, work: Path, gptq_row: str) -> dict[str, Any]:
     return {
         "id": row_id,
         "model": model,
-        "stage": stage,
         "ppl_before": stages[0]["ppl"],
         **stages[-1],
+        "train_stage": stage,  # after the report's fields, whose "stage" is the stage's name
         "process": proc,
     }
 
@@ -249,7 +249,7 @@ def render_md(result: dict[str, Any]) -> str:
             p = row["process"]
             q = row.get("qad") or {}
             lines.append(
-                f"| {row['id']} | {Path(row['model']).name} | {row['stage']['lr']} "
+                f"| {row['id']} | {Path(row['model']).name} | {row['train_stage']['lr']} "
                 f"| {row.get('ppl_before')} → {row['ppl']} | {q.get('codes_changed', '')} "
                 f"| {row['train_tokens_per_s']} | {p['peak_rss_gb']} "
                 f"| {p['wall_s']} | {p['load_average']} |"
