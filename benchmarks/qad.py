@@ -209,7 +209,7 @@ def _quality_cells(row: dict[str, Any]) -> list[str]:
         f"{before['ppl']:.2f}",
         f"{after['ppl']:.2f}",
         f"{first['ppl']:.2f}",
-        str(row.get("rtn_ppl", "")),
+        f"{row['rtn_ppl']:.2f}" if "rtn_ppl" in row else "",
         str(target),
         frac,
         met,
@@ -250,7 +250,7 @@ def render_md(result: dict[str, Any]) -> str:
             q = row.get("qad") or {}
             lines.append(
                 f"| {row['id']} | {Path(row['model']).name} | {row['train_stage']['lr']} "
-                f"| {row.get('ppl_before')} → {row['ppl']} | {q.get('codes_changed', '')} "
+                f"| {row['ppl_before']:.2f} → {row['ppl']:.2f} | {q.get('codes_changed', '')} "
                 f"| {row['train_tokens_per_s']} | {p['peak_rss_gb']} "
                 f"| {p['wall_s']} | {p['load_average']} |"
             )
