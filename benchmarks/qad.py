@@ -42,8 +42,8 @@ QKD_RECIPE = "recipes/smollm2-gptq-w4g128-qkd.yaml"
 #: id -> (recipe, --set overrides, RTN reference row in quantize.json, target fraction of RTN Δppl)
 ROWS: dict[str, tuple[str, list[str], str | None, float | None]] = {
     "w4g128": (QKD_RECIPE, ["eval.limit=500"], "rtn-4-128", 1 / 3),
-    # ppl only: HellaSwag on 500 items through the CPU int4/int3 path takes ~40 min a stage
-    # on 2 shared cores; it is measured on the GPTQ and QAD checkpoints by `slmcompress eval`
+    # ppl only: HellaSwag on 500 items through the CPU int4/int3 path took ~40 min a stage on
+    # 2 shared cores (`slmcompress eval <checkpoint> --limit 500` measures it separately)
     "w3g128": (
         QKD_RECIPE,
         ["stages.0.bits=3", "stages.1.lr=2.0e-4", "eval.tasks=[]"],
@@ -107,7 +107,7 @@ def cost_row(row_id: str, work: Path, gptq_row: str) -> dict[str, Any]:
         if not gptq:
             raise SystemExit(f"error: --cost-from {gptq_row}: no GPTQ stage in {work / gptq_row}")
         model = str(gptq[0])
-        lr = _row_lr(gptq_row)
+        lr = _row_qad_lr(work / gptq_row)
     stage = {
         "type": "distill",
         "name": "train",
@@ -159,12 +159,10 @@ def cost_row(row_id: str, work: Path, gptq_row: str) -> dict[str, Any]:
     }
 
 
-def _row_lr(row_id: str) -> float:
-    """The QAD learning rate a quality row trains with (its --set, else the recipe's)."""
-    for s in ROWS[row_id][1]:
-        if s.startswith("stages.1.lr="):
-            return float(s.split("=", 1)[1])
-    return 1.0e-4
+def _row_qad_lr(run_dir: Path) -> float:
+    """The QAD learning rate a quality row's run trained with: its last stage's, as resolved."""
+    manifest = json.loads((run_dir / "run.json").read_text())
+    return float(manifest["resolved_recipe"]["stages"][-1]["lr"])
 
 
 def _hellaswag(before: Any, after: Any, n: Any) -> str:

@@ -245,8 +245,10 @@ def _plan_distill(
     """Student weights + fp32 grads + AdamW moments, the teacher, logits of one micro-batch.
 
     The logits term counts (micro-batch x vocabulary) fp32 tensors alive at the loss's peak:
-    3 for the fused forward KL (student, teacher, gradient), 7 for the other losses through
-    autograd, 4 from a top-k cache (benchmarks/results/kd_loss_memory.md). AdamW's foreach
+    3 for the fused forward KL (student, teacher, gradient) and 7 for a loss through plain
+    autograd -- both measured for forward KL (benchmarks/results/kd_loss_memory.md: 2 inputs
+    + 1.26 fused, + 5.0 plain); reverse KL / JSD are taken as the plain case and a top-k
+    cache (student logits, its log-softmax, their gradients) as 4, unmeasured. AdamW's foreach
     step adds a parameter-sized temporary and the lm_head a weight-gradient one. Measured on
     Gemma-3-270M (4x256 tokens, 262k vocabulary): 11.4 GB peak RSS for 12.8 GB planned.
 
