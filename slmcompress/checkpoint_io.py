@@ -133,9 +133,19 @@ def write_metadata(directory: Path, meta: dict[str, Any], atomic: bool = False) 
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
-    """The ``slmcompress.json`` of a checkpoint dir (empty dict if absent)."""
+    """The ``slmcompress.json`` of a checkpoint dir (empty dict if absent).
+
+    A file that is not a JSON object is a one-line CheckpointError naming it.
+    """
+    from slmcompress.fsutil import read_json_file
+
     path = Path(directory) / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.exists() and not path.is_symlink():
+        return {}
+    meta = read_json_file(path, "checkpoint", CheckpointError)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint: {path} must hold a JSON object")
+    return meta
 
 
 def write_quantize_config(directory: Path, quantization_config: dict[str, Any] | None) -> None:
