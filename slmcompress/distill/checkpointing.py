@@ -28,7 +28,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 
 from slmcompress import dist
 from slmcompress.errors import PassError
-from slmcompress.fsutil import atomic_dir
+from slmcompress.fsutil import atomic_dir, read_json_file
 
 CHECKPOINT_DIR = "checkpoint"
 SEP = "::"
@@ -121,10 +121,26 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+#: what resuming reads from trainer.json, and its JSON type
+_TRAINER_KEYS = {"fingerprint": dict, "param_groups": list, "scheduler": dict, "rng": dict}
+
+
 def read_trainer_json(work_dir: Path) -> dict[str, Any] | None:
-    """The scalar part of the checkpoint in ``work_dir`` (None when there is none)."""
+    """The scalar part of the checkpoint in ``work_dir`` (None when there is none).
+
+    A damaged file is one line naming it (never a KeyError mid-resume).
+    """
     path = Path(work_dir) / CHECKPOINT_DIR / "trainer.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.exists() and not path.is_symlink():
+        return None
+    meta = read_json_file(path, "resume", PassError)
+    for key, kind in _TRAINER_KEYS.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get(key), kind):
+            raise PassError(
+                f"resume: {path} is not a training checkpoint ({key!r} missing or not a "
+                f"{kind.__name__}); delete {path.parent} to start the stage over"
+            )
+    return meta
 
 
 def check_fingerprint(
@@ -152,7 +168,7 @@ def load_training_state(
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG in place; return trainer.json."""
     directory = Path(work_dir) / CHECKPOINT_DIR
-    meta = json.loads((directory / "trainer.json").read_text())
+    meta = read_trainer_json(work_dir)
     model_sd = load_file(str(directory / "model.safetensors"))
     optim_sd = {
         "state": _unflatten_optimizer(load_file(str(directory / "optimizer.safetensors"))),

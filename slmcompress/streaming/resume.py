@@ -27,7 +27,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from slmcompress.errors import PassError
-from slmcompress.fsutil import atomic_write_json
+from slmcompress.fsutil import atomic_write_json, read_json_file
 from slmcompress.streaming.loader import read_header
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,16 @@ class ResumeState:
             self.root.mkdir(parents=True, exist_ok=True)
             self._save()
             return
-        state = json.loads(path.read_text())
+        state = read_json_file(path, "resume", PassError)
+        if (
+            not isinstance(state, dict)
+            or not isinstance(state.get("finished"), int)
+            or not isinstance(state.get("key", {}), dict)
+        ):
+            raise PassError(
+                f"resume: {path} is not a resume state (no 'finished' count); delete "
+                f"{self.root} to start over"
+            )
         if state.get("key_hash") != self.hash:
             diff = sorted(
                 k
