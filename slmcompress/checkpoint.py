@@ -39,7 +39,12 @@ from slmcompress.checkpoint_io import (  # noqa: F401 - read_metadata, METADATA_
 )
 from slmcompress.errors import CheckpointError, first_line
 from slmcompress.fsutil import atomic_dir
-from slmcompress.quant.gptq_format import GPTQFormat, packed_shapes, parse_gptq_config
+from slmcompress.quant.gptq_format import (
+    GPTQFormat,
+    check_gptq_values,
+    packed_shapes,
+    parse_gptq_config,
+)
 from slmcompress.quant.quant_linear import QuantLinear
 from slmcompress.remote_code import check_local_code, hf_kwargs
 
@@ -227,6 +232,7 @@ def load_gptq_checkpoint(
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = _read_state(directory)
+    check_gptq_values(state, f"checkpoint: {directory}")
     bits, group_size = fmt.bits, fmt.group_size
     for prefix in sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight")):
         replace_module(model, prefix, _quant_linear_for(model, prefix, state, bits, group_size))
