@@ -89,8 +89,14 @@ def safetensors_files(directory: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint: {index} is not a valid safetensors index") from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and "/" not in name for name in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"checkpoint: {index}: weight_map must map tensor names to shard file names"
+            )
         return [directory / name for name in sorted(set(weight_map.values()))]
     single = directory / "model.safetensors"
     if single.is_file():

@@ -100,8 +100,14 @@ def shard_paths(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint: {index} is not a valid safetensors index") from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and "/" not in name for name in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"checkpoint: {index}: weight_map must map tensor names to shard file names"
+            )
         return [model_dir / name for name in sorted(set(weight_map.values()))]
     if (model_dir / SINGLE_FILE).is_file():
         return [model_dir / SINGLE_FILE]

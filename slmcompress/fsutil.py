@@ -95,7 +95,11 @@ def new_tmp_dir(target: Path) -> Path:
             os.mkdir(path, 0o700)
         except FileExistsError:
             continue
-        (path / OWNER_FILE).write_text(f"{os.getpid()}\n")
+        try:
+            (path / OWNER_FILE).write_text(f"{os.getpid()}\n")
+        except BaseException:  # a full disk: leave nothing behind
+            shutil.rmtree(path, ignore_errors=True)
+            raise
         return path
 
 
@@ -365,19 +369,28 @@ def is_disk_full(exc: BaseException) -> bool:
     return io_problem(exc).startswith("disk full")
 
 
-def replace_problem(target: Path, marker: str) -> str | None:
+def replace_problem(target: Path, marker: str, outputs: frozenset[str] | None = None) -> str | None:
     """Why :func:`atomic_dir` must not replace ``target``, or ``None`` when it may.
 
     Only an empty directory or one of our own outputs (it holds ``marker``) may be
-    replaced: a mistyped ``--out ~/data`` must never delete the user's files.
+    replaced: a mistyped ``--out ~/data`` must never delete the user's files. With
+    ``outputs`` (every name the writer produces), an earlier output that the user has
+    since added files to is refused too, naming the first foreign entry.
     """
     target = Path(target)
     if not target.exists():
         return None
     if not target.is_dir():
         return f"{target} is a file, not a directory"
-    if any(target.iterdir()) and not (target / marker).is_file():
+    names = sorted(e.name for e in target.iterdir())
+    if names and not (target / marker).is_file():
         return f"{target} is not empty and was not written by slmcompress (no {marker})"
+    foreign = [n for n in names if outputs is not None and n not in outputs]
+    if foreign:
+        return (
+            f"{target} holds {foreign[0]!r}, which slmcompress did not write; replacing the "
+            "directory would delete it"
+        )
     return None
 
 

@@ -22,12 +22,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from slmcompress import dist
-from slmcompress.errors import PassError
+from slmcompress.errors import PassError, first_line
 from slmcompress.fsutil import atomic_dir, read_json_file
 
 CHECKPOINT_DIR = "checkpoint"
@@ -160,6 +161,17 @@ def check_fingerprint(
     return meta
 
 
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    """A tensor file of the checkpoint; missing or torn is one line naming it."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise PassError(
+            f"resume: {path} cannot be read ({first_line(exc)}); delete {path.parent} to start "
+            "the stage over"
+        ) from None
+
+
 def load_training_state(
     work_dir: Path,
     model: nn.Module,
@@ -169,9 +181,9 @@ def load_training_state(
     """Restore model, optimizer, scheduler and RNG in place; return trainer.json."""
     directory = Path(work_dir) / CHECKPOINT_DIR
     meta = read_trainer_json(work_dir)
-    model_sd = load_file(str(directory / "model.safetensors"))
+    model_sd = _load(directory / "model.safetensors")
     optim_sd = {
-        "state": _unflatten_optimizer(load_file(str(directory / "optimizer.safetensors"))),
+        "state": _unflatten_optimizer(_load(directory / "optimizer.safetensors")),
         "param_groups": meta["param_groups"],
     }
     for group in optim_sd["param_groups"]:
@@ -184,7 +196,7 @@ def load_training_state(
         options=StateDictOptions(full_state_dict=True),
     )
     scheduler.load_state_dict(meta["scheduler"])
-    rng = load_file(str(directory / "rng.safetensors"))
+    rng = _load(directory / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])

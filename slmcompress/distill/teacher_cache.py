@@ -53,7 +53,7 @@ from slmcompress.fsutil import (
     is_tmp_name,
     new_tmp_file,
     read_json_file,
-    refuse_links,
+    refuse_links_inside,
     safe_rmtree,
 )
 from slmcompress.progress import progress_bar
@@ -454,7 +454,7 @@ def _cache_dir(out_dir: Path) -> Path:
             f"teacher cache: {out_dir} is not empty and is not a teacher cache (found "
             f"{foreign[0]!r}); use a new or empty --out"
         )
-    refuse_links(out_dir, out_dir / WORK_DIR, "teacher cache: ")
+    refuse_links_inside(out_dir, out_dir / WORK_DIR, "teacher cache: ")
     return out_dir
 
 

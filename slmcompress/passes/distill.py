@@ -293,6 +293,7 @@ class DistillPass(Pass):
         need the whole distribution or its hidden states are refused.
         """
         from slmcompress.distill.teacher_cache import build_streamed_teacher_cache
+        from slmcompress.memory_model import load_config
         from slmcompress.models import resolve_model_dir
         from slmcompress.streaming.engine import should_stream
         from slmcompress.streaming.wiring import load_tokenizer
@@ -318,7 +319,7 @@ class DistillPass(Pass):
         tokenizer = load_tokenizer(directory)
         if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(ctx.tokenizer):
             raise PassError(f"{where}.teacher: {source}'s tokenizer differs from the student's")
-        t_vocab = json.loads((directory / "config.json").read_text()).get("vocab_size")
+        t_vocab = load_config(directory).get("vocab_size")
         if t_vocab != student.config.vocab_size:
             raise PassError(
                 f"{where}.teacher: {source} has vocab_size {t_vocab}, the student "

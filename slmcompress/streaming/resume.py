@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from slmcompress.errors import PassError
@@ -139,9 +139,15 @@ class ResumeState:
     def load_result(self, layer: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and metadata saved for ``layer``."""
         path = self._existing_result(layer)
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
-            return {k: handle.get_tensor(k) for k in handle.keys()}, meta
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
+                return {k: handle.get_tensor(k) for k in handle.keys()}, meta
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise PassError(
+                f"resume: result of layer {layer} ({path}) cannot be read ({exc}); delete "
+                f"{self.root} to start over"
+            ) from None
 
     def load_meta(self, layer: int) -> dict[str, Any]:
         """Only the metadata saved for ``layer`` (its header; no tensor is read)."""
