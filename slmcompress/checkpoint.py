@@ -39,7 +39,12 @@ from slmcompress.checkpoint_io import (  # noqa: F401 - read_metadata, METADATA_
 )
 from slmcompress.errors import CheckpointError, first_line
 from slmcompress.fsutil import atomic_dir
-from slmcompress.quant.gptq_format import GPTQFormat, packed_shapes, parse_gptq_config
+from slmcompress.quant.gptq_format import (
+    GPTQFormat,
+    check_gptq_values,
+    packed_shapes,
+    parse_gptq_config,
+)
 from slmcompress.quant.quant_linear import QuantLinear
 from slmcompress.remote_code import check_local_code, hf_kwargs
 
@@ -84,8 +89,14 @@ def safetensors_files(directory: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint: {index} is not a valid safetensors index") from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and "/" not in name for name in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"checkpoint: {index}: weight_map must map tensor names to shard file names"
+            )
         return [directory / name for name in sorted(set(weight_map.values()))]
     single = directory / "model.safetensors"
     if single.is_file():
@@ -227,6 +238,7 @@ def load_gptq_checkpoint(
     del config.quantization_config
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = _read_state(directory)
+    check_gptq_values(state, f"checkpoint: {directory}")
     bits, group_size = fmt.bits, fmt.group_size
     for prefix in sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight")):
         replace_module(model, prefix, _quant_linear_for(model, prefix, state, bits, group_size))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,8 @@ from slmcompress.checkpoint import (
     safetensors_files,
     validate_checkpoint,
 )
+from slmcompress.errors import CheckpointError
+from slmcompress.fsutil import read_json_file
 
 
 def inspect_checkpoint(directory: Path) -> dict[str, Any]:
@@ -37,13 +38,27 @@ def inspect_checkpoint(directory: Path) -> dict[str, Any]:
     if meta:
         summary["stage"] = meta.get("stage")
         summary["parent"] = meta.get("parent")
-    report_path = directory / "report.json"
-    if report_path.is_file():
-        metrics = json.loads(report_path.read_text()).get("metrics", {})
-        for key in ("wikitext2_ppl", "hellaswag_acc_norm", "tokens_per_s"):
-            if metrics.get(key) is not None:
-                summary[key] = round(metrics[key], 4)
+    summary.update(_report_metrics(directory / "report.json"))
     return {"summary": summary, "layers": layers, "config": config}
+
+
+def _report_metrics(path: Path) -> dict[str, float]:
+    """The headline metrics of a stage's ``report.json``; a broken one is one line naming it."""
+    if not path.exists():
+        return {}
+    report = read_json_file(path, "checkpoint", CheckpointError)
+    metrics = report.get("metrics", {}) if isinstance(report, dict) else None
+    if not isinstance(metrics, dict):
+        raise CheckpointError(f"checkpoint: {path} is not a stage report (no metrics object)")
+    found = {}
+    for key in ("wikitext2_ppl", "hellaswag_acc_norm", "tokens_per_s"):
+        value = metrics.get(key)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise CheckpointError(f"checkpoint: {path}: metrics.{key} is not a number")
+        found[key] = round(value, 4)
+    return found
 
 
 def _describe_quant(qcfg: dict[str, Any]) -> str:

@@ -100,8 +100,14 @@ def shard_paths(model_dir: Path) -> list[Path]:
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise CheckpointError(f"checkpoint: {index} is not a valid safetensors index") from exc
+        if not isinstance(weight_map, dict) or not all(
+            isinstance(name, str) and "/" not in name for name in weight_map.values()
+        ):
+            raise CheckpointError(
+                f"checkpoint: {index}: weight_map must map tensor names to shard file names"
+            )
         return [model_dir / name for name in sorted(set(weight_map.values()))]
     if (model_dir / SINGLE_FILE).is_file():
         return [model_dir / SINGLE_FILE]
@@ -133,9 +139,19 @@ def write_metadata(directory: Path, meta: dict[str, Any], atomic: bool = False) 
 
 
 def read_metadata(directory: Path) -> dict[str, Any]:
-    """The ``slmcompress.json`` of a checkpoint dir (empty dict if absent)."""
+    """The ``slmcompress.json`` of a checkpoint dir (empty dict if absent).
+
+    A file that is not a JSON object is a one-line CheckpointError naming it.
+    """
+    from slmcompress.fsutil import read_json_file
+
     path = Path(directory) / METADATA_FILE
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.exists() and not path.is_symlink():
+        return {}
+    meta = read_json_file(path, "checkpoint", CheckpointError)
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"checkpoint: {path} must hold a JSON object")
+    return meta
 
 
 def write_quantize_config(directory: Path, quantization_config: dict[str, Any] | None) -> None:

@@ -6,11 +6,15 @@ exit code 2, so users and MLOps jobs never see a traceback for bad input.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
+import os
+import signal
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -19,7 +23,8 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.table import Table
 
-from slmcompress.errors import SlmError, first_line, one_line
+from slmcompress.errors import SlmError, Terminated, first_line, one_line
+from slmcompress.fsutil import io_problem, is_disk_full
 
 app = typer.Typer(
     add_completion=False,
@@ -45,19 +50,30 @@ def cli_errors(func: F) -> F:
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
-            return func(*args, **kwargs)
+            with sigterm_as_interrupt():
+                return func(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except SlmError as exc:
             _print_error(one_line(str(exc)))
             raise typer.Exit(2) from None
-        except KeyboardInterrupt:
+        except BrokenPipeError:  # stdout closed early (``| head``): the reader is done, not a bug
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit does not fail again
+            raise typer.Exit(128 + signal.SIGPIPE) from None
+        except KeyboardInterrupt as exc:
+            signum = exc.signum if isinstance(exc, Terminated) else signal.SIGINT
+            name = signal.Signals(signum).name
             err_console.print(
-                "[bold red]interrupted[/]: completed stages are kept; rerun to resume"
+                f"[bold red]interrupted[/] ({name}): completed work is kept; rerun to resume",
+                highlight=False,
             )
-            raise typer.Exit(130) from None
+            raise typer.Exit(128 + signum) from None
         except Exception as exc:  # noqa: BLE001 - last line of defence: never a bare traceback
             logging.getLogger("slmcompress").debug("unexpected error", exc_info=True)
+            if is_disk_full(exc):  # a library's own error type for ENOSPC/EFBIG: not a bug
+                _print_error(f"cannot write: {io_problem(exc)}")
+                raise typer.Exit(2) from None
             _print_error(
                 f"unexpected {type(exc).__name__}: {first_line(exc)} "
                 "(a bug: rerun with --verbose for the traceback and report it)"
@@ -65,6 +81,29 @@ def cli_errors(func: F) -> F:
             raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Inside the block SIGTERM raises :class:`Terminated`, handled exactly like Ctrl-C.
+
+    Job schedulers (Kubernetes, Slurm) stop a job with SIGTERM; Python's default would
+    exit at once, leaving run.json at ``running`` and temp files behind. A second SIGTERM
+    during the cleanup gets the default action (exit now; a rerun still resumes).
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        raise Terminated(signum)
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _print_error(message: str) -> None:
@@ -181,10 +220,12 @@ def eval_cmd(
     """Evaluate any model: perplexity, task accuracy, size and speed."""
     from slmcompress.cli_checks import eval_inputs
     from slmcompress.eval.source import evaluate_source
+    from slmcompress.models import resolve_device
     from slmcompress.remote_code import remote_code
 
     spec, options = eval_inputs(tasks, limit, ppl_tokens, seq_len, speed)
-    with remote_code(trust_remote_code):
+    resolve_device(device, "--device")
+    with remote_code(trust_remote_code, "--trust-remote-code"):
         result = evaluate_source(model, spec, options, device, dtype, max_memory)
     if as_json:
         emit_json(
@@ -263,11 +304,12 @@ def generate(
     from slmcompress.cli_checks import check_generate_args, check_prompt_fits
     from slmcompress.generate import generate as run_generate
     from slmcompress.kernels.dispatch import prepare_for_serving
-    from slmcompress.models import load_model
+    from slmcompress.models import load_model, resolve_device
     from slmcompress.remote_code import remote_code
 
     check_generate_args(prompt, max_new_tokens, temperature)
-    with remote_code(trust_remote_code):
+    resolve_device(device, "--device")
+    with remote_code(trust_remote_code, "--trust-remote-code"):
         loaded = load_model(model, dtype=dtype, device=device)
     check_prompt_fits(loaded.model, loaded.tokenizer, prompt, max_new_tokens, chat)
     backends = prepare_for_serving(loaded.model)
@@ -373,7 +415,7 @@ def teacher_cache(
     from slmcompress.distill.cli_teacher_cache import teacher_cache_command
     from slmcompress.remote_code import remote_code
 
-    with remote_code(trust_remote_code):
+    with remote_code(trust_remote_code, "--trust-remote-code"):
         cache = teacher_cache_command(
             model,
             data,

@@ -54,14 +54,27 @@ def check_context(limit: Any, length: int, option: str) -> None:
         raise SlmError(f"{option}: {length} exceeds the model's context of {limit} tokens")
 
 
+#: below this, logits / temperature overflow to inf and sampling fails (use 0 for greedy)
+MIN_TEMPERATURE = 1e-3
+
+
 def check_generate_args(prompt: str, max_new_tokens: int, temperature: float) -> None:
     """Cheap checks before any weight loads."""
+    try:
+        prompt.encode("utf-8")  # bytes that are not UTF-8 reach us as lone surrogates
+    except UnicodeEncodeError:
+        raise SlmError("--prompt: is not valid UTF-8 text") from None
     if not prompt.strip():
         raise SlmError("--prompt: must not be empty")
     if max_new_tokens < 1:
         raise SlmError(f"--max-new-tokens: must be at least 1, got {max_new_tokens}")
     if not math.isfinite(temperature) or temperature < 0:
         raise SlmError(f"--temperature: must be 0 (greedy) or positive, got {temperature}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise SlmError(
+            f"--temperature: {temperature:g} is below {MIN_TEMPERATURE:g}, where sampling "
+            "overflows; use 0 for greedy decoding"
+        )
 
 
 def check_prompt_fits(

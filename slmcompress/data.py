@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PreTrainedTokenizerBase
 
 from slmcompress.errors import DataError
+from slmcompress.fsutil import regular_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -112,8 +113,9 @@ def check_spec(spec: DataSpec, where: str) -> None:
     ):
         if path.is_dir():
             raise DataError(f"{where}.source: {spec.source} is a directory, not a data file")
-        if not path.is_file():
-            raise DataError(f"{where}.source: data file {spec.source} does not exist")
+        problem = regular_file_problem(path)  # a FIFO or /dev/zero would block or never end
+        if problem:
+            raise DataError(f"{where}.source: data file {spec.source} {problem}")
         if path.stat().st_size == 0:
             raise DataError(f"{where}.source: data file {spec.source} is empty")
 

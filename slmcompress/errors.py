@@ -31,6 +31,18 @@ class PassError(SlmError):
     """A pass cannot run with this model/config (e.g. a shape it cannot handle)."""
 
 
+class Terminated(KeyboardInterrupt):  # noqa: N818 - an interrupt, named like KeyboardInterrupt
+    """SIGTERM (a job scheduler stopping the job), raised where SIGINT raises KeyboardInterrupt.
+
+    A subclass, so every ``except KeyboardInterrupt`` path (run.json ``interrupted``,
+    temp-file cleanup, the CLI's ``interrupted:`` line) treats both signals alike.
+    """
+
+    def __init__(self, signum: int = 15) -> None:
+        super().__init__(f"terminated by signal {signum} (SIGTERM)")
+        self.signum = signum
+
+
 def first_line(exc: BaseException) -> str:
     """The first non-empty line of an exception's text (library errors can span pages)."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]

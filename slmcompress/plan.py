@@ -62,7 +62,8 @@ def plan_recipe(
         if isinstance(config, dict)
         else load_config(config or _model_config_source(resolved.recipe.model))
     )
-    arch = Arch.from_config(cfg)
+    where = ("--config", config) if isinstance(config, str) else ("model", resolved.recipe.model)
+    arch = _arch(cfg, *where)
     elem = _elem(resolved.recipe.dtype, profile)
     calib = resolved.recipe.data.calibration
     plans = []
@@ -84,6 +85,30 @@ def plan_recipe(
         eval_row = _streamed_eval_plan(stage.name, arch, elem, evaluation, profile, budget, bits)
         plans += [eval_row] if eval_row else []
     return plans
+
+
+def _arch(cfg: dict[str, Any], where: str, source: Any) -> Arch:
+    """The planner's numbers from a config; a missing or non-numeric key is one line naming it."""
+    try:
+        arch = Arch.from_config(cfg)
+    except KeyError as exc:
+        raise RecipeError(
+            f"{where}: {source}: has no {exc.args[0]!r} (not a decoder config)"
+        ) from None
+    except (TypeError, ValueError, ZeroDivisionError) as exc:
+        raise RecipeError(f"{where}: {source}: a size is not a number ({exc})") from None
+    sizes = (
+        arch.hidden,
+        arch.inter,
+        arch.layers,
+        arch.heads,
+        arch.kv_heads,
+        arch.head_dim,
+        arch.vocab,
+    )
+    if min(sizes) < 1:
+        raise RecipeError(f"{where}: {source}: sizes must be positive integers")
+    return arch
 
 
 def _streaming_options(config: Any) -> StreamingOptions:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,11 +22,12 @@ from slmcompress.data import (  # noqa: F401 - EvalOptions: re-exported
     check_disjoint,
     check_spec,
 )
-from slmcompress.errors import ModelSourceError, RecipeError, SlmError
+from slmcompress.errors import ModelSourceError, RecipeError, SlmError, one_line
+from slmcompress.fsutil import regular_file_problem
 from slmcompress.models import check_model_source, resolve_dtype
 from slmcompress.passes.base import RUNTIME_FIELDS, Pass, PassConfig
 from slmcompress.registry import get_pass
-from slmcompress.remote_code import remote_code
+from slmcompress.remote_code import RECIPE_OPT_IN, remote_code
 
 
 class Recipe(BaseModel):
@@ -82,14 +84,34 @@ class Recipe(BaseModel):
 MAX_NAME_BYTES = 200
 
 
+#: punctuation a name may hold besides letters and digits (of any script)
+NAME_PUNCTUATION = "-_.+"
+
+
 def path_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a run or stage directory name, or ``None`` if it can."""
+    """Why ``name`` cannot be a run or stage directory name, or ``None`` if it can.
+
+    Allowed: letters and digits of any script (with their combining marks) and
+    ``- _ . +``. Everything else is refused, notably the invisible format characters
+    (U+202E RIGHT-TO-LEFT OVERRIDE can make ``01-w4\u202eexe.sh`` display as another
+    name), spaces, shell metacharacters and path separators.
+    """
     if "/" in name or "\\" in name or name.startswith("."):
         return "must not contain '/' or '\\' or start with '.'"
     if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
         return "must not contain control characters (NUL, newline, ...)"
     if len(name.encode("utf-8")) > MAX_NAME_BYTES:
         return f"is {len(name.encode('utf-8'))} bytes long; at most {MAX_NAME_BYTES}"
+    for position, ch in enumerate(name):
+        if ch in NAME_PUNCTUATION or unicodedata.category(ch)[0] in "LN":
+            continue
+        if unicodedata.category(ch) in ("Mn", "Mc") and position > 0:
+            continue
+        label = unicodedata.name(ch, "unnamed character")
+        return (
+            f"may contain only letters, digits and {' '.join(NAME_PUNCTUATION)}; "
+            f"found U+{ord(ch):04X} {label} at position {position}"
+        )
     return None
 
 
@@ -167,13 +189,25 @@ def format_validation_error(exc: ValidationError, prefix: str = "") -> str:
     return f"{path or 'recipe'}: {message}"
 
 
+#: a recipe is a few kB; a bigger file is not one (and is never read whole)
+MAX_RECIPE_BYTES = 10 * 2**20
+#: recipes nest 4-5 levels; far deeper YAML is an accident or an attack (RecursionError)
+MAX_RECIPE_DEPTH = 32
+
+
 def read_recipe_file(path: Path) -> dict[str, Any]:
-    """Read a YAML file with ``yaml.safe_load``; every failure is a one-line RecipeError."""
+    """Read a YAML file with ``yaml.safe_load``; every failure is a one-line RecipeError.
+
+    A directory, a FIFO or a device (``/dev/zero``) is refused before it is opened.
+    """
     path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"recipe file {path} does not exist")
+    problem = regular_file_problem(path)
+    if problem:
+        raise RecipeError(f"recipe file {path} {problem}")
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe file {path} is larger than {MAX_RECIPE_BYTES} bytes")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = _safe_yaml(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
@@ -181,9 +215,44 @@ def read_recipe_file(path: Path) -> dict[str, Any]:
         raise RecipeError(f"recipe file {path}: invalid YAML{where}: {problem}") from exc
     except UnicodeDecodeError as exc:
         raise RecipeError(f"recipe file {path}: not UTF-8 text") from exc
+    except _TooDeep:
+        raise RecipeError(
+            f"recipe file {path}: nested deeper than {MAX_RECIPE_DEPTH} levels"
+        ) from None
+    except OSError as exc:
+        raise RecipeError(f"recipe file {path}: cannot be read ({exc.strerror or exc})") from None
     if not isinstance(data, dict):
         raise RecipeError(f"recipe file {path}: top level must be a mapping of keys")
     return data
+
+
+class _TooDeep(Exception):
+    """YAML nested beyond :data:`MAX_RECIPE_DEPTH` (would exhaust Python's recursion limit)."""
+
+
+def _safe_yaml(text: str) -> Any:
+    """``yaml.safe_load`` that turns a RecursionError, or a result nested too deep, into _TooDeep."""
+    try:
+        data = yaml.safe_load(text)
+    except RecursionError:
+        raise _TooDeep from None
+    if _depth(data) > MAX_RECIPE_DEPTH:
+        raise _TooDeep
+    return data
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of lists/dicts, computed without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, level = stack.pop()
+        if isinstance(node, dict | list):
+            deepest = max(deepest, level)
+            if level > MAX_RECIPE_DEPTH:
+                return level
+            children = node.values() if isinstance(node, dict) else node
+            stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -192,7 +261,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         if "=" not in item:
             raise RecipeError(f"--set {item!r}: expected key.path=value")
         path, raw = item.split("=", 1)
-        value = yaml.safe_load(raw)
+        value = _override_value(path, raw)
         node: Any = data
         parts = path.split(".")
         for part in parts[:-1]:
@@ -206,6 +275,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         else:
             node[last] = value
     return data
+
+
+def _override_value(path: str, raw: str) -> Any:
+    """A ``--set`` value parsed as YAML (safe_load: a ``!!python`` tag is refused, not run)."""
+    try:
+        return _safe_yaml(raw)
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise RecipeError(f"--set {path}: invalid value: {one_line(problem)}") from None
+    except _TooDeep:
+        raise RecipeError(f"--set {path}: nested deeper than {MAX_RECIPE_DEPTH} levels") from None
 
 
 def _index(node: list, part: str, path: str) -> int:
@@ -240,7 +320,7 @@ def parse_recipe(
         raise RecipeError(format_validation_error(exc)) from exc
     stages = [_parse_stage(i, raw) for i, raw in enumerate(recipe.stages)]
     resolved = ResolvedRecipe(recipe=recipe, stages=stages, source_path=source_path)
-    with remote_code(recipe.trust_remote_code):
+    with remote_code(recipe.trust_remote_code, RECIPE_OPT_IN):
         _validate_cross_stage(resolved, check_sources)
     return resolved
 

@@ -20,19 +20,32 @@ from typing import Any
 from slmcompress.errors import ModelSourceError
 
 _ALLOWED: ContextVar[bool] = ContextVar("slmcompress_trust_remote_code", default=False)
+#: how the user opts in where they are (a flag or a recipe key); None: they cannot here
+_OPT_IN: ContextVar[str | None] = ContextVar("slmcompress_remote_code_opt_in", default=None)
+
+#: the opt-in of a recipe (``run``, ``plan``, ``recipe validate``)
+RECIPE_OPT_IN = "the recipe key 'trust_remote_code: true'"
 
 #: files whose ``auto_map`` names code that transformers would import
 _CODE_FILES = ("config.json", "tokenizer_config.json")
 
 
 @contextlib.contextmanager
-def remote_code(allowed: bool) -> Iterator[None]:
-    """Allow (or forbid) model-supplied code for the loads inside the block."""
+def remote_code(allowed: bool, opt_in: str | None = None) -> Iterator[None]:
+    """Allow (or forbid) model-supplied code for the loads inside the block.
+
+    ``opt_in``: how the user can allow it here (``--trust-remote-code``, or
+    :data:`RECIPE_OPT_IN`), named in the refusal; a command that has no opt-in never
+    advises one.
+    """
     token = _ALLOWED.set(bool(allowed))
+    how = _OPT_IN.set(opt_in) if opt_in is not None else None
     try:
         yield
     finally:
         _ALLOWED.reset(token)
+        if how is not None:
+            _OPT_IN.reset(how)
 
 
 def allowed() -> bool:
@@ -58,8 +71,14 @@ def check_local_code(directory: Path, what: str = "model") -> None:
         except (ValueError, UnicodeDecodeError, OSError):
             continue  # an unreadable file is reported by the loader that needs it
         if isinstance(data, dict) and data.get("auto_map"):
+            how = _OPT_IN.get()
+            advice = (
+                f"unless you opt in with {how}"
+                if how
+                else "and this command has no opt-in (eval, generate, teacher-cache and "
+                "recipes have one)"
+            )
             raise ModelSourceError(
                 f"{what}: {path} names custom code (auto_map); slmcompress never runs a "
-                "checkpoint's code unless you opt in with the recipe key "
-                "'trust_remote_code: true' or --trust-remote-code"
+                f"checkpoint's code {advice}"
             )

@@ -15,7 +15,6 @@ are written, so "exists with a matching hash" means "complete". Resume = skip th
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import logging
 import random
@@ -44,20 +43,26 @@ from slmcompress.eval.report import (
 )
 from slmcompress.fsutil import (
     LOCK_FILE,
-    TMP_MARKER,
     DirectoryBusy,
     atomic_dir,
     atomic_write_json,
     atomic_write_text,
     clean_stale_tmp,
     exclusive_lock,
+    io_problem,
+    is_disk_full,
+    is_tmp_name,
+    read_json_file,
+    refuse_links,
+    refuse_links_inside,
+    safe_rmtree,
 )
 from slmcompress.layerwise import WrittenCheckpoint
 from slmcompress.models import load_model, resolve_device, resolve_dtype
 from slmcompress.passes.base import Context, StageOutput, StreamingOptions
 from slmcompress.recipe import ResolvedRecipe, Stage
 from slmcompress.registry import streamable_passes
-from slmcompress.remote_code import remote_code
+from slmcompress.remote_code import RECIPE_OPT_IN, remote_code
 from slmcompress.streaming.engine import machine_budget, should_stream
 from slmcompress.streaming.loader import build_skeleton
 from slmcompress.streaming.residency import IN_MEMORY, Residency
@@ -67,6 +72,7 @@ from slmcompress.versions import versions
 log = logging.getLogger(__name__)
 
 INPUT_DIR = "00-input"
+WORK_DIR = ".work"
 
 
 def seed_everything(seed: int) -> None:
@@ -138,7 +144,7 @@ class Runner:
         """
         if self.from_stage is not None and not 1 <= self.from_stage <= len(self.resolved.stages):
             raise RecipeError(f"--from-stage: must be between 1 and {len(self.resolved.stages)}")
-        with remote_code(self.recipe.trust_remote_code):
+        with remote_code(self.recipe.trust_remote_code, RECIPE_OPT_IN):
             if not dist.is_main():
                 return self._run_stages()
             self._make_output_dir()
@@ -206,8 +212,9 @@ class Runner:
         if old is not None and old.get("recipe") != self.resolved.identity() and not self.force:
             raise RecipeError(
                 f"output_dir: {self.out} holds a run of a different recipe "
-                f"({old.get('recipe', {}).get('name')!r}); use --force or another output_dir"
+                f"({_recipe_name(old)!r}); use --force or another output_dir"
             )
+        self._refuse_links()
         clean_stale_tmp(self.out)
         for name in [INPUT_DIR] + [s.dirname for s in self.resolved.stages]:
             if (self.out / name).exists() and not _written_by_us(self.out / name):
@@ -216,12 +223,25 @@ class Runner:
                     "would replace it; move it away or rename the stage"
                 )
         if self.force and old is not None:  # stale resume state must not leak into the new run
-            shutil.rmtree(self.out / ".work", ignore_errors=True)
+            safe_rmtree(self.out / WORK_DIR, self.out)
             listed = {str(s.get("dir")) for s in old.get("stages", []) if isinstance(s, dict)}
             for entry in self.out.iterdir():
                 ours = entry.name in listed and entry.name != INPUT_DIR
-                if ours and entry.is_dir() and _written_by_us(entry):
-                    shutil.rmtree(entry)
+                if ours and not entry.is_symlink() and entry.is_dir() and _written_by_us(entry):
+                    safe_rmtree(entry, self.out)
+
+    def _refuse_links(self) -> None:
+        """Every path a run deletes or replaces under must be real, not a symbolic link.
+
+        A ``.work`` linked to a scratch disk would have that disk's files deleted as stale
+        resume state; a stage directory linked elsewhere would be swapped for a new one.
+        Refusing (one line, before any stage) is simpler to trust than deleting through
+        links only what carries our marker.
+        """
+        names = [WORK_DIR, INPUT_DIR] + [s.dirname for s in self.resolved.stages]
+        for name in names:
+            refuse_links(self.out, self.out / name, "output_dir: ")
+        refuse_links_inside(self.out, self.out / WORK_DIR, "output_dir: ")
 
     def _refuse_foreign(self, old: dict[str, Any] | None) -> None:
         foreign = sorted(e.name for e in self.out.iterdir() if not _is_scratch(e.name))
@@ -348,7 +368,7 @@ class Runner:
         source = self._source_dir()
         too_big = None
         if report_path.is_file() and read_metadata(directory).get("input_key") == key:
-            cached = json.loads(report_path.read_text())
+            cached = read_report(report_path)
             if not _skipped_for_budget(cached):
                 return cached["metrics"]
             too_big = self._over_budget(source)
@@ -360,7 +380,7 @@ class Runner:
         if too_big:
             log.warning("input model: not evaluated: %s", too_big)
             metrics, timings, not_evaluated = self._streamed_metrics(
-                source, self.out / ".work" / INPUT_DIR, too_big
+                source, self.out / WORK_DIR / INPUT_DIR, too_big
             )
             warnings = [not_evaluated.warning]
             summary = summary_from_checkpoint(source)
@@ -419,7 +439,7 @@ class Runner:
             return self._follow(stage, stage_hash)
         if not self._must_rerun(stage) and self._is_complete(stage, stage_hash):
             log.info("stage %s is complete (hash %s): skipped", stage.dirname, stage_hash)
-            report = json.loads((directory / "report.json").read_text())
+            report = read_report(directory / "report.json")
             stale = read_metadata(directory).get("eval_hash") != self.resolved.eval_hash()
             if stale or _skipped_for_budget(report):  # a raised max_memory may now allow it
                 report = self._reevaluate(stage, directory, previous, original)
@@ -438,10 +458,10 @@ class Runner:
             failed = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
             entry.update(status=failed, error=one_line(first_line(exc)))
             self._write_manifest(manifest)
-            if isinstance(exc, (OSError, SafetensorError)):
-                raise SlmError(
-                    f"stage {stage.dirname}: cannot write its output: {io_problem(exc)}"
-                ) from exc
+            if isinstance(exc, (OSError, SafetensorError)) or (
+                isinstance(exc, Exception) and not isinstance(exc, SlmError) and is_disk_full(exc)
+            ):  # tokenizers raise a bare Exception for a full disk
+                raise SlmError(f"stage {stage.dirname}: {_io_failure(exc)}") from exc
             raise
         wall = time.perf_counter() - start
         entry.update(status="complete", wall_s=wall, finished=time.time())
@@ -455,9 +475,9 @@ class Runner:
         stage_hash: str,
         residency: Residency = IN_MEMORY,
     ) -> Context:
-        work_dir = self.out / ".work" / stage.dirname
+        work_dir = self.out / WORK_DIR / stage.dirname
         if dist.is_main():
-            claim_work_dir(work_dir, stage_hash)
+            claim_work_dir(work_dir, stage_hash, self.out)
         if stage.pass_cls.supports_distributed:  # every rank is here: read only once it is claimed
             dist.barrier()
         work_dir.mkdir(parents=True, exist_ok=True)
@@ -529,7 +549,7 @@ class Runner:
         if stage.pass_cls.changes_model:
             self._model_dir = directory
         self._model, self._tokenizer = (None, None) if evaluated is None else (evaluated, tokenizer)
-        shutil.rmtree(ctx.work_dir, ignore_errors=True)
+        safe_rmtree(ctx.work_dir, self.out, ignore_errors=True)
         return report
 
     def _write_stage(
@@ -609,13 +629,13 @@ class Runner:
         )
         if too_big:
             log.warning("stage %s: %s; kept its report", stage.dirname, too_big)
-            return json.loads((directory / "report.json").read_text())
+            return read_report(directory / "report.json")
         if stage.pass_cls.changes_model:
             model, tokenizer = self._load(directory)
         else:
             model, tokenizer = self._ensure_model()
         metrics, timings = evaluate(model, tokenizer, self.recipe.data.eval, self.recipe.eval)
-        old = json.loads((directory / "report.json").read_text())
+        old = read_report(directory / "report.json")
         summary = model_summary(model, directory if stage.pass_cls.changes_model else None)
         report = build_report(
             stage.name,
@@ -664,7 +684,7 @@ class Runner:
             warning = f"{NOT_EVALUATED} {reason}; streaming it does not fit: {exc}"
             return dict.fromkeys(METRIC_LABELS), {}, NotEvaluated(reason, warning)
         finally:
-            shutil.rmtree(work_dir, ignore_errors=True)
+            safe_rmtree(work_dir, self.out, ignore_errors=True)
         return metrics, timings, NotEvaluated(reason, streamed_warning(reason))
 
     def _write_summary(self) -> None:
@@ -674,7 +694,7 @@ class Runner:
         ]:
             report_path = directory / "report.json"
             if report_path.is_file():
-                rows.append(json.loads(report_path.read_text()))
+                rows.append(read_report(report_path))
         atomic_write_text(self.out / "summary.md", render_summary_md(self.recipe.name, rows))
 
 
@@ -719,54 +739,82 @@ def _skipped_for_budget(report: dict[str, Any]) -> bool:
 def read_run_manifest(directory: Path) -> dict[str, Any] | None:
     """The ``run.json`` of an output dir, ``None`` if there is none; unreadable is an error."""
     path = Path(directory) / "run.json"
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, UnicodeDecodeError, OSError) as exc:
-        raise RecipeError(f"output_dir: {path} is not a valid run manifest ({exc})") from None
-    if not isinstance(data, dict):
-        raise RecipeError(f"output_dir: {path} is not a valid run manifest")
+    data = read_json_file(path, "output_dir", RecipeError)
+    bad = (
+        not isinstance(data, dict)
+        or not isinstance(data.get("recipe", {}), dict)
+        or not isinstance(data.get("stages", []), list)
+    )
+    if bad:
+        raise RecipeError(
+            f"output_dir: {path} is not a valid run manifest (an object with a 'recipe' object "
+            "and a 'stages' list)"
+        )
     return data
 
 
+#: keys of report.json that resuming and the summary read
+_REPORT_KEYS = {"stage": str, "pass": str, "config": dict, "model": dict, "metrics": dict,
+                "timings": dict, "warnings": list}  # fmt: skip
+
+
+def read_report(path: Path) -> dict[str, Any]:
+    """A stage's ``report.json`` as written by us; a broken one is one line naming it."""
+    report = read_json_file(path, "output_dir", RecipeError)
+    for key, kind in _REPORT_KEYS.items():
+        if not isinstance(report, dict) or not isinstance(report.get(key), kind):
+            raise RecipeError(
+                f"output_dir: {path} is not a valid stage report ({key!r} missing or not a "
+                f"{kind.__name__}); rerun that stage with --from-stage or --force"
+            )
+    return report
+
+
 def _is_scratch(name: str) -> bool:
-    """Entries an interrupted run of ours may leave before run.json exists."""
-    return name == LOCK_FILE or (name.startswith(".") and (TMP_MARKER in name or ".old-" in name))
+    """Entries an interrupted run of ours may leave before run.json exists: the lock and our
+    temp names (fixed prefix, pid, token), never a user's dotfile such as ``.env.old-backup``."""
+    return name == LOCK_FILE or is_tmp_name(name)
 
 
 def _written_by_us(directory: Path) -> bool:
     """A stage or input directory of ours: its slmcompress.json names a stage or input key."""
     try:
         meta = read_metadata(directory)
-    except (ValueError, OSError):
+    except (ValueError, OSError, SlmError):
         return False
     return isinstance(meta, dict) and ("stage_hash" in meta or "input_key" in meta)
 
 
-def io_problem(exc: BaseException) -> str:
-    """One line for a write failure; a full disk says so, whichever library raised it."""
-    text = first_line(exc)
-    errno_ = getattr(exc, "errno", None)
-    full = errno_ in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) or any(
-        word in text for word in ("No space left", "File too large", "FileTooLarge", "quota")
-    )
-    if full:
-        return f"disk full or file size limit hit ({text})"
-    return text
+def _io_failure(exc: BaseException) -> str:
+    """A full disk is a write failure; anything else may be a read (a truncated input file)."""
+    if is_disk_full(exc):
+        return f"cannot write its output: {io_problem(exc)}"
+    return f"I/O error: {io_problem(exc)}"
 
 
-def claim_work_dir(work_dir: Path, stage_hash: str) -> Path:
+def claim_work_dir(work_dir: Path, stage_hash: str, root: Path | None = None) -> Path:
     """The stage's scratch dir, emptied first if a crashed run of *another* stage hash left it.
 
     Resume state (per-layer results, training checkpoints) is only valid for the exact
-    stage and inputs that wrote it; the chained stage hash covers both.
+    stage and inputs that wrote it; the chained stage hash covers both. ``root`` (the output
+    dir) bounds the symlink check: nothing is deleted or resumed through a link (the whole
+    scratch tree is checked, since passes delete their own files inside it).
     """
+    work_dir = Path(work_dir)
+    root = Path(root) if root is not None else work_dir.parent
+    refuse_links_inside(root, work_dir, "output_dir: ")
     marker = work_dir / "STAGE_HASH"
     if work_dir.exists() and (not marker.is_file() or marker.read_text() != stage_hash):
         log.info("discarding %s: left by a run of another stage hash", work_dir)
-        shutil.rmtree(work_dir)
+        safe_rmtree(work_dir, root)
     work_dir.mkdir(parents=True, exist_ok=True)
     if not marker.is_file():
         atomic_write_text(marker, stage_hash)
     return work_dir
+
+
+def _recipe_name(manifest: dict[str, Any]) -> Any:
+    recipe = manifest.get("recipe")
+    return recipe.get("name") if isinstance(recipe, dict) else None

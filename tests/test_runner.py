@@ -10,6 +10,7 @@ from conftest import write_recipe
 from safetensors.torch import load_file
 
 from slmcompress.errors import SlmError
+from slmcompress.fsutil import is_tmp_name
 from slmcompress.passes.evaluate import EvalPass
 from slmcompress.passes.quantize_rtn import RTNPass
 from slmcompress.recipe import load_recipe
@@ -140,7 +141,7 @@ def test_write_failure_mid_stage_leaves_no_complete_looking_stage(
     with pytest.raises(SlmError, match="stage 01-w4: cannot write its output: .*No space left"):
         run(tmp_path, tiny_model_dir, out, stages=STAGES[:1])
     assert not (out / "01-w4").exists()
-    assert not [p for p in out.iterdir() if p.name.startswith(".01-w4")]  # temp dir cleaned
+    assert not [p for p in out.iterdir() if is_tmp_name(p.name)]  # temp dir cleaned
     manifest = json.loads((out / "run.json").read_text())
     assert manifest["stages"][0]["status"] == "failed"
 

@@ -22,13 +22,14 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from slmcompress import dist
-from slmcompress.errors import PassError
-from slmcompress.fsutil import atomic_dir
+from slmcompress.errors import PassError, first_line
+from slmcompress.fsutil import atomic_dir, read_json_file
 
 CHECKPOINT_DIR = "checkpoint"
 SEP = "::"
@@ -121,10 +122,26 @@ def weights_digest(model: nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
+#: what resuming reads from trainer.json, and its JSON type
+_TRAINER_KEYS = {"fingerprint": dict, "param_groups": list, "scheduler": dict, "rng": dict}
+
+
 def read_trainer_json(work_dir: Path) -> dict[str, Any] | None:
-    """The scalar part of the checkpoint in ``work_dir`` (None when there is none)."""
+    """The scalar part of the checkpoint in ``work_dir`` (None when there is none).
+
+    A damaged file is one line naming it (never a KeyError mid-resume).
+    """
     path = Path(work_dir) / CHECKPOINT_DIR / "trainer.json"
-    return json.loads(path.read_text()) if path.is_file() else None
+    if not path.exists() and not path.is_symlink():
+        return None
+    meta = read_json_file(path, "resume", PassError)
+    for key, kind in _TRAINER_KEYS.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get(key), kind):
+            raise PassError(
+                f"resume: {path} is not a training checkpoint ({key!r} missing or not a "
+                f"{kind.__name__}); delete {path.parent} to start the stage over"
+            )
+    return meta
 
 
 def check_fingerprint(
@@ -144,6 +161,17 @@ def check_fingerprint(
     return meta
 
 
+def _load(path: Path) -> dict[str, torch.Tensor]:
+    """A tensor file of the checkpoint; missing or torn is one line naming it."""
+    try:
+        return load_file(str(path))
+    except (OSError, SafetensorError) as exc:
+        raise PassError(
+            f"resume: {path} cannot be read ({first_line(exc)}); delete {path.parent} to start "
+            "the stage over"
+        ) from None
+
+
 def load_training_state(
     work_dir: Path,
     model: nn.Module,
@@ -152,10 +180,10 @@ def load_training_state(
 ) -> dict[str, Any]:
     """Restore model, optimizer, scheduler and RNG in place; return trainer.json."""
     directory = Path(work_dir) / CHECKPOINT_DIR
-    meta = json.loads((directory / "trainer.json").read_text())
-    model_sd = load_file(str(directory / "model.safetensors"))
+    meta = read_trainer_json(work_dir)
+    model_sd = _load(directory / "model.safetensors")
     optim_sd = {
-        "state": _unflatten_optimizer(load_file(str(directory / "optimizer.safetensors"))),
+        "state": _unflatten_optimizer(_load(directory / "optimizer.safetensors")),
         "param_groups": meta["param_groups"],
     }
     for group in optim_sd["param_groups"]:
@@ -168,7 +196,7 @@ def load_training_state(
         options=StateDictOptions(full_state_dict=True),
     )
     scheduler.load_state_dict(meta["scheduler"])
-    rng = load_file(str(directory / "rng.safetensors"))
+    rng = _load(directory / "rng.safetensors")
     torch.set_rng_state(rng["cpu"])
     if torch.cuda.is_available():
         torch.cuda.set_rng_state_all([rng[k] for k in sorted(rng) if k.startswith("cuda")])

@@ -44,6 +44,12 @@ def parse_data_spec(spec: str) -> DataSpec:
     return DataSpec(source=source, split=split or None)
 
 
+def check_top_k(top_k: int, vocab_size: int | None) -> None:
+    """``--top-k`` cannot exceed the teacher's logits (torch.topk would fail mid-build)."""
+    if isinstance(vocab_size, int) and top_k > vocab_size:
+        raise DataError(f"--top-k: {top_k} exceeds the teacher's vocabulary ({vocab_size} logits)")
+
+
 def teacher_cache_command(
     model: str,
     data: str,
@@ -79,7 +85,7 @@ def teacher_cache_command(
     if values_dtype not in VALUE_DTYPES:
         raise DataError(f"--values-dtype: must be one of {', '.join(VALUE_DTYPES)}")
     check_model_source(model)
-    dev = resolve_device(device)
+    dev = resolve_device(device, "--device")
     torch_dtype = resolve_dtype(dtype, dev)
     decision = should_stream(model, max_memory or machine_budget(), torch_dtype)
     common = dict(
@@ -95,6 +101,7 @@ def teacher_cache_command(
         tokenizer = load_tokenizer(directory)
         config = AutoConfig.from_pretrained(directory, **hf_kwargs())
         check_context(getattr(config, "max_position_embeddings", None), seq_len, "--seq-len")
+        check_top_k(top_k, getattr(config, "vocab_size", None))
         build_streamed_teacher_cache(
             directory, tokenizer, spec, seq_len, top_k, Path(out), n_sequences,
             device=dev, dtype=torch_dtype, max_memory=max_memory or machine_budget(), **common,
@@ -103,6 +110,7 @@ def teacher_cache_command(
         loaded = load_model(model, dtype=dtype, device=device)
         limit = getattr(loaded.model.config, "max_position_embeddings", None)
         check_context(limit, seq_len, "--seq-len")
+        check_top_k(top_k, getattr(loaded.model.config, "vocab_size", None))
         build_teacher_cache(
             loaded.model, loaded.tokenizer, spec, seq_len, top_k, Path(out), n_sequences, **common
         )

@@ -11,8 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from slmcompress.cli_checks import check_context
 from slmcompress.data import EvalSpec
+from slmcompress.errors import SlmError
 
 
 @dataclass
@@ -45,12 +48,32 @@ def evaluate_source(
     decision = should_stream(source, budget, torch_dtype)
     if decision.stream:
         return _streamed(source, spec, options, dev, torch_dtype, budget, decision.reason)
+    if str(source).endswith(".gguf"):
+        _check_gguf_budget(Path(source).expanduser(), budget, torch_dtype)
     loaded = load_model(source, dtype=dtype, device=device)
     check_context(
         getattr(loaded.model.config, "max_position_embeddings", None), spec.seq_len, "--seq-len"
     )
     metrics, timings = evaluate(loaded.model, loaded.tokenizer, spec, options)
     return SourceEvaluation(metrics, timings, model_summary(loaded.model, loaded.local_dir), False)
+
+
+def _check_gguf_budget(path: Path, budget: int | str, dtype: torch.dtype) -> None:
+    """A .gguf is dequantized whole into memory (it cannot be streamed): refuse one over budget."""
+    from slmcompress.memory_model import BASE_RSS, SLACK, format_bytes
+    from slmcompress.model_sources import gguf_param_count
+    from slmcompress.streaming.engine import resolve_budget
+
+    elem = torch.empty((), dtype=dtype).element_size()
+    need = int(gguf_param_count(path) * elem * SLACK) + BASE_RSS
+    limit = resolve_budget(budget)
+    if need > limit:
+        raise SlmError(
+            f"--max-memory: {path} needs ~{format_bytes(need)} loaded (a .gguf is dequantized "
+            f"to {str(dtype).removeprefix('torch.')} whole and cannot be streamed), over the "
+            f"budget {format_bytes(limit)}; raise --max-memory, or export a safetensors "
+            "checkpoint to stream"
+        )
 
 
 def _streamed(source, spec, options, device, dtype, budget, reason) -> SourceEvaluation:

@@ -42,7 +42,7 @@ from slmcompress.export.gguf_blocks import (
     quantize_float,
 )
 from slmcompress.export.gguf_tokenizer import write_tokenizer
-from slmcompress.fsutil import atomic_file
+from slmcompress.fsutil import atomic_file, io_problem, is_disk_full
 from slmcompress.quant.quant_linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -61,6 +61,7 @@ class GgufOptions:
     verify: bool = True  # check every GPTQ transfer against the checkpoint's dequantized weight
     force: bool = False  # replace an existing file
     name: str | None = None  # general.name
+    where: str = "out"  # what a write failure names: the CLI option, or the recipe stage
 
 
 @dataclass
@@ -119,8 +120,12 @@ def export_gguf(
             writer.write_kv_data_to_file()
             writer.write_tensors_to_file()
             writer.close()
-    except OSError as exc:
-        raise PassError(f"out: cannot write {out}: {exc.strerror or exc}") from exc
+    except PassError:
+        raise
+    except Exception as exc:  # tokenizers and gguf raise bare Exceptions for a full disk
+        if isinstance(exc, OSError) or is_disk_full(exc):
+            raise PassError(f"{options.where}: cannot write {out}: {io_problem(exc)}") from exc
+        raise
     result.bytes = out.stat().st_size
     return result
 
@@ -208,6 +213,7 @@ def _add_tensors(
         name = tensor_name(spec, n_blocks, hf_name)
         ndim = source.codes.dim() if isinstance(source, GptqTensor) else source.dim()
         target = _target_type(name, ndim, result)
+        _check_finite(hf_name, source)
         payload, type_name = _encode(hf_name, source, target, options, result)  # errors: HF name
         heads = qk_permutation(spec, model.config, name)
         if heads is not None:
@@ -215,6 +221,16 @@ def _add_tensors(
         writer.add_tensor(name, payload, raw_dtype=gguf_type(type_name))
         types[type_name] += 1
     result.tensor_types = dict(types)
+
+
+def _check_finite(name: str, source: torch.Tensor | GptqTensor) -> None:
+    """A NaN or Inf weight (or GPTQ scale) would be written silently; refuse it, naming it."""
+    if isinstance(source, GptqTensor):
+        name, values = name.removesuffix(".weight") + ".scales", source.scales
+    else:
+        values = source
+    if values.is_floating_point() and not bool(torch.isfinite(values).all()):
+        raise PassError(f"{name}: holds NaN or infinite values; a GGUF of it would be garbage")
 
 
 def _encode(

@@ -41,7 +41,7 @@ from slmcompress.distill.quantized import (
 )
 from slmcompress.distill.teacher_cache import TeacherCache, tokenizer_fingerprint
 from slmcompress.distill.trainer import TeacherFn, Trainer, TrainResult, TrainSettings, plot_history
-from slmcompress.errors import DataError, PassError
+from slmcompress.errors import DataError, ModelSourceError, PassError
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.fsutil import atomic_write_json
 from slmcompress.layerwise import decoder_layers
@@ -123,6 +123,13 @@ class DistillConfig(PassConfig):
     def validate_against(self, recipe: Any, index: int) -> None:
         """Never train on the evaluation text; the cache must exist before weights load."""
         where = f"stages[{index}]"
+        if self.teacher:  # a stage's own teacher: checked (remote code too) before stage 1 runs
+            from slmcompress.models import check_model_source
+
+            try:
+                check_model_source(self.teacher)
+            except ModelSourceError as exc:
+                raise ModelSourceError(f"{where}.teacher" + str(exc).removeprefix("model")) from exc
         if self.teacher_cache:
             TeacherCache(Path(self.teacher_cache).expanduser())
             return
@@ -151,6 +158,11 @@ class DistillPass(Pass):
         cfg: DistillConfig = self.config
         where = f"stages[{ctx.stage_index}]"
         check_seq_len(model, cfg.seq_len, where, "student")
+        self._student_vocab = int(model.config.vocab_size)
+        if cfg.top_k and cfg.top_k > self._student_vocab:
+            raise PassError(
+                f"{where}.top_k: {cfg.top_k} exceeds the vocabulary ({self._student_vocab} logits)"
+            )
         student_digest = weights_digest(model)
         cls, dtype = type(model), next(model.parameters()).dtype
         qad = self._open_quantized(model, ctx, where)  # before any data or teacher: fail fast
@@ -258,7 +270,7 @@ class DistillPass(Pass):
         cfg: DistillConfig = self.config
         if cfg.teacher_cache:
             cache = TeacherCache(Path(cfg.teacher_cache).expanduser())
-            cache.check_compatible(ctx.tokenizer, cfg.seq_len, where)
+            cache.check_compatible(ctx.tokenizer, cfg.seq_len, where, self._student_vocab)
             check_disjoint(
                 DataSpec(**cache.manifest["data"]), ctx.data.eval, f"{where}.teacher_cache data"
             )
@@ -281,6 +293,7 @@ class DistillPass(Pass):
         need the whole distribution or its hidden states are refused.
         """
         from slmcompress.distill.teacher_cache import build_streamed_teacher_cache
+        from slmcompress.memory_model import load_config
         from slmcompress.models import resolve_model_dir
         from slmcompress.streaming.engine import should_stream
         from slmcompress.streaming.wiring import load_tokenizer
@@ -306,7 +319,7 @@ class DistillPass(Pass):
         tokenizer = load_tokenizer(directory)
         if tokenizer_fingerprint(tokenizer) != tokenizer_fingerprint(ctx.tokenizer):
             raise PassError(f"{where}.teacher: {source}'s tokenizer differs from the student's")
-        t_vocab = json.loads((directory / "config.json").read_text()).get("vocab_size")
+        t_vocab = load_config(directory).get("vocab_size")
         if t_vocab != student.config.vocab_size:
             raise PassError(
                 f"{where}.teacher: {source} has vocab_size {t_vocab}, the student "

@@ -83,6 +83,7 @@ class ExportGgufPass(Pass):
             requantize=cfg.requantize,
             verify=cfg.verify,
             force=True,  # the work dir is this stage's own scratch space
+            where=f"stage {ctx.stage_dir.name}",
         )
         result = export_gguf(model, ctx.tokenizer, target, options)
         for message in result.warnings:

@@ -57,8 +57,7 @@ def sensitivity_command(
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
 ) -> None:
     """Sweep pruning ratios per axis: CSV, PNG plots and a Markdown summary in --out."""
-    from slmcompress.data import CalibrationSpec, EvalSpec
-    from slmcompress.models import load_model
+    from slmcompress.models import load_model, resolve_device
     from slmcompress.prune.sensitivity import sensitivity
 
     _check_choice("--method", method, ("activation", "magnitude", "random"))
@@ -66,6 +65,8 @@ def sensitivity_command(
     _check_choice("--depth-metric", depth_metric, ("loss", "cosine"))
     values = parse_ratios(ratios)
     axes = [name.strip() for item in axis for name in item.split(",") if name.strip()]
+    calibration, evaluation = data_options(n_samples, seq_len, eval_tokens, eval_seq_len)
+    resolve_device(device, "--device")
     loaded = load_model(model, device=device)
     result = sensitivity(
         loaded.model,
@@ -75,8 +76,8 @@ def sensitivity_command(
         out,
         per_layer=per_layer,
         method=method,
-        calibration=CalibrationSpec(source="c4", n_samples=n_samples, seq_len=seq_len),
-        evaluation=EvalSpec(max_tokens=eval_tokens, seq_len=eval_seq_len),
+        calibration=calibration,
+        evaluation=evaluation,
         head_pruning=head_pruning,
         depth_metric=depth_metric,
     )
@@ -95,6 +96,37 @@ def sensitivity_command(
     console = Console()
     console.print(table)
     console.print(f"wrote {result.out_dir}/summary.md")
+
+
+def data_options(n_samples: int, seq_len: int, eval_tokens: int, eval_seq_len: int):
+    """The calibration and evaluation specs; a bad number is one line naming its option."""
+    from pydantic import ValidationError
+
+    from slmcompress.data import CalibrationSpec, EvalSpec
+
+    names = {
+        ("calibration", "n_samples"): "--n-samples",
+        ("calibration", "seq_len"): "--seq-len",
+        ("evaluation", "max_tokens"): "--eval-tokens",
+        ("evaluation", "seq_len"): "--eval-seq-len",
+    }
+    specs = []
+    for which, cls, fields in (
+        ("calibration", CalibrationSpec, {"n_samples": n_samples, "seq_len": seq_len}),
+        ("evaluation", EvalSpec, {"max_tokens": eval_tokens, "seq_len": eval_seq_len}),
+    ):
+        try:
+            specs.append(cls(**({"source": "c4"} if which == "calibration" else {}), **fields))
+        except ValidationError as exc:
+            err = exc.errors()[0]
+            field = str(err["loc"][0]) if err["loc"] else ""
+            option = names.get((which, field), f"--{field.replace('_', '-')}")
+            raise SlmError(f"{option}: {err['msg'].removeprefix('Value error, ')}") from None
+    if eval_tokens < eval_seq_len:
+        raise SlmError(
+            f"--eval-tokens: {eval_tokens} is less than one --eval-seq-len window ({eval_seq_len})"
+        )
+    return specs[0], specs[1]
 
 
 def _check_choice(option: str, value: str, valid: tuple[str, ...]) -> None:

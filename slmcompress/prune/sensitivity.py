@@ -243,7 +243,7 @@ def sensitivity(
             raise PassError(f"axis: unknown axis {name!r}; valid: {', '.join(AXES)}")
     if not ratios or any(not 0 < r < 1 for r in ratios):
         raise PassError(f"ratios: need fractions between 0 and 1, got {list(ratios)}")
-    problem = replace_problem(Path(out_dir), "sensitivity.json")
+    problem = replace_problem(Path(out_dir), "sensitivity.json", OUTPUT_FILES)
     if problem:
         raise PassError(f"out: {problem}")
     calibration = calibration or CalibrationSpec(source="c4", n_samples=16, seq_len=256)
@@ -285,6 +285,21 @@ def sensitivity(
 
 
 # ------------------------------------------------------------------ outputs
+#: every file write_outputs may produce: an earlier result holding anything else is refused
+OUTPUT_FILES = frozenset(
+    {
+        "sensitivity.csv",
+        "layer_importance.csv",
+        "per_layer.csv",
+        "sensitivity.json",
+        "summary.md",
+        "ppl_vs_ratio.png",
+        "layer_importance.png",
+        "per_layer.png",
+    }
+)
+
+
 def write_outputs(result: SensitivityResult, meta: dict[str, Any]) -> None:
     """CSV + JSON + PNG + summary.md, all appearing at once (atomic directory)."""
     with atomic_dir(result.out_dir) as tmp:

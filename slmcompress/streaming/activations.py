@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from slmcompress.errors import PassError
@@ -120,7 +121,14 @@ class ActivationStore(Sequence[torch.Tensor]):
             raise IndexError(index)
         if index in self._memory:
             return self._memory[index]
-        return load_file(str(self._current_dir() / _batch_file(index)))["hidden"]
+        path = self._current_dir() / _batch_file(index)
+        try:
+            return load_file(str(path))["hidden"]
+        except (OSError, SafetensorError, KeyError) as exc:
+            raise PassError(
+                f"resume: spilled activations {path} cannot be read ({exc}); delete "
+                f"{path.parent.parent} to start the stage over"
+            ) from None
 
     def __iter__(self) -> Iterator[torch.Tensor]:
         return (self[i] for i in range(self._count))

@@ -196,7 +196,10 @@ def materialise(
             key = _resolve(prefix + name, source, fallback)
             # a buffer keeps the dtype its module declares (GPTQ scales stay fp16)
             own = buf.dtype if buf.is_floating_point() else None
-            _set_tensor(module, name, source.get(key, own).to(device))
+            value = source.get(key, own)
+            if value.is_floating_point() and not bool(torch.isfinite(value).all()):
+                raise CheckpointError(f"checkpoint: tensor {key} holds NaN or infinite values")
+            _set_tensor(module, name, value.to(device))
         elif buf.device != device:
             _set_tensor(module, name, buf.to(device))
     return module

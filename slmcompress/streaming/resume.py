@@ -23,11 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from slmcompress.errors import PassError
-from slmcompress.fsutil import atomic_write_json
+from slmcompress.fsutil import atomic_write_json, read_json_file
 from slmcompress.streaming.loader import read_header
 
 log = logging.getLogger(__name__)
@@ -60,7 +60,16 @@ class ResumeState:
             self.root.mkdir(parents=True, exist_ok=True)
             self._save()
             return
-        state = json.loads(path.read_text())
+        state = read_json_file(path, "resume", PassError)
+        if (
+            not isinstance(state, dict)
+            or not isinstance(state.get("finished"), int)
+            or not isinstance(state.get("key", {}), dict)
+        ):
+            raise PassError(
+                f"resume: {path} is not a resume state (no 'finished' count); delete "
+                f"{self.root} to start over"
+            )
         if state.get("key_hash") != self.hash:
             diff = sorted(
                 k
@@ -130,9 +139,15 @@ class ResumeState:
     def load_result(self, layer: int) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """Tensors and metadata saved for ``layer``."""
         path = self._existing_result(layer)
-        with safe_open(str(path), framework="pt") as handle:
-            meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
-            return {k: handle.get_tensor(k) for k in handle.keys()}, meta
+        try:
+            with safe_open(str(path), framework="pt") as handle:
+                meta = json.loads((handle.metadata() or {}).get("meta", "{}"))
+                return {k: handle.get_tensor(k) for k in handle.keys()}, meta
+        except (OSError, ValueError, SafetensorError) as exc:
+            raise PassError(
+                f"resume: result of layer {layer} ({path}) cannot be read ({exc}); delete "
+                f"{self.root} to start over"
+            ) from None
 
     def load_meta(self, layer: int) -> dict[str, Any]:
         """Only the metadata saved for ``layer`` (its header; no tensor is read)."""
