@@ -104,7 +104,8 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
 
 def batch_order(n_sequences: int, seed: int) -> torch.Tensor:
     """The seeded visiting order of the training sequences (one epoch, no repeats)."""
-    return torch.randperm(n_sequences, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)  # CPU: the same order on every machine
+    return torch.randperm(n_sequences, generator=generator, device="cpu")
 
 
 def micro_batch_ids(order: torch.Tensor, step: int, micro: int, s: TrainSettings) -> torch.Tensor:
