@@ -7,7 +7,9 @@ result. :func:`simulated_device` adds what meta lacks: inside it, :func:`to_sim`
 tensor that *reports* ``device='meta'`` but holds real CPU values, and a dispatch mode
 
 * refuses an op mixing such a tensor with a non-scalar CPU tensor, with CUDA's message
-  (a 0-dim CPU tensor is allowed, as CUDA allows CPU scalars; ``copy_``/``.to`` cross);
+  (a 0-dim CPU tensor is allowed, as CUDA allows CPU scalars; ``copy_``/``.to`` cross).
+  Stricter than CUDA in one respect: CUDA indexes a device tensor with CPU indices (a
+  hidden host-to-device copy and sync); here that fails too;
 * sends factories asked for ``device=x.device`` (meta) to the simulated device;
 * lets ``.item()``/``.tolist()``/``.cpu()`` work as on CUDA, and ``.numpy()`` fail as on CUDA.
 
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +32,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten, tree_map
 
 SIM = torch.device("meta")
+#: transformers' switch for the optional hub kernels (see :func:`simulated_device`)
+HUB_KERNELS_ENV = "USE_HUB_KERNELS"
 #: ops that legitimately take tensors from two devices (copies between them)
 _CROSSING = ("copy_", "_to_copy", "_copy_from", "lift_fresh", "_has_compatible_shallow_copy_type")
 
@@ -102,19 +107,32 @@ def _dispatch(func, args: tuple, kwargs: dict) -> Any:
         wrap = _on_sim(kwargs["device"])
         if wrap:
             kwargs = {**kwargs, "device": torch.device("cpu")}
+    wrappers = {id(t.inner): t for t in sim}  # in place / out=: the caller's tensor comes back
     args, kwargs = tree_map(lambda t: t.inner if isinstance(t, SimTensor) else t, (args, kwargs))
     out = func(*args, **kwargs)
-    if func._schema.is_mutable and sim and isinstance(leaves[0], SimTensor):
-        return leaves[0]  # in place: the caller's tensor is the result
-    if not wrap:
-        return out
-    return tree_map(lambda t: SimTensor(t) if type(t) is torch.Tensor else t, out)
+
+    def rewrap(t: Any) -> Any:
+        if not isinstance(t, torch.Tensor):
+            return t
+        if id(t) in wrappers:
+            return wrappers[id(t)]
+        return SimTensor(t) if wrap else t
+
+    return tree_map(rewrap, out)
 
 
 @contextlib.contextmanager
 def simulated_device() -> Iterator[None]:
-    """While active, ``meta`` means the simulated device (real values) for every factory."""
-    with _SimFactories(), _SimMode():
+    """While active, ``meta`` means the simulated device (real values) for every factory.
+
+    Hugging Face hub kernels (the optional ``kernels`` package, used by models loaded while
+    it is installed) pick an implementation per device type and refuse ``meta``; they are
+    switched off (``USE_HUB_KERNELS=NO``) for models loaded inside, which then run their
+    torch code as on a machine without that package.
+    """
+    from unittest import mock
+
+    with mock.patch.dict(os.environ, {HUB_KERNELS_ENV: "NO"}), _SimFactories(), _SimMode():
         yield
 
 
