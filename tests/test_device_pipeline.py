@@ -17,8 +17,8 @@ llama/mistral], then the checkpoint and the GGUF file reloaded and evaluated; an
 streamed GPTQ 3-bit stage (layer on the device, everything else on the host). A streamed
 teacher cache is built on the device and compared with the in-memory cache.
 
-On CUDA every GPTQ layer is served by the Triton kernel (asserted from the report's
-``speed_backends`` and the reloaded layers), and each stage's report must match the CPU
+On CUDA every GPTQ layer is served by the Triton kernel (the reloaded checkpoint's layers,
+whose perplexity equals the report's), and each stage's report must match the CPU
 run of the same recipe within :data:`RTOL` (why each bound: see there).
 """
 
@@ -82,6 +82,7 @@ RTOL = {
     "cuda": {"forward": 1e-4, "first_loss": 2e-2, "trained": 5e-2},
 }
 UNTRAINED = ("input", "prune")
+TRITON = {"triton-int3", "triton-int4"}
 
 
 def _model_dir(root: Path, family: str) -> Path:
@@ -217,7 +218,9 @@ def _run(root: Path, key: tuple[str, str, str, str]) -> PipelineRun:
         "dtype": "float32",
         "seed": 0,
         "data": {"calibration": {"source": "c4", "n_samples": 8, "seq_len": 64}, "eval": EVAL},
-        "eval": {"tasks": [], "speed": True, "speed_tokens": 4},
+        # no decode speed: its kernels (M = 1, prompt) are benchmarks/gpu_check.py's section c,
+        # and each autotuned shape costs compile time on a GPU check with a fixed budget
+        "eval": {"tasks": [], "speed": False},
         "stages": stages,
     }
     path = root / f"{'-'.join(key)}.yaml"
@@ -269,15 +272,6 @@ def relative(a: float, b: float) -> float:
     return abs(a - b) / abs(b)
 
 
-def check_served(run: PipelineRun, stage: str, device: str, bits: int) -> None:
-    """On CUDA the report's decode speed was measured through the Triton kernel."""
-    backends = run.reports[stage]["metrics"].get("speed_backends") or {}
-    if device == "cuda":
-        assert set(backends) == {f"triton-int{bits}"}, backends
-    else:
-        assert not any(b.startswith("triton") for b in backends), backends
-
-
 # ------------------------------------------------------------------ the chain
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
@@ -295,8 +289,6 @@ def test_chain_runs_and_matches_cpu(root, family, device):
     for stage in ("kd", "qad"):
         assert run.reports[stage]["extra"]["distill"]["autocast"] == autocast
     assert run.reports["qad"]["extra"]["quantized"]["mode"] == "scales"
-    for stage in ("gptq4", "qad"):
-        check_served(run, stage, device, 4)
     if device == "cpu":
         return
     cpu = run_pipeline(root, family, "cpu", "chain", autocast)
@@ -314,24 +306,30 @@ def test_chain_runs_and_matches_cpu(root, family, device):
         assert diff <= bound, (name, diff, bound, diffs)
 
 
+def reload_and_evaluate(run: PipelineRun, stage: str, device: str) -> tuple[set[str], float]:
+    """Load a stage's checkpoint with ``load_model`` onto the device: the backends its GPTQ
+    layers got, and its perplexity measured as the report measured it."""
+    target = SIM if device == "sim" else torch.device(device)
+    with simulated_device() if device == "sim" else contextlib.nullcontext():
+        loaded = load_model(str(run.stage_dir(stage)), dtype="float32", device=str(target))
+        layers = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
+        assert layers and all(m.qweight.device.type == target.type for m in layers)
+        tokens = eval_tokens(loaded.tokenizer, EvalSpec(**EVAL))
+        with cached_dequantization(loaded.model):  # as evaluate() does (CPU layers: fp32)
+            ppl = perplexity(loaded.model, tokens, EVAL["seq_len"]).ppl
+    return {m.backend for m in layers}, ppl
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("device", ["cpu", "sim", CUDA])
 def test_quantized_checkpoint_reloads_on_the_device(root, family, device):
-    """``load_model`` puts every GPTQ layer on the device's serving path; its ppl is the report's."""
+    """``load_model`` puts every GPTQ layer on the device's serving path (CUDA: the Triton
+    kernel) and scores the report's perplexity, so the report was measured on that path."""
     run = run_pipeline(root, family, device, "chain", _autocast(device))
-    target = SIM if device == "sim" else torch.device(device)
-    with simulated_device() if device == "sim" else contextlib.nullcontext():
-        loaded = load_model(str(run.stage_dir("qad")), dtype="float32", device=str(target))
-        layers = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
-        assert layers and all(m.qweight.device.type == target.type for m in layers)
-        backends = {m.backend for m in layers}
-        if device == "cuda":
-            assert backends == {"triton-int4"}
-        tokens = eval_tokens(loaded.tokenizer, EvalSpec(**EVAL))
-        with cached_dequantization(loaded.model):  # as the report measured it (CPU: fp32)
-            ppl = perplexity(loaded.model, tokens, EVAL["seq_len"]).ppl
-    assert relative(ppl, run.ppl("qad")) <= 1e-6
+    backends, ppl = reload_and_evaluate(run, "qad", device)
+    assert backends == {"triton-int4"} if device == "cuda" else not backends & TRITON
+    assert relative(ppl, run.ppl("qad")) <= 1e-5  # same path; fp32 atomics may reorder on CUDA
 
 
 @pytest.mark.slow
@@ -363,7 +361,9 @@ def test_streamed_gptq3_runs_and_matches_cpu(root, device):
     report = run.reports["gptq3"]
     assert report["extra"]["streamed_from"]
     assert report["extra"]["quantized_linears"] > 0
-    check_served(run, "gptq3", device, 3)
+    backends, ppl = reload_and_evaluate(run, "gptq3", device)
+    assert backends == {"triton-int3"} if device == "cuda" else not backends & TRITON
+    assert relative(ppl, run.ppl("gptq3")) <= 1e-5
     if device == "cpu":
         return
     cpu = run_pipeline(root, "llama", "cpu", "streamed", "off")
