@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -216,9 +217,9 @@ def machine(dry: bool) -> dict[str, Any]:
     }
     for package in ("triton", "transformers", "pydantic", "gguf"):
         try:
-            info[package] = __import__(package).__version__
-        except Exception as exc:  # noqa: BLE001 - a missing package is a finding, not a crash
-            info[package] = f"unavailable: {type(exc).__name__}"
+            info[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:  # a finding, not a crash
+            info[package] = "not installed"
     if not dry:
         query = [
             "nvidia-smi",

@@ -58,11 +58,11 @@ def test_dry_run_writes_every_section(tmp_path):
     assert {(r["shape"], r["model"], r["batch"]) for r in rows} == {
         (shape, model, batch)
         for shape in ("tiny-a", "tiny-b")
-        for model in ("fp32", "gptq-4")
+        for model in ("fp32", "gptq-4 g128")
         for batch in (1, 2)
     }
     assert all(r["tokens_per_s"] > 0 and r["load_to_first_token_s"] > 0 for r in rows)
-    assert all("triton-int4" in r["serving_path"] for r in rows if r["model"] == "gptq-4")
+    assert all("triton-int4" in r["serving_path"] for r in rows if r["model"].startswith("gptq-4"))
     gptq, kd = sections["d"]["result"], sections["e"]["result"]
     assert gptq["quantized_linears"] == 14 and gptq["wall_s"] > 0 and "plan" in gptq
     assert kd["train_tokens_per_s"] > 0 and kd["plan"]["host_peak_gb"] > 0
