@@ -7,7 +7,7 @@ TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: venv demo test test-fast lint format clean bench
+.PHONY: venv demo test test-fast lint format clean bench gpu-check gpu-check-dry gpu-wheels
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,3 +47,17 @@ format: venv
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+# The prepared GPU check of issue #24 (docs/gpu.md): on a CUDA machine with torch, triton and
+# transformers (no venv there: the machine's python3; the wheels of gpu-wheels on PYTHONPATH).
+GPU_OUT ?= gpu-check-out
+gpu-check:
+	$(PYTHON) benchmarks/gpu_check.py $(GPU_OUT)
+
+# The same check on this CPU: tiny shapes, kernels under the Triton interpreter.
+gpu-check-dry: venv
+	$(BIN)/python benchmarks/gpu_check.py $(GPU_OUT) --dry-run
+
+# The wheels the GPU machine lacks (pydantic, gguf and their needs) into .whl/.
+gpu-wheels: venv
+	bash benchmarks/gpu_wheels.sh $(BIN)/python

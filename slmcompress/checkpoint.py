@@ -26,6 +26,7 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+from transformers.initialization import no_init_weights
 
 from slmcompress.arch import replace_module  # noqa: F401 - re-exported
 from slmcompress.checkpoint_io import (  # noqa: F401 - read_metadata, METADATA_FILE: public here too
@@ -236,7 +237,8 @@ def load_gptq_checkpoint(
     config = AutoConfig.from_pretrained(directory, **hf_kwargs())
     config.quantization_config = None
     del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with no_init_weights():  # every tensor comes from the checkpoint (missing ones fail below)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = _read_state(directory)
     check_gptq_values(state, f"checkpoint: {directory}")
     bits, group_size = fmt.bits, fmt.group_size

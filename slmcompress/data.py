@@ -223,7 +223,8 @@ def _token_stream_cached(
             ids.extend(encoded)
             if eos is not None and len(texts) > 1:
                 ids.append(eos)
-        _STREAM_CACHE[key] = torch.tensor(ids, dtype=torch.long)
+        # host memory: passes move the batches they use
+        _STREAM_CACHE[key] = torch.tensor(ids, dtype=torch.long, device="cpu")
     return _STREAM_CACHE[key]
 
 
@@ -246,8 +247,8 @@ def calibration_tokens(
             f"data.calibration: {spec.source} has only {chunks.shape[0]} sequences of {seq_len} tokens, "
             f"{n_samples} requested"
         )
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(chunks.shape[0], generator=generator)[:n_samples]
+    generator = torch.Generator().manual_seed(seed)  # CPU: the same samples on every machine
+    order = torch.randperm(chunks.shape[0], generator=generator, device="cpu")[:n_samples]
     return chunks[order].clone()
 
 

@@ -41,9 +41,9 @@ def _plain(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def _flatten_optimizer(state: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """``{fqn: {name: tensor}}`` -> ``{"fqn::name": tensor}``."""
+    """``{fqn: {name: tensor}}`` -> ``{"fqn::name": tensor}`` on the host (written to disk)."""
     return {
-        f"{fqn}{SEP}{name}": torch.as_tensor(value)
+        f"{fqn}{SEP}{name}": torch.as_tensor(value, device="cpu")
         for fqn, entry in state.items()
         for name, value in entry.items()
     }

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -56,6 +56,8 @@ class TrainSettings:
     temperature: float = 1.0
     alpha: float = 0.0
     hidden_weight: float = 0.0
+    #: bf16 autocast of the student forward: auto = on CUDA only, bf16 = any device, off = fp32
+    autocast: Literal["auto", "bf16", "off"] = "auto"
     eval_every: int = 0
     save_every: int = 0
     seed: int = 0
@@ -102,9 +104,15 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float) -> torch.op
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8)
 
 
+def trainer_autocast(option: str, device: torch.device) -> bool:
+    """Whether the student forward runs under bf16 autocast (``auto``: on CUDA only)."""
+    return option == "bf16" or (option == "auto" and device.type == "cuda")
+
+
 def batch_order(n_sequences: int, seed: int) -> torch.Tensor:
     """The seeded visiting order of the training sequences (one epoch, no repeats)."""
-    return torch.randperm(n_sequences, generator=torch.Generator().manual_seed(seed))
+    generator = torch.Generator().manual_seed(seed)  # CPU: the same order on every machine
+    return torch.randperm(n_sequences, generator=generator, device="cpu")
 
 
 def micro_batch_ids(order: torch.Tensor, step: int, micro: int, s: TrainSettings) -> torch.Tensor:
@@ -153,7 +161,7 @@ class Trainer:
         self.order = batch_order(sequences.shape[0], settings.seed)
         self.optimizer = make_optimizer(model, settings.lr, settings.weight_decay)
         self.scheduler = LambdaLR(self.optimizer, self._lr_lambda)
-        self.autocast = device.type == "cuda"
+        self.autocast = trainer_autocast(settings.autocast, device)
 
     def _lr_lambda(self, step: int) -> float:
         return lr_factor(step, self.s.warmup_steps, self.s.max_steps, self.s.min_lr_ratio)
@@ -205,7 +213,8 @@ class Trainer:
             with torch.no_grad():
                 targets = self.teacher(ids, input_ids)
             teacher_states = self.teacher_hidden.pop() if self.teacher_hidden else None
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast):
+            kind = self.device.type if self.autocast else "cpu"  # autocast knows no "meta"
+            with torch.autocast(kind, dtype=torch.bfloat16, enabled=self.autocast):
                 logits = self.model(input_ids=input_ids, use_cache=False).logits  # (B, T, V)
             loss, parts = distill_loss(
                 logits, input_ids, targets, self.s.loss, self.s.temperature, self.s.alpha

@@ -67,7 +67,7 @@ def quantize_float(weight: torch.Tensor, type_name: str) -> np.ndarray:
 
     Returns float32/float16 arrays for float types, else uint8 ``(rows, cols / 32 * type_size)``.
     """
-    data = weight.detach().to(torch.float32).cpu().numpy()
+    data = weight.detach().cpu().to(torch.float32).numpy()  # host first: no fp32 copy on device
     return gguf_quants.quantize(data, gguf_type(type_name))
 
 
@@ -92,8 +92,9 @@ def check_contiguous_groups(name: str, tensor: GptqTensor) -> None:
         )
     if in_features % QK:
         raise PassError(f"{name}: in_features {in_features} is not a multiple of {QK}")
-    expected = torch.arange(in_features, dtype=torch.int64) // QK
-    if not torch.equal(tensor.g_idx.to(torch.int64), expected):
+    g_idx = tensor.g_idx.to(torch.int64)
+    expected = torch.arange(in_features, dtype=torch.int64, device=g_idx.device) // QK
+    if not torch.equal(g_idx, expected):
         raise PassError(
             f"{name}: g_idx is not contiguous (act-order without static groups); "
             "GGUF blocks need monotone groups: re-quantize with static_groups or requantize: true"
@@ -104,14 +105,14 @@ def gptq_to_blocks(name: str, tensor: GptqTensor, type_name: str) -> np.ndarray:
     """Move GPTQ codes into GGUF blocks: uint8 ``(out, in / 32 * type_size)``.
 
     Raises PassError naming the tensor when the codes do not fit the type losslessly
-    (e.g. asymmetric zeros into Q4_0).
+    (e.g. asymmetric zeros into Q4_0). Tensors on any device; the payload is host memory.
     """
     check_contiguous_groups(name, tensor)
     out_features, in_features = tensor.codes.shape
     n_blocks = in_features // QK
-    q = tensor.codes.to(torch.int32).view(out_features, n_blocks, QK)  # (O, B, 32)
-    z = tensor.zeros.to(torch.int32).T.unsqueeze(-1)  # (O, B, 1): group g == block g
-    s = tensor.scales.to(torch.float16).T.contiguous()  # (O, B)
+    q = tensor.codes.to("cpu", torch.int32).view(out_features, n_blocks, QK)  # (O, B, 32)
+    z = tensor.zeros.to("cpu", torch.int32).T.unsqueeze(-1)  # (O, B, 1): group g == block g
+    s = tensor.scales.to("cpu", torch.float16).T.contiguous()  # (O, B)
     if type_name == "q4_1":
         _check_range(name, q, 0, 15, "Q4_1 needs codes in [0, 15] (at most 4 bits)")
         m = (-s.float() * z.squeeze(-1).float()).to(torch.float16)  # fp16 rounding: the only loss
@@ -123,7 +124,7 @@ def gptq_to_blocks(name: str, tensor: GptqTensor, type_name: str) -> np.ndarray:
     if type_name == "q8_0":
         centered = q - z
         _check_range(name, centered, -128, 127, "Q8_0 needs q - zero in [-128, 127]")
-        qs = centered.to(torch.int8).numpy().view(np.uint8)  # (O, B, 32)
+        qs = centered.to(torch.int8).cpu().numpy().view(np.uint8)  # (O, B, 32)
         return _assemble([s], qs)
     raise PassError(
         f"{name}: GPTQ codes move losslessly only into {', '.join(GPTQ_TRANSFER_TYPES)}, not "
@@ -141,14 +142,14 @@ def _pack_nibbles(q: torch.Tensor) -> np.ndarray:
     """Codes ``(O, B, 32)`` in [0, 15] -> bytes ``(O, B, 16)``: low nibble j, high nibble j + 16."""
     q = q.to(torch.uint8)
     packed = q[..., : QK // 2] | (q[..., QK // 2 :] << 4)  # (O, B, 16)
-    return packed.numpy()
+    return packed.cpu().numpy()
 
 
 def _assemble(halves: list[torch.Tensor], qs: np.ndarray) -> np.ndarray:
     """Concatenate per-block fp16 fields ``(O, B)`` and the quant bytes ``(O, B, n)`` into rows."""
     out_features, n_blocks = qs.shape[:2]
     fields = [
-        h.numpy().astype(np.float16).view(np.uint8).reshape(out_features, n_blocks, 2)
+        h.cpu().numpy().astype(np.float16).view(np.uint8).reshape(out_features, n_blocks, 2)
         for h in halves
     ]
     blocks = np.concatenate([*fields, qs], axis=-1)  # (O, B, type_size)

@@ -279,7 +279,7 @@ def _record_transfer(
     if not options.verify:
         return
     ours = dequantize_payload(payload, type_name)  # (out, in)
-    reference = gptq_dequantize(source).numpy()
+    reference = gptq_dequantize(source).cpu().numpy()
     err = float(np.abs(ours - reference).max())
     if type_name != "q4_1" and err != 0.0:  # Q4_0/Q8_0 carry d, q unchanged: must be exact
         raise PassError(f"{name}: GPTQ -> {type_name} transfer is not exact (max error {err:g})")

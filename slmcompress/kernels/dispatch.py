@@ -133,7 +133,9 @@ def group_layout(g_idx: torch.Tensor, group_size: int, in_features: int) -> tupl
     g_idx = g_idx.to("cpu", torch.int64)
     if bool((g_idx == 0).all()):
         return G_UNIFORM, SINGLE_GROUP
-    if group_size > 0 and torch.equal(g_idx, torch.arange(in_features) // group_size):
+    if group_size > 0 and torch.equal(
+        g_idx, torch.arange(in_features, device=g_idx.device) // group_size
+    ):
         return G_UNIFORM, group_size
     return G_GATHER, 1
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
@@ -40,7 +40,14 @@ from slmcompress.distill.quantized import (
     resolve_mode,
 )
 from slmcompress.distill.teacher_cache import TeacherCache, tokenizer_fingerprint
-from slmcompress.distill.trainer import TeacherFn, Trainer, TrainResult, TrainSettings, plot_history
+from slmcompress.distill.trainer import (
+    TeacherFn,
+    Trainer,
+    TrainResult,
+    TrainSettings,
+    plot_history,
+    trainer_autocast,
+)
 from slmcompress.errors import DataError, ModelSourceError, PassError
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.fsutil import atomic_write_json
@@ -75,6 +82,11 @@ class DistillConfig(PassConfig):
         description="weight of the intermediate hidden-state loss (1 - cos per matched layer); 0: off",
     )
     lr: float = Field(1e-4, gt=0)
+    autocast: Literal["auto", "bf16", "off"] = Field(
+        "auto",
+        description="bf16 autocast of the student forward (fp32 master weights either way): "
+        "auto = on CUDA only, bf16 = on any device (CPU too), off = fp32",
+    )
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     weight_decay: float = Field(0.01, ge=0)
     warmup_steps: int = Field(0, ge=0)
@@ -258,6 +270,7 @@ class DistillPass(Pass):
             temperature=cfg.temperature,
             alpha=cfg.alpha,
             hidden_weight=cfg.hidden_weight,
+            autocast=cfg.autocast,
             eval_every=cfg.eval_every,
             save_every=cfg.save_every,
             seed=ctx.seed,
@@ -473,6 +486,7 @@ class DistillPass(Pass):
             "train_seconds_this_run": round(result.train_seconds, 2),
             "train_tokens_per_s": round(result.tokens_per_s, 1),
             "device": str(ctx.device),
+            "autocast": "bf16" if trainer_autocast(self.config.autocast, ctx.device) else "off",
             "world_size": dist.world_size(),
         }
 

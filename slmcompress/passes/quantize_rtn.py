@@ -75,7 +75,7 @@ class RTNPass(Pass):
         with progress_bar(f"rtn w{cfg.bits}", total=len(targets)) as advance:
             for name, linear in targets.items():
                 codes, scales, zeros, g_idx = rtn_quantize_weight(
-                    linear.weight.detach().cpu(),
+                    linear.weight.detach(),  # on the model's device: CUDA rounds it there
                     cfg.bits,
                     cfg.group_size,
                     cfg.sym,

@@ -41,7 +41,11 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Importance:
-    """Per-unit scores of one model (higher = keep). Lists are indexed by layer."""
+    """Per-unit scores of one model (higher = keep). Lists are indexed by layer.
+
+    Scores are small host (CPU) tensors whatever device computed them: planning and
+    slicing index with them, and the report reads them.
+    """
 
     heads: list[torch.Tensor]  # each (n_heads,)
     neurons: list[torch.Tensor]  # each (ffn,)
@@ -270,8 +274,8 @@ def activation_importance_of(
         heads=heads,
         neurons=neurons,
         hidden=hidden,
-        layers=torch.tensor(cos),
-        blocks=torch.tensor(block.scores if block is not None else cos),
+        layers=torch.tensor(cos, device="cpu"),
+        blocks=torch.tensor(block.scores if block is not None else cos, device="cpu"),
         block_size=block_size,
         method="activation",
         extra={"depth_metric": "cosine", "head_metric": head_metric},
@@ -337,10 +341,10 @@ def magnitude_importance(model: PreTrainedModel) -> Importance:
             hidden_sq = hidden_sq + layer.get_submodule(norm).weight.float().pow(2)
         layers.append(sum(float(w.float().pow(2).sum()) for w in layer.parameters()) ** 0.5)
     return Importance(
-        heads=heads,
-        neurons=neurons,
-        hidden=hidden_sq.sqrt(),
-        layers=torch.tensor(layers),
+        heads=[h.cpu() for h in heads],
+        neurons=[n.cpu() for n in neurons],
+        hidden=hidden_sq.sqrt().cpu(),
+        layers=torch.tensor(layers, device="cpu"),
         method="magnitude",
     )
 
@@ -349,13 +353,17 @@ def random_importance(model: PreTrainedModel, seed: int = 0) -> Importance:
     """Seeded uniform scores: the floor any importance metric must beat."""
     check_supported(model)
     cfg = model.config
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # a CPU generator: the same scores everywhere
     n_layers = len(decoder_layers(model))
+
+    def rand(n: int) -> torch.Tensor:
+        return torch.rand(n, generator=gen, device="cpu")
+
     return Importance(
-        heads=[torch.rand(cfg.num_attention_heads, generator=gen) for _ in range(n_layers)],
-        neurons=[torch.rand(cfg.intermediate_size, generator=gen) for _ in range(n_layers)],
-        hidden=torch.rand(cfg.hidden_size, generator=gen),
-        layers=torch.rand(n_layers, generator=gen),
+        heads=[rand(cfg.num_attention_heads) for _ in range(n_layers)],
+        neurons=[rand(cfg.intermediate_size) for _ in range(n_layers)],
+        hidden=rand(cfg.hidden_size),
+        layers=rand(n_layers),
         method="random",
     )
 
@@ -419,4 +427,4 @@ def loss_depth_scores(
         log.debug(
             "depth: removing layers %d..%d: loss +%.4f", start, start + block_size - 1, scores[-1]
         )
-    return torch.tensor(scores), base
+    return torch.tensor(scores, device="cpu"), base

@@ -167,10 +167,10 @@ def one_layer_pruned(
     else:
         weight, keep = parts.down.weight, top_k(importance.neurons[layer], sizes.ffn_hidden_size)
     saved = weight.data.clone()
-    mask = torch.ones(weight.shape[1], dtype=torch.bool)
-    mask[keep] = False
+    mask = torch.ones(weight.shape[1], dtype=torch.bool, device=weight.device)
+    mask[keep.to(weight.device)] = False
     try:
-        weight.data[:, mask.to(weight.device)] = 0
+        weight.data[:, mask] = 0
         yield
     finally:
         weight.data.copy_(saved)

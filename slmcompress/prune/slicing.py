@@ -45,7 +45,7 @@ Rule = tuple[tuple[torch.Tensor | None, ...], Callable[[torch.Tensor], torch.Ten
 
 def head_channels(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
     """(n,) head indices -> (n * head_dim,) channel indices, head-major."""
-    return (heads[:, None] * head_dim + torch.arange(head_dim)).flatten()
+    return (heads[:, None] * head_dim + torch.arange(head_dim, device=heads.device)).flatten()
 
 
 def _take(tensor: torch.Tensor, dims: tuple[torch.Tensor | None, ...]) -> torch.Tensor:

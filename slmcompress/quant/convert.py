@@ -166,8 +166,9 @@ def install_quant_linear(model: nn.Module, name: str, weight: QuantizedWeight) -
     """Replace ``model.<name>`` (an nn.Linear) with the packed QuantLinear of ``weight``."""
     linear = model.get_submodule(name)
     bias = linear.bias.detach() if linear.bias is not None else None
-    layer = QuantLinear.from_quantized(weight.cpu(), bias)
-    replace_module(model, name, layer.to(linear.weight.device))
+    # packed where the linear lives (no host round trip: on a GPU packing is a few kernels)
+    layer = QuantLinear.from_quantized(weight.to(linear.weight.device), bias)
+    replace_module(model, name, layer)
     return layer
 
 

@@ -31,15 +31,13 @@ class QuantizedWeight:
     bits: int
     group_size: int
 
+    def to(self, device: torch.device | str) -> QuantizedWeight:
+        """The same weight with every tensor on ``device``."""
+        tensors = (self.codes, self.scales, self.zeros, self.g_idx)
+        return QuantizedWeight(*(t.to(device) for t in tensors), self.bits, self.group_size)
+
     def cpu(self) -> QuantizedWeight:
-        return QuantizedWeight(
-            self.codes.cpu(),
-            self.scales.cpu(),
-            self.zeros.cpu(),
-            self.g_idx.cpu(),
-            self.bits,
-            self.group_size,
-        )
+        return self.to("cpu")
 
 
 class GPTQFormat(BaseModel):

@@ -35,19 +35,20 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
             f"cannot pack {rows} rows at {bits} bits: need a multiple of {pack_multiple(bits)}"
         )
     v = values.to(torch.int64) & max_code(bits)
+    device = values.device  # index tensors live where the codes are (CUDA, meta, ...)
     if 32 % bits == 0:
         per = 32 // bits
-        shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
+        shifts = (torch.arange(per, dtype=torch.int64, device=device) * bits).view(1, per, 1)
         words = (v.view(rows // per, per, cols) << shifts).sum(dim=1)  # disjoint bits: sum == or
         return _to_int32(words)
     # 3 bits: 32 values form a 96-bit little-endian stream stored in 3 consecutive words.
     blocks = rows // 32
-    bit_pos = torch.arange(32 * bits, dtype=torch.int64)  # stream bit index
+    bit_pos = torch.arange(32 * bits, dtype=torch.int64, device=device)  # stream bit index
     src = (bit_pos // bits).view(1, -1, 1)  # which value in the block
     src_bit = (bit_pos % bits).view(1, -1, 1)  # which bit of that value
     stream = (v.view(blocks, 32, cols).gather(1, src.expand(blocks, -1, cols)) >> src_bit) & 1
     stream = stream.view(blocks, bits, 32, cols)  # (block, word, bit, col)
-    shifts = torch.arange(32, dtype=torch.int64).view(1, 1, 32, 1)
+    shifts = torch.arange(32, dtype=torch.int64, device=device).view(1, 1, 32, 1)
     words = (stream << shifts).sum(dim=2)  # (block, word, col)
     return _to_int32(words.reshape(blocks * bits, cols))
 
@@ -55,17 +56,17 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 def unpack_rows(packed: torch.Tensor, bits: int, rows: int) -> torch.Tensor:
     """Inverse of :func:`pack_rows`: int32 ``(rows * bits / 32, C)`` -> int32 codes ``(rows, C)``."""
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    cols = packed.shape[1]
+    cols, device = packed.shape[1], packed.device
     if 32 % bits == 0:
         per = 32 // bits
-        shifts = (torch.arange(per, dtype=torch.int64) * bits).view(1, per, 1)
+        shifts = (torch.arange(per, dtype=torch.int64, device=device) * bits).view(1, per, 1)
         vals = (words.unsqueeze(1) >> shifts) & max_code(bits)  # (R/per, per, C)
         return vals.reshape(-1, cols)[:rows].to(torch.int32)
     blocks = rows // 32
-    shifts = torch.arange(32, dtype=torch.int64).view(1, 1, 32, 1)
+    shifts = torch.arange(32, dtype=torch.int64, device=device).view(1, 1, 32, 1)
     stream = (words.view(blocks, bits, 1, cols) >> shifts) & 1  # (block, word, bit, col)
     stream = stream.reshape(blocks, 32, bits, cols)  # value-major: 3 consecutive stream bits
-    weights = (2 ** torch.arange(bits, dtype=torch.int64)).view(1, 1, bits, 1)
+    weights = (2 ** torch.arange(bits, dtype=torch.int64, device=device)).view(1, 1, bits, 1)
     return (stream * weights).sum(dim=2).reshape(rows, cols).to(torch.int32)
 
 

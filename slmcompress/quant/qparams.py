@@ -131,11 +131,13 @@ def n_groups(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size)
 
 
-def default_g_idx(in_features: int, group_size: int) -> torch.Tensor:
-    """Group index of each input channel without act-order: ``i // group_size``."""
+def default_g_idx(
+    in_features: int, group_size: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
+    """Group index of each input channel without act-order: ``i // group_size``, on ``device``."""
     if group_size == -1:
-        return torch.zeros(in_features, dtype=torch.int32)
-    return (torch.arange(in_features) // group_size).to(torch.int32)
+        return torch.zeros(in_features, dtype=torch.int32, device=device)
+    return (torch.arange(in_features, device=device) // group_size).to(torch.int32)
 
 
 def rtn_quantize_weight(
@@ -158,7 +160,7 @@ def rtn_quantize_weight(
     """
     out_features, in_features = weight.shape
     step = in_features if group_size == -1 else group_size
-    codes = torch.empty(out_features, in_features, dtype=torch.int32)
+    codes = torch.empty(out_features, in_features, dtype=torch.int32, device=weight.device)
     scales, zeros = [], []
     for start in range(0, in_features, step):
         block = weight[:, start : start + step].float()  # (out, g)
@@ -169,7 +171,7 @@ def rtn_quantize_weight(
         codes[:, start : start + step] = quantize_codes(block, scale, zero, bits).to(torch.int32)
         scales.append(scale.squeeze(1))
         zeros.append(zero.squeeze(1))
-    g_idx = default_g_idx(in_features, group_size)
+    g_idx = default_g_idx(in_features, group_size, weight.device)
     return codes, torch.stack(scales), torch.stack(zeros).to(torch.int32), g_idx
 
 

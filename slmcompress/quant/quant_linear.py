@@ -40,8 +40,16 @@ class QuantLinear(nn.Module):
     """Linear layer stored as GPTQ ``qweight``/``qzeros``/``scales``/``g_idx`` buffers."""
 
     def __init__(
-        self, in_features: int, out_features: int, bits: int, group_size: int, bias: bool = False
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        bias: bool = False,
+        device: torch.device | str | None = None,
     ) -> None:
+        """``device=None`` follows the default device (a ``torch.device(...)`` block), as
+        ``nn.Linear`` does."""
         super().__init__()
         for dim, name in ((in_features, "in_features"), (out_features, "out_features")):
             if dim % pack_multiple(bits):
@@ -51,16 +59,15 @@ class QuantLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.bits, self.group_size = bits, group_size
         groups = n_groups(in_features, group_size)
+        int32, fp16 = torch.int32, torch.float16
+        qweight = torch.zeros(in_features * bits // 32, out_features, dtype=int32, device=device)
+        qzeros = torch.zeros(groups, out_features * bits // 32, dtype=int32, device=device)
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("qzeros", qzeros)
+        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=fp16, device=device))
+        self.register_buffer("g_idx", torch.zeros(in_features, dtype=int32, device=device))
         self.register_buffer(
-            "qweight", torch.zeros(in_features * bits // 32, out_features, dtype=torch.int32)
-        )
-        self.register_buffer(
-            "qzeros", torch.zeros(groups, out_features * bits // 32, dtype=torch.int32)
-        )
-        self.register_buffer("scales", torch.zeros(groups, out_features, dtype=torch.float16))
-        self.register_buffer("g_idx", torch.zeros(in_features, dtype=torch.int32))
-        self.register_buffer(
-            "bias", torch.zeros(out_features, dtype=torch.float16) if bias else None
+            "bias", torch.zeros(out_features, dtype=fp16, device=device) if bias else None
         )
         self.backend = "torch"
         #: ``(x, layer) -> x @ W^T`` of the chosen backend, installed by ``set_backends``
@@ -79,16 +86,21 @@ class QuantLinear(nn.Module):
         group_size: int,
         bias: torch.Tensor | None = None,
     ) -> QuantLinear:
-        """Build from integer codes ``(out, in)``, scales/zeros ``(G, out)`` and ``g_idx`` ``(in,)``."""
+        """Build from integer codes ``(out, in)``, scales/zeros ``(G, out)`` and ``g_idx`` ``(in,)``.
+
+        The layer lives on ``codes``' device (packed there, no round trip through the host).
+        """
         out_features, in_features = codes.shape
-        layer = cls(in_features, out_features, bits, group_size, bias=bias is not None)
+        layer = cls(
+            in_features, out_features, bits, group_size, bias=bias is not None, device=codes.device
+        )
         layer.qweight.copy_(pack_qweight(codes, bits))
         layer.qzeros.copy_(pack_qzeros(zeros, bits))
         layer.scales.copy_(scales.to(torch.float16))
         layer.g_idx.copy_(g_idx.to(torch.int32))
         if bias is not None:
             layer.bias.copy_(bias.to(torch.float16))
-        return layer.to(codes.device)
+        return layer
 
     @classmethod
     def from_quantized(

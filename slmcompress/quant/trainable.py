@@ -126,15 +126,15 @@ class TrainableQuantLinear(nn.Module):
         if not torch.isfinite(scales).all():
             raise PassError(f"{where}: {self.mode} training left non-finite scales")
         bias = self.bias.detach() if self.bias is not None else None
-        return QuantLinear.from_codes(
-            self.codes().cpu(),
-            scales.half().cpu(),
-            self.qzeros_int.cpu(),
-            self.g_idx.cpu(),
+        return QuantLinear.from_codes(  # packed where the layer trained (its codes' device)
+            self.codes(),
+            scales.half(),
+            self.qzeros_int,
+            self.g_idx,
             self.bits,
             self.group_size,
-            bias.cpu() if bias is not None else None,
-        ).to(self.g_idx.device)
+            bias,
+        )
 
     def extra_repr(self) -> str:
         return (

@@ -136,7 +136,7 @@ def should_stream(
         return StreamDecision(
             False, 0, 0, "architecture not understood by the planner; not streamed"
         )
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     need = int((arch.params() * elem + activation_bytes) * SLACK) + BASE_RSS
     budget = resolve_budget(max_memory)
     stream = need > budget
@@ -231,7 +231,7 @@ class StreamingRun:
     def _check_budget(self) -> int:
         """Raise if one layer cannot fit; return the bytes left for activations in memory."""
         arch = Arch.from_config(self.stream.config.to_dict())
-        elem = torch.empty((), dtype=self.stream.dtype).element_size()
+        elem = self.stream.dtype.itemsize
         seq_len = int(self.tokens.shape[1])
         batch_tokens = self.options.batch_size * seq_len
         layer = layer_peak_bytes(arch, elem, batch_tokens, seq_len, self.options.pass_name)

@@ -64,7 +64,7 @@ class WeightSource:
         entry = self.entries.get(name)
         if entry is None:
             raise CheckpointError(f"checkpoint: {self.model_dir} has no tensor {name!r}")
-        raw = torch.empty(entry.nbytes, dtype=torch.uint8)
+        raw = torch.empty(entry.nbytes, dtype=torch.uint8, device="cpu")  # pread target
         try:
             got = _pread_into(entry.path, memoryview(raw.numpy()), entry.start)
         except FileNotFoundError:
@@ -148,7 +148,7 @@ def _init_buffers_on_cpu(model: nn.Module, name: str, module: nn.Module) -> None
     for key, buf in list(module.named_buffers(recurse=False)):
         if buf.device.type == "meta":
             fill = float("nan") if buf.dtype.is_floating_point else 0
-            module._buffers[key] = torch.full(buf.shape, fill, dtype=buf.dtype)
+            module._buffers[key] = torch.full(buf.shape, fill, dtype=buf.dtype, device="cpu")
     init = getattr(model, "_init_weights", None)
     try:
         if init is None:

@@ -42,7 +42,8 @@ def key_hash(key: dict[str, Any]) -> str:
 
 def tokens_digest(tokens: torch.Tensor) -> str:
     """Hash of the calibration ids (different data must not resume old activations)."""
-    return hashlib.sha256(tokens.to(torch.int64).contiguous().numpy().tobytes()).hexdigest()[:16]
+    data = tokens.to("cpu", torch.int64).contiguous().numpy()
+    return hashlib.sha256(data.tobytes()).hexdigest()[:16]
 
 
 class ResumeState:

@@ -171,3 +171,21 @@ def test_plot_history_writes_png(tmp_path):
     ]
     path = plot_history(history, tmp_path / "curve.png")
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize(
+    ("option", "expected"),
+    [("auto", torch.float32), ("off", torch.float32), ("bf16", torch.bfloat16)],
+)
+def test_autocast_option_sets_the_student_forward_dtype(
+    tmp_path, teacher, sequences, option, expected
+):
+    """``autocast: bf16`` asks for bf16 on any device (CPU included); auto is CUDA-only."""
+    student = _student()
+    seen: list[torch.dtype] = []
+    student.lm_head.register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
+    settings = _settings(max_steps=1, save_every=0, eval_every=0, autocast=option)
+    result = _trainer(tmp_path, teacher, sequences, settings, student=student).train()
+    assert set(seen) == {expected}
+    assert all(p.dtype == torch.float32 for p in student.parameters())  # fp32 masters
+    assert torch.isfinite(torch.tensor(result.history[0]["loss"]))
