@@ -64,7 +64,7 @@ def _check_gguf_budget(path: Path, budget: int | str, dtype: torch.dtype) -> Non
     from slmcompress.model_sources import gguf_param_count
     from slmcompress.streaming.engine import resolve_budget
 
-    elem = torch.empty((), dtype=dtype).element_size()
+    elem = dtype.itemsize
     need = int(gguf_param_count(path) * elem * SLACK) + BASE_RSS
     limit = resolve_budget(budget)
     if need > limit:
