@@ -706,3 +706,61 @@ def compile_choice(
     source = ASTSource(fn=kernel, signature=signature, constexprs=meta, attrs=attrs)
     options = dict(num_warps=p["num_warps"], num_stages=p["num_stages"])
     return triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+
+
+def warmup(
+    route: str, p: dict, bits: int, group: int, perm: bool, x_dtype: torch.dtype, m: int, n: int,
+    k: int,
+):  # fmt: skip
+    """Compile (without launching) exactly what serving ``m x k @ k x n`` with ``p`` launches.
+
+    Argument types and values mirror :func:`gemv`, :func:`mm` and :func:`dequantize`, so the
+    binary lands in Triton's on-disk cache under the key the real launch looks up: the tuning
+    sweep compiles all candidates in parallel processes, then times them in one. Needs a GPU.
+    Returns Triton's compiled kernel.
+    """
+    fake = ServingWeight(None, None, None, True if perm else None, bits, k, n, group)
+    vals, _ = vals_words(bits)
+    i32, f16 = torch.int32, torch.float16
+    if route == "gemv":
+        atomic = triton.cdiv(k, p["block_kb"] * vals * p["steps"]) > 1
+        out = torch.float32 if atomic and p["acc32"] else x_dtype
+        args = (x_dtype, i32, f16, f16, i32, out, m, n, k, k, n)
+        meta = dict(ATOMIC=atomic, **gemv_meta(fake, p))
+        return _gemv_kernel.warmup(*args, grid=(1,), **meta, **_launch_opts(p))
+    if route == "mm":
+        split = max(1, min(p["split_k"], triton.cdiv(k, p["block_k"])))
+        out = torch.float32 if split > 1 else x_dtype
+        args = (x_dtype, i32, f16, f16, i32, out, m, n, k, k, n, split)
+        meta = dict(ATOMIC=split > 1, **mm_meta(fake, p, x_dtype))
+        return _mm_kernel.warmup(*args, grid=(1,), **meta, **_launch_opts(p))
+    if route == "dequant":
+        args = (i32, f16, f16, x_dtype, n, k)
+        return _dequant_kernel.warmup(*args, grid=(1,), **dequant_meta(fake, p), **_launch_opts(p))
+    raise ValueError(f"route {route!r} has no Triton kernel")
+
+
+def compile_identity(
+    route: str, p: dict, bits: int, group: int, perm: bool, m: int, n: int, k: int
+):
+    """What decides whether two launches share one compiled kernel (``split_k``, M, N, K do
+    not, beyond N/K divisibility by 16 and whether the launch uses atomics)."""
+    vals, _ = vals_words(bits)
+    if route == "gemv":
+        atomic = triton.cdiv(k, p["block_kb"] * vals * p["steps"]) > 1
+        fixed = {n: v for n, v in p.items()}
+    elif route == "mm":
+        atomic = max(1, min(p["split_k"], triton.cdiv(k, p["block_k"]))) > 1
+        fixed = {n: v for n, v in p.items() if n != "split_k"}
+    else:
+        atomic, fixed = False, dict(p)
+    return (
+        route,
+        bits,
+        group,
+        perm,
+        atomic,
+        n % 16 == 0,
+        k % 16 == 0,
+        tuple(sorted(fixed.items())),
+    )

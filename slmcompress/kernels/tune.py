@@ -79,8 +79,9 @@ def evaluate(
     weights: Sequence[ServingWeight],
     tinies: Sequence[TinyGetter],
     ref: torch.Tensor,
+    timer: Callable[[Callable[[], object]], float] = cuda_time_us,
 ) -> list[dict]:
-    """Check, then time, each choice over the weight copies; one row per choice.
+    """Check, then time (``timer``: µs of one call), each choice over the weight copies.
 
     Row: ``choice`` (JSON), ``label``, and ``us`` (per layer call, averaged over the copies)
     or ``error`` (an exception, or an output off the reference by more than the tolerance).
@@ -97,7 +98,7 @@ def evaluate(
             else:
                 pairs = list(zip(weights, tinies, strict=True))
                 fn = lambda c=choice, p=pairs: [execute(c, x2d, w, t) for w, t in p]  # noqa: E731
-                row["us"] = cuda_time_us(fn) / len(pairs)
+                row["us"] = timer(fn) / len(pairs)
         except Exception as exc:  # noqa: BLE001 - a config that fails is data, not a crash
             row["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         rows.append(row)
