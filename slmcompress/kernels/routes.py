@@ -36,6 +36,9 @@ PARAMS = {
 }  # fmt: skip
 TINYGEMM_GROUPS = (32, 64, 128, 256)
 DEFAULT_SMS = 132  # H100/H200; the dispatcher passes the real count
+# fp32 accumulators one thread may hold before sm_90 spills (benchmarks/kernel.py
+# --compile-check: GEMV tiles spilled at 64, tl.dot tiles at 128 per thread, every one)
+MAX_GEMV_ACC, MAX_DOT_ACC = 32, 64
 
 
 def m_bucket(m: int) -> int:
@@ -143,10 +146,17 @@ def invalid(choice: Choice, key: Key, x_dtype: str = "fp16", compiled: bool = Tr
         rows = p["block_kb"] * vk
         if key.group and key.group % rows:
             return f"{rows} rows per step do not divide the group of {key.group}"
+        if choice.route == "gemv":
+            acc = p["block_m"] * p["block_kb"] * max(1, p["block_n"] // (32 * p["num_warps"]))
+            if acc > MAX_GEMV_ACC:
+                return f"{acc} accumulators per thread (> {MAX_GEMV_ACC}) spill registers"
         convert = (0, 1, 2, 3) if choice.route == "gemv" else (0, 1)
         return None if p["convert"] in convert else f"{choice.route}: convert must be in {convert}"
     if min(p["block_m"], p["block_n"], p["block_k"]) < 16:
         return "tl.dot tiles need block_m, block_n, block_k >= 16"
+    acc = p["block_m"] * p["block_n"] // (32 * p["num_warps"])
+    if acc > MAX_DOT_ACC:
+        return f"{acc} accumulators per thread (> {MAX_DOT_ACC}) spill registers"
     if key.group and key.group % p["block_k"]:
         return f"block_k={p['block_k']} does not divide the group of {key.group}"
     if p["unpack"] == 1 and key.bits != 4:
@@ -239,14 +249,15 @@ def _gemv_candidates(key: Key, sms: int) -> list[Choice]:
 
 def _mm_candidates(key: Key, sms: int) -> list[Choice]:
     if key.m <= 64:
-        block_m = max(16, key.m)
-        tiles = [(64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 4, 3), (128, 128, 8, 3)]
-    else:
-        block_m = 64 if key.m <= 128 else 128
-        tiles = [(128, 64, 4, 3), (128, 64, 8, 4), (256, 64, 8, 3), (128, 32, 4, 4)]
+        bm = max(16, key.m)
+        tiles = [(bm, 64, 64, 4, 2), (bm, 64, 128, 4, 2), (bm, 128, 64, 4, 3), (bm, 128, 128, 8, 3)]
+    else:  # at most 64 accumulators per thread (MAX_DOT_ACC)
+        big = 64 if key.m <= 128 else 128
+        tiles = [(big, 128, 64, 8, 3), (big, 128, 32, 8, 4), (64, 128, 64, 4, 3)]
+        tiles += [(64, 256, 64, 8, 3), (128, 64, 64, 4, 4)]
     variants = [(1, 1), (1, 2), (0, 1)] if key.bits == 4 else [(0, 1), (0, 0)]
     out = []
-    for block_n, block_k, warps, stages in tiles:
+    for block_m, block_n, block_k, warps, stages in tiles:
         for unpack, convert in variants:
             for swap in (0, 1) if key.m <= 64 else (0,):
                 bk = min(block_k, key.group) if key.group else block_k

@@ -133,3 +133,36 @@ def test_inline_ptx_and_kernels_compile_for_sm90_without_a_gpu():
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert len(out) == len(AOT) and all(0 <= smem <= 227 * 1024 for smem, _ in out.values())
     assert out["mm-4-fp16-2"][1] and out["mm-4-bf16-2"][1]  # wgmma with the weight as A
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("bits", [4, 3])
+@pytest.mark.parametrize("m", [1, 4, 16, 256, 1024])
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_every_candidate_on_gpu(bits, m, dtype):
+    """On a GPU: the candidates with GPU-only numerics (inline PTX, denormal conversion,
+    tinygemm), the heuristic and a spread of the rest, vs the reference."""
+    import torch
+    from random_models import random_quant_linear
+
+    from slmcompress.kernels.execute import execute
+    from slmcompress.kernels.reference import quant_matmul_reference
+    from slmcompress.kernels.repack import repack
+    from slmcompress.kernels.routes import Key, candidates, m_bucket
+
+    layer = random_quant_linear(1024, 768, bits, 128, act_order=True).cuda()
+    w = repack(layer.qweight, layer.qzeros, layer.scales, layer.g_idx, bits, 128)
+    x = torch.randn(m, 1024, device="cuda").to(
+        {"fp16": torch.float16, "bf16": torch.bfloat16}[dtype]
+    )
+    ref = quant_matmul_reference(x, layer).float()
+    bad = {}
+    pool = candidates(Key(bits, 128, 768, 1024, m_bucket(m)), dtype)
+    special = [c for c in pool if c.route == "tinygemm" or c.p.get("convert", 0) >= 2]
+    for choice in dict.fromkeys([pool[0], *special[:6], *pool[1 :: max(1, len(pool) // 6)]]):
+        out = execute(choice, x, w).float()
+        err = float((out - ref).abs().max() / ref.abs().max())
+        if not err < (2e-2 if dtype == "bf16" or choice.route == "tinygemm" else 5e-3):
+            bad[choice.label()] = err
+    assert not bad, bad
