@@ -84,3 +84,34 @@ def random_quant_linear(
         step = in_features if group_size == -1 else group_size
         g_idx = (torch.arange(in_features) // step).to(torch.int32)
     return QuantLinear.from_codes(codes, scales, zeros, g_idx, bits, group_size)
+
+
+def random_serving_weight(bits: int, group: int, n: int, k: int, device: str, seed: int = 0):
+    """Random codes straight in the kernels' serving layout, made on ``device`` (fast at 8192-class
+    sizes, where packing a QuantLinear on the CPU would take minutes). Every bit pattern of the
+    words is a valid code; zero points in ``[1, 2**bits)``, scales in ``[0.001, 0.021)``."""
+    from slmcompress.kernels.repack import ServingWeight
+
+    gen = torch.Generator(device=device).manual_seed(seed)
+    groups = -(-k // group) if group else 1
+    words = torch.randint(
+        -(2**31), 2**31 - 1, (k * bits // 32, n), generator=gen, device=device, dtype=torch.int32
+    )
+    scales = (torch.rand(groups, n, generator=gen, device=device) * 0.02 + 1e-3).half()
+    zeros = torch.randint(1, 2**bits, (groups, n), generator=gen, device=device).half()
+    return ServingWeight(words, scales, zeros, None, bits, k, n, group)
+
+
+def random_quant_linear_on(
+    in_features: int, out_features: int, bits: int, group_size: int, device: str, seed: int = 0
+) -> QuantLinear:
+    """A QuantLinear whose GPTQ buffers are random bits filled on ``device`` (no CPU packing):
+    for speed benchmarks of whole models, where the values do not matter."""
+    layer = QuantLinear(in_features, out_features, bits, group_size).to(device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for buf in (layer.qweight, layer.qzeros):
+        buf.copy_(torch.randint(-(2**31), 2**31 - 1, buf.shape, generator=gen, device=device))
+    layer.scales.copy_(torch.rand(layer.scales.shape, generator=gen, device=device) * 0.02 + 1e-3)
+    step = in_features if group_size == -1 else group_size
+    layer.g_idx.copy_(torch.arange(in_features, device=device) // step)
+    return layer

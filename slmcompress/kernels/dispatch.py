@@ -1,6 +1,9 @@
 """Pick and run the serving path of each :class:`QuantLinear`: a kernel or plain torch.
 
-CUDA: the Triton kernel (3/4-bit). CPU: torch's int4 kernel (:mod:`.cpu_int4`, codes of
+CUDA: the Triton kernels (3/4-bit), per call through :mod:`.serving` (repacked layout, one
+route per M bucket from the shipped/cached configs, tinygemm where it was tuned faster); a
+layer whose groups cannot be made contiguous falls back to the GPTQ-layout kernel
+(:mod:`.int4_matmul`) with a fixed launch config. CPU: torch's int4 kernel (:mod:`.cpu_int4`, codes of
 <= 4 bits, shapes it accepts), else ``torch-cached`` (dequantized once and kept: float speed
 and float memory, e.g. 8-bit). Triton is imported only when its kernel is chosen, so the
 package works without it. ``SLMCOMPRESS_KERNEL`` overrides the choice: ``torch`` (the
@@ -97,8 +100,9 @@ def set_backends(model: nn.Module, force: bool = False) -> dict[str, int]:
     """Set ``backend`` on every QuantLinear of ``model``; returns how many layers got each.
 
     Logs one info line per distinct (backend, reason), e.g. why 8-bit layers stay on torch.
-    Also precomputes each Triton layer's group layout, so the first forward (or a CUDA-graph
-    capture) does no host synchronisation, and converts each ``cpu-int4`` layer once.
+    Also repacks each Triton layer into the serving layout (:mod:`.serving`), so the first
+    forward (or a CUDA-graph capture) does no host synchronisation, and converts each
+    ``cpu-int4`` layer once.
     """
     counts: Counter[str] = Counter()
     reasons: Counter[tuple[str, str]] = Counter()
@@ -107,7 +111,7 @@ def set_backends(model: nn.Module, force: bool = False) -> dict[str, int]:
             backend, reason = explain_backend(module, module.qweight.device, force)
             module.backend, module.matmul = backend, quant_matmul
             if backend.startswith("triton"):
-                packed_weight(module)
+                _prepare_triton(module)
             elif backend == "cpu-int4":
                 cpu_weight(module)  # convert now: first-token latency and timings stay clean
             counts[backend] += 1
@@ -124,6 +128,17 @@ def prepare_for_serving(model: nn.Module) -> dict[str, int]:
     it cannot serve (8-bit, odd shapes). Float models: ``{}``. Idempotent.
     """
     return set_backends(model) or {}
+
+
+def _prepare_triton(layer: QuantLinear) -> None:
+    """Repack for the serving kernels; a layer they cannot take gets the GPTQ-layout kernel."""
+    from slmcompress.kernels import serving
+
+    state = serving.layer_state(layer)
+    if state.weight is None:
+        log.info("layer %dx%d: %s; generic GPTQ kernel", layer.in_features, layer.out_features,
+                 state.reason)  # fmt: skip
+        packed_weight(layer)
 
 
 def group_layout(g_idx: torch.Tensor, group_size: int, in_features: int) -> tuple[int, int]:
@@ -192,11 +207,24 @@ def quant_matmul(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         return F.linear(x, layer.dequantize(x.dtype))  # a kernel layer whose input is on CPU
     if not layer.backend.startswith("triton") or layer.bits not in KERNEL_BITS:
         return F.linear(x, layer.dequantize(x.dtype))  # the reference (e.g. cpu-int4 off CPU)
-    from slmcompress.kernels import int4_matmul
+    from slmcompress.kernels import serving
 
     x2d = x.reshape(-1, layer.in_features)  # (M, K)
-    out = int4_matmul.quant_matmul(x2d, packed_weight(layer))  # (M, N)
+    out = serving.matmul(x2d, layer)  # (M, N)
+    if out is None:  # groups the serving layout cannot hold: GPTQ-layout kernel, no autotune
+        out = _generic_matmul(x2d, layer)
     return out.reshape(*x.shape[:-1], layer.out_features)
+
+
+def _generic_matmul(x2d: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
+    """The GPTQ-layout kernel with its bucket's first config (never ``@triton.autotune``)."""
+    from slmcompress.kernels import int4_matmul as km
+
+    m = x2d.shape[0]
+    config = None
+    if not interpreting() and m <= km.DENSE_MIN_M:
+        config = km.bucket_configs(km.m_bucket(m), layer.bits)[0]
+    return km.quant_matmul(x2d, packed_weight(layer), config=config)
 
 
 def backend_for_layer(bits: int | None, out_features: int, g_idx: torch.Tensor) -> str:

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from slmcompress.kernels import dispatch
+from slmcompress.kernels import dispatch, serving
 from slmcompress.quant.qparams import rtn_quantize_weight
 from slmcompress.quant.quant_linear import QuantLinear
 
@@ -74,6 +74,7 @@ def main(bits: int, group_size: int) -> None:
                 "torch_tokens": ref.sequences[0].tolist(),
                 "kernel_tokens": out.sequences[0].tolist(),
                 "max_logit_diff": logit_diff,
+                "routes": sorted({label.split("[")[0] for label in serving.served}),
             }
         )
     )

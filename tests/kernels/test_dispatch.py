@@ -111,6 +111,7 @@ def test_tiny_llama_generates_the_same_tokens_through_the_kernel():
     assert result["backends"] == {f"triton-int{bits}": 15}  # 7 per layer x 2 + lm_head
     assert result["kernel_tokens"] == result["torch_tokens"]
     assert result["max_logit_diff"] < 1e-3
+    assert result["routes"] == ["gemv", "mm"]  # prefill (8 tokens) on tl.dot, decode on GEMV
 
 
 def test_quant_linear_runs_only_the_matmul_the_dispatcher_installed(monkeypatch):
