@@ -236,13 +236,18 @@ class StreamingModel:
         model_dir: Path,
         dtype: torch.dtype = torch.float32,
         prepare: Callable[[nn.Module, WeightSource], None] | None = None,
+        skeleton: PreTrainedModel | None = None,
     ) -> None:
         """``prepare`` may swap modules of the meta skeleton before any weight is read (a
-        quantized checkpoint's ``QuantLinear``s); without it only float checkpoints load."""
+        quantized checkpoint's ``QuantLinear``s); without it only float checkpoints load.
+        ``skeleton``: the :func:`build_skeleton` of ``model_dir`` someone already holds (the
+        stage's model), filled in place instead of building a second one."""
         self.model_dir = Path(model_dir)
         self.source = WeightSource(self.model_dir)  # validates every shard up front
         self.dtype = dtype
-        self.model = build_skeleton(self.model_dir, dtype, allow_quantized=prepare is not None)
+        if skeleton is None:
+            skeleton = build_skeleton(self.model_dir, dtype, allow_quantized=prepare is not None)
+        self.model = skeleton
         if prepare is not None:
             with torch.device("meta"):
                 prepare(self.model, self.source)
