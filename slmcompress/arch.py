@@ -168,6 +168,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise PassError(f"model: cannot find the decoder layers of {type(model).__name__}")
 
 
+def layers_prefix(model: nn.Module) -> str:
+    """Dotted name of the decoder-layer ModuleList (``model.layers`` for Llama)."""
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at dotted path ``name``."""
     parent_name, _, child = name.rpartition(".")

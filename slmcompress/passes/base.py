@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -82,6 +82,12 @@ class Context:
         """Record a warning that ends up in the stage report (and the log)."""
         self.log.warning(message)
         self.warnings.append(message)
+
+    def record(self, warnings: Iterable[str] = (), **metrics: Any) -> None:
+        """Put what a helper returned into the stage report: its warnings and metrics."""
+        for message in warnings:
+            self.warn(message)
+        self.extra_metrics.update(metrics)
 
     def calibration_tokens(
         self, n_samples: int | None = None, seq_len: int | None = None

@@ -16,7 +16,6 @@ resume point, and ``finish`` assembles the sharded checkpoint from the committed
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import shutil
@@ -32,7 +31,12 @@ from torch import nn
 from slmcompress.arch import layer_type
 from slmcompress.checkpoint_io import new_metadata, write_metadata, write_quantize_config
 from slmcompress.errors import PassError
-from slmcompress.layerwise import LayerStep, WrittenCheckpoint, capture_layer_inputs
+from slmcompress.layerwise import (
+    LayerStep,
+    WrittenCheckpoint,
+    capture_layer_inputs,
+    release_freed_memory_eagerly,
+)
 from slmcompress.memory_model import (
     BASE_RSS,
     DEFAULT_MEMORY_FRACTION,
@@ -66,22 +70,6 @@ class StreamOptions:
     pass_name: str = "gptq"  # for the working-set estimate in the budget check
     key: dict[str, Any] = field(default_factory=dict)  # what the pass result depends on
     max_shard_bytes: int = DEFAULT_SHARD_BYTES  # of the checkpoint ``finish`` writes
-
-
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def release_freed_memory_eagerly() -> None:
-    """Make glibc return every freed tensor (>64 KiB) to the OS at once.
-
-    glibc raises its mmap threshold after large frees, so later layer-sized tensors come
-    from the heap, which fragments and never shrinks: measured +100-200 MB of RSS per
-    streamed layer size without this, +0 with it. A fixed threshold keeps it at one layer.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
-        pass
 
 
 def default_budget() -> int:
@@ -191,7 +179,7 @@ class StreamingLayerStep(LayerStep):
 
     def next_inputs(self) -> BatchView:  # type: ignore[override]
         """The next layer's inputs as a store-backed view (given outputs are stored first)."""
-        outputs = self._outputs if self._outputs is not None else self.forward(keep_outputs=True)
+        outputs = self.outputs()
         if not isinstance(outputs, ActivationStore):
             store = self._new_store()
             for out in outputs:
