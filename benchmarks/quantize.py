@@ -116,9 +116,9 @@ def run_row(spec: dict, work: Path) -> dict:
     from slmcompress.data import CalibrationSpec, DataConfig
     from slmcompress.eval.perplexity import perplexity
     from slmcompress.models import load_model
+    from slmcompress.passes import get_pass
     from slmcompress.passes.base import Context
     from slmcompress.quant.quant_linear import cached_dequantization
-    from slmcompress.registry import get_pass
 
     torch.manual_seed(0)
     tokens = load_file(str(work / "tokens.safetensors"))

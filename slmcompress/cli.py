@@ -423,7 +423,7 @@ def recipe_validate(
 @recipe_app.command("passes")
 def recipe_passes() -> None:
     """List the registered pass types and their methods."""
-    from slmcompress.registry import methods_of, pass_types
+    from slmcompress.passes import methods_of, pass_types
 
     for type_ in pass_types():
         methods = methods_of(type_)

@@ -23,8 +23,8 @@ from slmcompress.data import (  # noqa: F401 - EvalOptions: re-exported
 )
 from slmcompress.errors import ModelSourceError, RecipeError, SlmError
 from slmcompress.models import check_model_source, resolve_dtype
+from slmcompress.passes import get_pass
 from slmcompress.passes.base import RUNTIME_FIELDS, Pass, PassConfig
-from slmcompress.registry import get_pass
 from slmcompress.remote_code import remote_code
 
 

@@ -54,9 +54,9 @@ from slmcompress.fsutil import (
 )
 from slmcompress.layerwise import WrittenCheckpoint
 from slmcompress.models import load_model, resolve_device, resolve_dtype
+from slmcompress.passes import streamable_passes
 from slmcompress.passes.base import Context, Pass, StageOutput, StreamingOptions
 from slmcompress.recipe import ResolvedRecipe, Stage
-from slmcompress.registry import streamable_passes
 from slmcompress.remote_code import remote_code
 from slmcompress.streaming.engine import machine_budget, should_stream
 from slmcompress.streaming.residency import Residency, StageInput
