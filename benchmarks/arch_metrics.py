@@ -203,7 +203,7 @@ def count_skeletons() -> None:
     from slmcompress.models import load_model
     from slmcompress.recipe import load_recipe
     from slmcompress.runner import run_recipe
-    from slmcompress.streaming.engine import should_stream
+    from slmcompress.streaming import should_stream  # both sides of the issue #26 move
 
     callers: list[str] = []
     original = loader.build_skeleton

@@ -221,7 +221,8 @@ def bit_exact_small(work: Path) -> bool:
 
     from slmcompress.checkpoint import load_gptq_checkpoint
     from slmcompress.passes.gptq import GPTQConfig, GPTQPass
-    from slmcompress.streaming.engine import StreamingRun, StreamOptions
+    from slmcompress.streaming.budget import StreamOptions
+    from slmcompress.streaming.engine import StreamingRun
 
     torch.manual_seed(0)
     config = LlamaConfig(

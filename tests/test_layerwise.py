@@ -18,7 +18,8 @@ from slmcompress.layerwise import (
     layer_output,
     observe_inputs,
 )
-from slmcompress.streaming.engine import StreamingRun, StreamOptions
+from slmcompress.streaming.budget import StreamOptions
+from slmcompress.streaming.engine import StreamingRun
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 CPU = torch.device("cpu")

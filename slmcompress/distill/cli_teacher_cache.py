@@ -28,7 +28,7 @@ from slmcompress.models import (
     resolve_model_dir,
 )
 from slmcompress.remote_code import hf_kwargs
-from slmcompress.streaming.engine import machine_budget, should_stream
+from slmcompress.streaming.budget import machine_budget, should_stream
 from slmcompress.streaming.wiring import load_tokenizer
 
 log = logging.getLogger(__name__)

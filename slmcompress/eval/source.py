@@ -23,7 +23,7 @@ from slmcompress.model_sources import (
     resolve_model_dir,
 )
 from slmcompress.models import load_model
-from slmcompress.streaming.engine import machine_budget
+from slmcompress.streaming.budget import machine_budget
 
 
 def evaluate_source(

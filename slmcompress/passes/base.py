@@ -21,6 +21,7 @@ StageOutput = PreTrainedModel | WrittenCheckpoint
 
 if TYPE_CHECKING:
     from slmcompress.data import DataConfig
+    from slmcompress.streaming.loader import WeightSource
 
 
 class PassConfig(BaseModel):
@@ -108,11 +109,11 @@ class Context:
         return self.residency.unchanged(model)
 
     def rewrite(
-        self, build: Callable[[], PreTrainedModel], write: Callable[[Path, Path], Path]
+        self, build: Callable[[], PreTrainedModel], write: Callable[[WeightSource, Path], Path]
     ) -> StageOutput:
         """The output of a pass that makes a new model, as the stage's residency allows:
-        ``build()`` in memory, or ``write(input_dir, out_dir)`` tensor by tensor when streamed
-        (see :meth:`~slmcompress.streaming.residency.Residency.rewrite`)."""
+        ``build()`` in memory, or ``write(input_weights, out_dir)`` tensor by tensor when
+        streamed (see :meth:`~slmcompress.streaming.residency.Residency.rewrite`)."""
         return self.residency.rewrite(build, write, self.work_dir / "streamed-checkpoint")
 
     def layer_loop(

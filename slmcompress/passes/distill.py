@@ -48,7 +48,7 @@ from slmcompress.layerwise import decoder_layers
 from slmcompress.passes.base import Context, Pass, PassConfig
 from slmcompress.prune.planner import SOURCE_LAYERS_KEY
 from slmcompress.registry import register_pass
-from slmcompress.streaming.engine import machine_budget, resolve_budget
+from slmcompress.streaming.budget import machine_budget, resolve_budget
 
 
 class DistillConfig(PassConfig):
@@ -282,7 +282,7 @@ class DistillPass(Pass):
         """
         from slmcompress.distill.teacher_cache import build_streamed_teacher_cache
         from slmcompress.models import resolve_model_dir
-        from slmcompress.streaming.engine import should_stream
+        from slmcompress.streaming.budget import should_stream
         from slmcompress.streaming.wiring import load_tokenizer
 
         cfg: DistillConfig = self.config

@@ -23,7 +23,8 @@ from torch import nn
 
 from slmcompress.errors import PassError
 from slmcompress.layerwise import layer_output, to_device
-from slmcompress.streaming.engine import StreamingLayerStep, StreamingRun, StreamOptions
+from slmcompress.streaming.budget import StreamOptions
+from slmcompress.streaming.engine import StreamingLayerStep, StreamingRun
 from slmcompress.streaming.loader import StreamingModel, materialise, release
 
 #: (logits (r, V) float32, next-token targets (r,) with -1 where none) -> tensors per row

@@ -55,6 +55,11 @@ class WeightSource:
     def __contains__(self, name: str) -> bool:
         return name in self.entries
 
+    def resolve(self, name: str, fallback: dict[str, str] | None = None) -> str:
+        """The stored name of tensor ``name``, or of its ``fallback`` (a tied head's
+        embedding); a one-line error naming the checkpoint when neither is stored."""
+        return _resolve(name, self, fallback)
+
     def nbytes(self, prefix: str = "") -> int:
         """Bytes on disk of every tensor whose name starts with ``prefix``."""
         return sum(e.nbytes for n, e in self.entries.items() if n.startswith(prefix))

@@ -20,8 +20,9 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmcompress.layerwise import LayerLoop, MemoryLoop, WrittenCheckpoint
 from slmcompress.streaming.activations import OffloadMode
-from slmcompress.streaming.engine import StreamingRun, StreamOptions, should_stream
-from slmcompress.streaming.loader import StreamingModel, build_skeleton
+from slmcompress.streaming.budget import StreamOptions, should_stream
+from slmcompress.streaming.engine import StreamingRun
+from slmcompress.streaming.loader import StreamingModel, WeightSource, build_skeleton
 from slmcompress.streaming.wiring import load_tokenizer
 
 Mode = Literal["memory", "streamed", "report_only"]
@@ -89,17 +90,18 @@ class Residency:
     def rewrite(
         self,
         build: Callable[[], PreTrainedModel],
-        write: Callable[[Path, Path], Path],
+        write: Callable[[WeightSource, Path], Path],
         out_dir: Path,
     ) -> PreTrainedModel | WrittenCheckpoint:
         """The output of a pass that makes a new model from its input, the way residency allows.
 
-        In memory: ``build()``, the new model. Streamed: ``write(source, out_dir)`` writes the
-        new checkpoint tensor by tensor from the input's shards (nothing is loaded whole).
+        In memory: ``build()``, the new model. Streamed: ``write(weights, out_dir)`` writes
+        the new checkpoint tensor by tensor, reading the input's shards through ``weights``
+        (a :class:`~slmcompress.streaming.loader.WeightSource`; nothing is loaded whole).
         """
         if self.in_memory:
             return build()
-        return WrittenCheckpoint(write(Path(self.source), Path(out_dir)))
+        return WrittenCheckpoint(write(WeightSource(Path(self.source)), Path(out_dir)))
 
 
 @dataclass

@@ -10,7 +10,7 @@ import torch
 from slmcompress.data import EvalOptions, EvalSpec
 from slmcompress.eval.artifact import EvalBudget, evaluate_artifact, load_for_eval
 from slmcompress.eval.report import NOT_EVALUATED, build_report, write_report
-from slmcompress.streaming.engine import should_stream
+from slmcompress.streaming.budget import should_stream
 
 SPEC = EvalSpec(max_tokens=256, seq_len=64)
 OPTIONS = EvalOptions(tasks=[], speed=False)

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from slmcompress.checkpoint import load_checkpoint
 from slmcompress.recipe import load_recipe
 from slmcompress.runner import run_recipe
-from slmcompress.streaming.engine import should_stream
+from slmcompress.streaming.budget import should_stream
 
 PRUNE = {
     "type": "prune",
