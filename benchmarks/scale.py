@@ -320,7 +320,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     from transformers import AutoTokenizer
 
     from slmcompress.memory_model import parse_bytes
-    from slmcompress.models import builtin_model_dir
+    from slmcompress.model_sources import builtin_model_dir
     from slmcompress.streaming.loader import WeightSource
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

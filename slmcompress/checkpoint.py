@@ -27,13 +27,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from slmcompress.arch import replace_module  # noqa: F401 - re-exported
-from slmcompress.checkpoint_io import (  # noqa: F401 - read_metadata, METADATA_FILE: public here too
-    METADATA_FILE,
+from slmcompress.arch import replace_module
+from slmcompress.checkpoint_io import (
     new_metadata,
     parse_header,
     read_header,
-    read_metadata,
     write_metadata,
     write_quantize_config,
 )

@@ -8,12 +8,8 @@ from typing import Any
 
 from safetensors import safe_open
 
-from slmcompress.checkpoint import (
-    bytes_on_disk,
-    read_metadata,
-    safetensors_files,
-    validate_checkpoint,
-)
+from slmcompress.checkpoint import bytes_on_disk, safetensors_files, validate_checkpoint
+from slmcompress.checkpoint_io import read_metadata
 
 
 def inspect_checkpoint(directory: Path) -> dict[str, Any]:

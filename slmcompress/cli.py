@@ -433,7 +433,7 @@ def recipe_passes() -> None:
 @app.command()
 def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the built-in models (they load with no model hub)."""
-    from slmcompress.models import BUILTIN_MODELS
+    from slmcompress.model_sources import BUILTIN_MODELS
 
     if as_json:
         emit_json({k: v.description for k, v in BUILTIN_MODELS.items()})

@@ -19,17 +19,9 @@ from transformers import (
 )
 
 from slmcompress.errors import ModelSourceError, first_line
-from slmcompress.model_sources import (  # noqa: F401 - re-exported
-    BUILTIN_MODELS,
-    CACHE_ENV,
-    HUB_ID,
-    BuiltinModel,
-    _load_gguf,
-    builtin_gguf_path,
-    builtin_model_dir,
-    cache_dir,
+from slmcompress.model_sources import (
     check_model_source,
-    is_local_path,
+    load_gguf,
     resolve_device,
     resolve_dtype,
     resolve_model_dir,
@@ -69,7 +61,7 @@ def load_model(source: str, dtype: str = "auto", device: str = "auto") -> Loaded
         model, tokenizer = load_checkpoint(local_dir, dtype=torch_dtype)
     elif source.endswith(".gguf"):
         path = Path(source).expanduser()
-        model, tokenizer = _load_gguf(path, torch_dtype)
+        model, tokenizer = load_gguf(path, torch_dtype)
     else:
         model, tokenizer = _load_hub(source, torch_dtype)
     model.to(dev).eval()

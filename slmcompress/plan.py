@@ -148,7 +148,7 @@ def _model_config_source(model: str) -> str:
     """Published configs by name (built-in aliases too: no GGUF conversion just to plan)."""
     if model in PUBLISHED_CONFIGS:
         return model
-    from slmcompress.models import resolve_model_dir
+    from slmcompress.model_sources import resolve_model_dir
 
     directory = resolve_model_dir(model)
     if directory is None:

@@ -15,14 +15,14 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from slmcompress.data import (  # noqa: F401 - EvalOptions: re-exported
+from slmcompress.data import (
     DataConfig,
     EvalOptions,
     check_disjoint,
     check_spec,
 )
 from slmcompress.errors import ModelSourceError, RecipeError, SlmError
-from slmcompress.models import check_model_source, resolve_dtype
+from slmcompress.model_sources import check_model_source, resolve_dtype
 from slmcompress.passes import get_pass
 from slmcompress.passes.base import RUNTIME_FIELDS, Pass, PassConfig
 from slmcompress.remote_code import remote_code

@@ -53,7 +53,8 @@ from slmcompress.fsutil import (
     exclusive_lock,
 )
 from slmcompress.layerwise import WrittenCheckpoint
-from slmcompress.models import load_model, resolve_device, resolve_dtype
+from slmcompress.model_sources import resolve_device, resolve_dtype
+from slmcompress.models import load_model
 from slmcompress.passes import streamable_passes
 from slmcompress.passes.base import Context, Pass, StageOutput, StreamingOptions
 from slmcompress.recipe import ResolvedRecipe, Stage
@@ -373,7 +374,7 @@ class Runner:
         return report["metrics"]
 
     def _source_dir(self) -> Path | None:
-        from slmcompress.models import resolve_model_dir
+        from slmcompress.model_sources import resolve_model_dir
 
         try:
             return resolve_model_dir(self.recipe.model)

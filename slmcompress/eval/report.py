@@ -219,7 +219,7 @@ def build_report(
     extra: dict[str, Any] | None = None,
     not_evaluated: NotEvaluated | None = None,
 ) -> dict[str, Any]:
-    """Assemble ``report.json`` (the fixed schema of docs/architecture.md's stage reports)."""
+    """Assemble ``report.json`` (the fixed schema: README, "Output layout and formats")."""
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "stage": stage,

@@ -23,6 +23,7 @@ from pydantic import Field, model_validator
 from transformers import PreTrainedModel
 
 from slmcompress import dist
+from slmcompress.arch import decoder_layers
 from slmcompress.data import DataSpec, check_disjoint, eval_tokens, packed_sequences, spec_identity
 from slmcompress.distill.checkpointing import weights_digest
 from slmcompress.distill.distributed import (
@@ -44,7 +45,6 @@ from slmcompress.distill.trainer import TeacherFn, Trainer, TrainResult, TrainSe
 from slmcompress.errors import DataError, PassError
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.fsutil import atomic_write_json
-from slmcompress.layerwise import decoder_layers
 from slmcompress.passes.base import Context, Pass, PassConfig
 from slmcompress.prune.planner import SOURCE_LAYERS_KEY
 from slmcompress.registry import register_pass
@@ -281,7 +281,7 @@ class DistillPass(Pass):
         need the whole distribution or its hidden states are refused.
         """
         from slmcompress.distill.teacher_cache import build_streamed_teacher_cache
-        from slmcompress.models import resolve_model_dir
+        from slmcompress.model_sources import resolve_model_dir
         from slmcompress.streaming.budget import should_stream
         from slmcompress.streaming.wiring import load_tokenizer
 

@@ -146,7 +146,7 @@ class PruneConfig(StreamingOptions):
 
 def _config_if_cheap(source: str) -> PretrainedConfig | None:
     """The model's config when it is on disk already (no GGUF conversion, no hub)."""
-    from slmcompress.models import BUILTIN_MODELS, cache_dir
+    from slmcompress.model_sources import BUILTIN_MODELS, cache_dir
 
     directory = (
         cache_dir() / "models" / source if source in BUILTIN_MODELS else Path(source).expanduser()

@@ -26,18 +26,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from slmcompress.checkpoint_io import (  # noqa: F401 - re-exported for the streaming modules
-    DTYPES,
-    INDEX_FILE,
-    SINGLE_FILE,
-    TensorEntry,
-    parse_header,
-    read_header,
-    shard_entries,
-    shard_paths,
-)
+from slmcompress.arch import decoder_layers
+from slmcompress.checkpoint_io import DTYPES, TensorEntry, shard_entries, shard_paths
 from slmcompress.errors import CheckpointError
-from slmcompress.layerwise import decoder_layers
 from slmcompress.remote_code import check_local_code, hf_kwargs
 
 log = logging.getLogger(__name__)

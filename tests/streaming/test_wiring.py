@@ -131,7 +131,8 @@ def test_a_streamed_prune_ranks_depth_by_cosine_and_says_so():
 def test_recipe_with_streaming_gptq_runs_end_to_end(tmp_path, tiny_model_dir):
     from conftest import write_recipe
 
-    from slmcompress.checkpoint import load_checkpoint, read_metadata
+    from slmcompress.checkpoint import load_checkpoint
+    from slmcompress.checkpoint_io import read_metadata
     from slmcompress.recipe import load_recipe
     from slmcompress.runner import run_recipe
 
