@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -40,9 +40,7 @@ from slmcompress.fsutil import atomic_dir
 from slmcompress.quant.gptq_format import GPTQFormat, packed_shapes, parse_gptq_config
 from slmcompress.quant.quant_linear import QuantLinear
 from slmcompress.remote_code import check_local_code, hf_kwargs
-
-if TYPE_CHECKING:
-    from slmcompress.streaming.loader import StreamingModel
+from slmcompress.streaming.loader import StreamingModel
 
 log = logging.getLogger(__name__)
 
@@ -243,7 +241,6 @@ def load_gptq_checkpoint(
 
 def open_streaming_model(directory: Path, dtype: torch.dtype) -> StreamingModel:
     """A checkpoint (float or GPTQ) whose layers are read from disk one at a time."""
-    from slmcompress.streaming.loader import StreamingModel
 
     config = validate_checkpoint(directory)
     check_local_code(directory, "checkpoint")

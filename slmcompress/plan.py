@@ -25,7 +25,9 @@ from slmcompress.memory_model import (
     load_config,
     parse_bytes,
 )
+from slmcompress.model_sources import resolve_model_dir
 from slmcompress.passes.base import StreamingOptions
+from slmcompress.quant.convert import auto_group_size
 
 
 @dataclass
@@ -148,7 +150,6 @@ def _model_config_source(model: str) -> str:
     """Published configs by name (built-in aliases too: no GGUF conversion just to plan)."""
     if model in PUBLISHED_CONFIGS:
         return model
-    from slmcompress.model_sources import resolve_model_dir
 
     directory = resolve_model_dir(model)
     if directory is None:
@@ -173,7 +174,6 @@ def _group_size(value: int | str, arch: Arch) -> int:
     """The stage's group size, ``auto`` resolved as the pass will on this architecture."""
     if value != "auto":
         return value
-    from slmcompress.quant.convert import auto_group_size
 
     return auto_group_size(a for a, _ in arch.linears().values())
 

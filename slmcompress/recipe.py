@@ -22,6 +22,7 @@ from slmcompress.data import (
     check_spec,
 )
 from slmcompress.errors import ModelSourceError, RecipeError, SlmError
+from slmcompress.memory_model import parse_bytes
 from slmcompress.model_sources import check_model_source, resolve_dtype
 from slmcompress.passes import get_pass
 from slmcompress.passes.base import RUNTIME_FIELDS, Pass, PassConfig
@@ -51,8 +52,6 @@ class Recipe(BaseModel):
     @classmethod
     def _memory_size(cls, value: str | None) -> str | None:
         if value is not None:
-            from slmcompress.memory_model import parse_bytes
-
             try:
                 parse_bytes(value)
             except SlmError as exc:

@@ -53,7 +53,7 @@ from slmcompress.fsutil import (
     exclusive_lock,
 )
 from slmcompress.layerwise import WrittenCheckpoint
-from slmcompress.model_sources import resolve_device, resolve_dtype
+from slmcompress.model_sources import resolve_device, resolve_dtype, resolve_model_dir
 from slmcompress.models import load_model
 from slmcompress.passes import streamable_passes
 from slmcompress.passes.base import Context, Pass, StageOutput, StreamingOptions
@@ -374,7 +374,6 @@ class Runner:
         return report["metrics"]
 
     def _source_dir(self) -> Path | None:
-        from slmcompress.model_sources import resolve_model_dir
 
         try:
             return resolve_model_dir(self.recipe.model)

@@ -13,6 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from slmcompress.data import calibration_tokens
 from slmcompress.layerwise import LayerLoop, WrittenCheckpoint
 from slmcompress.streaming.residency import IN_MEMORY, Residency
 
@@ -94,7 +95,6 @@ class Context:
         self, n_samples: int | None = None, seq_len: int | None = None
     ) -> torch.Tensor:
         """Packed calibration token ids ``(n_samples, seq_len)`` from the recipe's data spec."""
-        from slmcompress.data import calibration_tokens
 
         spec = self.data.calibration
         n = n_samples or spec.n_samples

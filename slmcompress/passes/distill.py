@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 from transformers import PreTrainedModel
 
-from slmcompress import dist
+from slmcompress import dist, models
 from slmcompress.arch import decoder_layers
 from slmcompress.data import DataSpec, check_disjoint, eval_tokens, packed_sequences, spec_identity
 from slmcompress.distill.checkpointing import weights_digest
@@ -40,15 +40,21 @@ from slmcompress.distill.quantized import (
     TrainFloat,
     resolve_mode,
 )
-from slmcompress.distill.teacher_cache import TeacherCache, tokenizer_fingerprint
+from slmcompress.distill.teacher_cache import (
+    TeacherCache,
+    build_streamed_teacher_cache,
+    tokenizer_fingerprint,
+)
 from slmcompress.distill.trainer import TeacherFn, Trainer, TrainResult, TrainSettings, plot_history
 from slmcompress.errors import DataError, PassError
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.fsutil import atomic_write_json
+from slmcompress.model_sources import resolve_model_dir
 from slmcompress.passes.base import Context, Pass, PassConfig
 from slmcompress.prune.planner import SOURCE_LAYERS_KEY
 from slmcompress.registry import register_pass
-from slmcompress.streaming.budget import machine_budget, resolve_budget
+from slmcompress.streaming.budget import machine_budget, resolve_budget, should_stream
+from slmcompress.streaming.wiring import load_tokenizer
 
 
 class DistillConfig(PassConfig):
@@ -280,10 +286,6 @@ class DistillPass(Pass):
         training sequences. A cached teacher holds top-k logits only, so the options that
         need the whole distribution or its hidden states are refused.
         """
-        from slmcompress.distill.teacher_cache import build_streamed_teacher_cache
-        from slmcompress.model_sources import resolve_model_dir
-        from slmcompress.streaming.budget import should_stream
-        from slmcompress.streaming.wiring import load_tokenizer
 
         cfg: DistillConfig = self.config
         source = cfg.teacher or ctx.teacher or ctx.original_model
@@ -412,10 +414,8 @@ class DistillPass(Pass):
     def _load_teacher(
         self, source: str, student: PreTrainedModel, ctx: Context, where: str
     ) -> PreTrainedModel:
-        from slmcompress.models import load_model
-
         ctx.log.info("distill: loading teacher %s", source)
-        loaded = load_model(source, dtype=_dtype_name(ctx.dtype), device=str(ctx.device))
+        loaded = models.load_model(source, dtype=_dtype_name(ctx.dtype), device=str(ctx.device))
         field = f"{where}.teacher"
         if tokenizer_fingerprint(loaded.tokenizer) != tokenizer_fingerprint(ctx.tokenizer):
             raise PassError(

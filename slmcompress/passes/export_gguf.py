@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 from transformers import PreTrainedModel
 
+from slmcompress.data import eval_tokens
 from slmcompress.errors import PassError, RecipeError
+from slmcompress.export import llama_cpp_runtime
 from slmcompress.export.gguf_blocks import GPTQ_TRANSFER_TYPES, QK
 from slmcompress.export.gguf_writer import GgufOptions, export_gguf
 from slmcompress.passes.base import Context, Pass, PassConfig
@@ -90,8 +92,6 @@ class ExportGgufPass(Pass):
 
     def _deployment(self, target: Any, ctx: Context) -> dict[str, Any]:
         """The file in the runtime it ships to, on the same eval tokens as every report."""
-        from slmcompress.data import eval_tokens
-        from slmcompress.export import llama_cpp_runtime
 
         cfg: ExportGgufConfig = self.config
         if cfg.runtime_eval == "off" or not llama_cpp_runtime.available():

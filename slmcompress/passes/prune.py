@@ -22,6 +22,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from slmcompress.errors import PassError, RecipeError
 from slmcompress.eval.report import count_params
+from slmcompress.model_sources import BUILTIN_MODELS, cache_dir
 from slmcompress.passes.base import Context, Pass, PassConfig, StageOutput, StreamingOptions
 from slmcompress.prune.align import align_sizes
 from slmcompress.prune.importance import (
@@ -146,7 +147,6 @@ class PruneConfig(StreamingOptions):
 
 def _config_if_cheap(source: str) -> PretrainedConfig | None:
     """The model's config when it is on disk already (no GGUF conversion, no hub)."""
-    from slmcompress.model_sources import BUILTIN_MODELS, cache_dir
 
     directory = (
         cache_dir() / "models" / source if source in BUILTIN_MODELS else Path(source).expanduser()

@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from slmcompress.arch import LLAMA_LAYOUT, registered_family
 from slmcompress.errors import PassError
+from slmcompress.eval.report import count_params
 
 Axis = Literal["heads", "mlp", "hidden", "layers"]
 AXES: tuple[str, ...] = ("heads", "mlp", "hidden", "layers")
@@ -202,7 +203,6 @@ def check_config(config: PretrainedConfig, sizes: ArchSizes, where: str = "targe
 
 def param_counts(config: PretrainedConfig, sizes: ArchSizes) -> tuple[int, int]:
     """(total, non-embedding) parameters of the pruned architecture, counted on the meta device."""
-    from slmcompress.eval.report import count_params
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(pruned_config(config, sizes))
