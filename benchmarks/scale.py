@@ -122,10 +122,10 @@ def model_config(args: argparse.Namespace):
 
 
 def predict(config: dict, pass_name: str, args: argparse.Namespace) -> int:
-    from slmcompress.memory_model import PROFILES, Arch, estimate_calibration_pass, parse_bytes
+    from slmcompress.memory_model import PROFILES, ModelDims, estimate_calibration_pass, parse_bytes
 
     estimate = estimate_calibration_pass(
-        Arch.from_config(config),
+        ModelDims.from_config(config),
         pass_name,
         args.samples,
         args.seq_len,

@@ -108,12 +108,12 @@ def predictions(config: dict, args: argparse.Namespace) -> dict:
     from slmcompress.memory_model import (
         DEFAULT_MEMORY_FRACTION,
         PROFILES,
-        Arch,
+        ModelDims,
         estimate_streamed_forward,
         parse_bytes,
     )
 
-    arch = Arch.from_config(config)
+    arch = ModelDims.from_config(config)
     host = int(parse_bytes(args.max_memory) / DEFAULT_MEMORY_FRACTION)  # the runner's budget rule
     profile = PROFILES["cpu-2core"]
     cache = estimate_streamed_forward(

@@ -17,8 +17,8 @@ from slmcompress.memory_model import (
     PROFILES,
     PUBLISHED_CONFIGS,
     SLACK,
-    Arch,
     DeviceProfile,
+    ModelDims,
     estimate_calibration_pass,
     estimate_streamed_forward,
     format_bytes,
@@ -64,7 +64,7 @@ def plan_recipe(
         if isinstance(config, dict)
         else load_config(config or _model_config_source(resolved.recipe.model))
     )
-    arch = Arch.from_config(cfg)
+    arch = ModelDims.from_config(cfg)
     elem = _elem(resolved.recipe.dtype, profile)
     calib = resolved.recipe.data.calibration
     plans = []
@@ -95,7 +95,7 @@ def _streaming_options(config: Any) -> StreamingOptions:
     return StreamingOptions(type=config.type)
 
 
-def _over_budget(arch: Arch, elem: int, budget: str | None, profile: DeviceProfile) -> bool:
+def _over_budget(arch: ModelDims, elem: int, budget: str | None, profile: DeviceProfile) -> bool:
     """The runner's rule: the model at the compute dtype + runtime exceeds ``max_memory``."""
     limit = parse_bytes(budget) if budget else int(profile.host_memory * DEFAULT_MEMORY_FRACTION)
     return int(arch.params() * elem * SLACK) + BASE_RSS > limit
@@ -103,7 +103,7 @@ def _over_budget(arch: Arch, elem: int, budget: str | None, profile: DeviceProfi
 
 def _streamed_eval_plan(
     name: str,
-    arch: Arch,
+    arch: ModelDims,
     elem: int,
     evaluation: Any,
     profile: DeviceProfile,
@@ -170,7 +170,7 @@ def _budget(max_memory: str | None, profile: DeviceProfile) -> int | None:
     return min(int(parse_bytes(max_memory) / DEFAULT_MEMORY_FRACTION), profile.host_memory)
 
 
-def _group_size(value: int | str, arch: Arch) -> int:
+def _group_size(value: int | str, arch: ModelDims) -> int:
     """The stage's group size, ``auto`` resolved as the pass will on this architecture."""
     if value != "auto":
         return value
@@ -180,7 +180,7 @@ def _group_size(value: int | str, arch: Arch) -> int:
 
 def _plan_stage(
     stage: Any,
-    arch: Arch,
+    arch: ModelDims,
     elem: int,
     calib: Any,
     profile: DeviceProfile,
@@ -236,10 +236,10 @@ def _plan_stage(
 
 def _plan_distill(
     stage: Any,
-    arch: Arch,
+    arch: ModelDims,
     elem: int,
     profile: DeviceProfile,
-    teacher: Arch | None = None,
+    teacher: ModelDims | None = None,
     budget: str | None = None,
 ) -> StagePlan:
     """Student weights + fp32 grads + AdamW moments, the teacher, logits of one micro-batch.
@@ -297,7 +297,7 @@ def _plan_distill(
     return StagePlan(stage.name, "distill", False, host_peak, peak, disk, time_s, notes)
 
 
-def _after_stage(stage: Any, arch: Arch) -> Arch:
+def _after_stage(stage: Any, arch: ModelDims) -> ModelDims:
     """The architecture after a prune stage (target sizes), unchanged otherwise."""
     target = getattr(stage.config, "target", None)
     if stage.pass_cls.pass_type != "prune" or target is None:

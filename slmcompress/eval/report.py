@@ -23,7 +23,7 @@ from slmcompress.eval.speed import generation_speed
 from slmcompress.eval.tasks import run_tasks  # imports lm-eval itself, only when run
 from slmcompress.fsutil import atomic_write_text
 from slmcompress.kernels.dispatch import prepare_for_serving
-from slmcompress.memory_model import Arch
+from slmcompress.memory_model import ModelDims
 from slmcompress.quant.quant_linear import QuantLinear, cached_dequantization
 from slmcompress.streaming.loader import WeightSource
 
@@ -124,7 +124,7 @@ def summary_from_checkpoint(directory: Path) -> dict[str, Any]:
     For checkpoints too big for the memory budget (streamed stages, the 70B path).
     """
     cfg = json.loads((Path(directory) / "config.json").read_text())
-    arch = Arch.from_config(cfg)
+    arch = ModelDims.from_config(cfg)
     params = arch.params()
     qcfg = cfg.get("quantization_config")
     quant = None

@@ -34,7 +34,7 @@ from slmcompress.prune.importance import (
     random_importance,
 )
 from slmcompress.prune.planner import (
-    ArchSizes,
+    PruneSizes,
     check_config,
     param_counts,
     plan_keep,
@@ -98,11 +98,11 @@ class PruneConfig(StreamingOptions):
             raise ValueError("give exactly one of target or param_ratio")
         return self
 
-    def sizes(self, config: PretrainedConfig, where: str = "") -> ArchSizes:
+    def sizes(self, config: PretrainedConfig, where: str = "") -> PruneSizes:
         """Resolve the target against a model config (one-line PassError naming the field)."""
         return self.aligned_sizes(config, where)[0]
 
-    def aligned_sizes(self, config: PretrainedConfig, where: str = "") -> tuple[ArchSizes, Any]:
+    def aligned_sizes(self, config: PretrainedConfig, where: str = "") -> tuple[PruneSizes, Any]:
         """The resolved, aligned sizes and what alignment did (for the report)."""
         prefix = f"{where}." if where else ""
         if self.param_ratio is not None:
@@ -213,7 +213,7 @@ class PrunePass(Pass):
         return output
 
     def _importance(
-        self, model: PreTrainedModel, ctx: Context, current: ArchSizes, sizes: ArchSizes
+        self, model: PreTrainedModel, ctx: Context, current: PruneSizes, sizes: PruneSizes
     ) -> Importance:
         """Unit and layer scores; a streamed stage gets here only with what streams
         (:meth:`can_stream`, :meth:`for_streaming`)."""
@@ -251,8 +251,8 @@ def _drops_layers(config: PruneConfig) -> bool:
 
 def _summary(
     model: PreTrainedModel,
-    sizes: ArchSizes,
-    current: ArchSizes,
+    sizes: PruneSizes,
+    current: PruneSizes,
     layers: list[int],
     importance: Importance,
     seconds: float,

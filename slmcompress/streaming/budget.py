@@ -18,7 +18,7 @@ from slmcompress.memory_model import (
     BASE_RSS,
     DEFAULT_MEMORY_FRACTION,
     SLACK,
-    Arch,
+    ModelDims,
     format_bytes,
     load_config,
     parse_bytes,
@@ -85,7 +85,7 @@ def should_stream(
     if model_dir is None:
         return StreamDecision(False, 0, 0, "not a local safetensors directory; streaming needs one")
     try:
-        arch = Arch.from_config(load_config(model_dir))
+        arch = ModelDims.from_config(load_config(model_dir))
     except (KeyError, TypeError, ValueError):  # e.g. GPT-2 configs: not a layout we stream
         return StreamDecision(
             False, 0, 0, "architecture not understood by the planner; not streamed"

@@ -38,7 +38,7 @@ from slmcompress.layerwise import (
 from slmcompress.memory_model import (
     BASE_RSS,
     SLACK,
-    Arch,
+    ModelDims,
     capture_peak_bytes,
     format_bytes,
     layer_peak_bytes,
@@ -133,7 +133,7 @@ class StreamingRun:
     # ------------------------------------------------------------ budget
     def _check_budget(self) -> int:
         """Raise if one layer cannot fit; return the bytes left for activations in memory."""
-        arch = Arch.from_config(self.stream.config.to_dict())
+        arch = ModelDims.from_config(self.stream.config.to_dict())
         elem = torch.empty((), dtype=self.stream.dtype).element_size()
         seq_len = int(self.tokens.shape[1])
         batch_tokens = self.options.batch_size * seq_len

@@ -10,7 +10,7 @@ from transformers import AutoConfig, LlamaForCausalLM
 from slmcompress.errors import PassError
 from slmcompress.eval.report import count_params
 from slmcompress.prune.planner import (
-    ArchSizes,
+    PruneSizes,
     param_counts,
     resolve_target,
     select_heads,
@@ -19,7 +19,7 @@ from slmcompress.prune.planner import (
     sizes_of,
 )
 
-SMOL = ArchSizes(
+SMOL = PruneSizes(
     hidden_size=576,
     ffn_hidden_size=1536,
     num_attention_heads=9,
