@@ -105,7 +105,7 @@ def _tiny_model(directory: Path) -> Path:
 def _just_over_budget(model_dir: Path) -> str:
     """A host budget one byte below what the model needs in memory (a layer fits easily)."""
     try:
-        from slmcompress.streaming.engine import should_stream
+        from slmcompress.streaming.budget import should_stream
     except ImportError:  # moved by a refactor
         from slmcompress.streaming import should_stream
     return str(should_stream(model_dir, "1TB").model_bytes - 1)

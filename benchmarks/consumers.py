@@ -80,8 +80,8 @@ def build_checkpoint(row: tuple, work: Path, calib: tuple[int, int]) -> dict:
 
     from slmcompress.checkpoint import save_checkpoint
     from slmcompress.models import load_model
+    from slmcompress.passes import get_pass
     from slmcompress.passes.prune import PruneConfig, PrunePass
-    from slmcompress.registry import get_pass
 
     row_id, options, ffn = row
     loaded = load_model("smollm2-135m", dtype="float32", device="cpu")

@@ -116,9 +116,9 @@ def run_row(spec: dict, work: Path) -> dict:
     from slmcompress.data import CalibrationSpec, DataConfig
     from slmcompress.eval.perplexity import perplexity
     from slmcompress.models import load_model
+    from slmcompress.passes import get_pass
     from slmcompress.passes.base import Context
     from slmcompress.quant.quant_linear import cached_dequantization
-    from slmcompress.registry import get_pass
 
     torch.manual_seed(0)
     tokens = load_file(str(work / "tokens.safetensors"))
@@ -227,7 +227,7 @@ print("LLMC_RESULT " + json.dumps(dict(ppl=math.exp(nll / count), wall_s=wall, c
 
 def run_llmc(python: str, work: Path, group: int, timeout: int, hellaswag_limit: int) -> dict:
     """llm-compressor's GPTQModifier (W4A16 asym) in its own interpreter, same tokens."""
-    from slmcompress.models import builtin_model_dir
+    from slmcompress.model_sources import builtin_model_dir
 
     script = work / "llmc_child.py"
     script.write_text(LLMC_CHILD)

@@ -122,10 +122,10 @@ def model_config(args: argparse.Namespace):
 
 
 def predict(config: dict, pass_name: str, args: argparse.Namespace) -> int:
-    from slmcompress.memory_model import PROFILES, Arch, estimate_calibration_pass, parse_bytes
+    from slmcompress.memory_model import PROFILES, ModelDims, estimate_calibration_pass, parse_bytes
 
     estimate = estimate_calibration_pass(
-        Arch.from_config(config),
+        ModelDims.from_config(config),
         pass_name,
         args.samples,
         args.seq_len,
@@ -221,7 +221,8 @@ def bit_exact_small(work: Path) -> bool:
 
     from slmcompress.checkpoint import load_gptq_checkpoint
     from slmcompress.passes.gptq import GPTQConfig, GPTQPass
-    from slmcompress.streaming.engine import StreamingRun, StreamOptions
+    from slmcompress.streaming.budget import StreamOptions
+    from slmcompress.streaming.engine import StreamingRun
 
     torch.manual_seed(0)
     config = LlamaConfig(
@@ -319,7 +320,7 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     from transformers import AutoTokenizer
 
     from slmcompress.memory_model import parse_bytes
-    from slmcompress.models import builtin_model_dir
+    from slmcompress.model_sources import builtin_model_dir
     from slmcompress.streaming.loader import WeightSource
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

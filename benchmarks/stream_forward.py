@@ -108,12 +108,12 @@ def predictions(config: dict, args: argparse.Namespace) -> dict:
     from slmcompress.memory_model import (
         DEFAULT_MEMORY_FRACTION,
         PROFILES,
-        Arch,
+        ModelDims,
         estimate_streamed_forward,
         parse_bytes,
     )
 
-    arch = Arch.from_config(config)
+    arch = ModelDims.from_config(config)
     host = int(parse_bytes(args.max_memory) / DEFAULT_MEMORY_FRACTION)  # the runner's budget rule
     profile = PROFILES["cpu-2core"]
     cache = estimate_streamed_forward(
@@ -130,7 +130,7 @@ def capped(args: argparse.Namespace, work: Path) -> dict:
     from transformers import AutoTokenizer
 
     from slmcompress.memory_model import parse_bytes
-    from slmcompress.models import builtin_model_dir
+    from slmcompress.model_sources import builtin_model_dir
     from slmcompress.streaming.loader import WeightSource
 
     config = model_config(args)  # the scale benchmark's random Llama
@@ -205,7 +205,8 @@ def smollm2(work: Path) -> dict:
     from slmcompress.distill.cli_teacher_cache import teacher_cache_command
     from slmcompress.eval.perplexity import perplexity
     from slmcompress.eval.streamed import streamed_perplexity
-    from slmcompress.models import load_model, resolve_model_dir
+    from slmcompress.model_sources import resolve_model_dir
+    from slmcompress.models import load_model
     from slmcompress.recipe import load_recipe
     from slmcompress.runner import run_recipe
 

@@ -59,7 +59,10 @@ AXIS_KEYS: Mapping[str, str] = MappingProxyType(
 class Family:
     """Where one decoder family keeps the tensors compression passes read or slice.
 
-    Module paths are relative to one decoder layer.
+    Module paths are relative to one decoder layer. The *layout* of a family, no sizes: the
+    three architecture types are named by role -- this one (where tensors live),
+    :class:`~slmcompress.memory_model.ModelDims` (the numbers cost is computed from) and
+    :class:`~slmcompress.prune.planner.PruneSizes` (the sizes a prune keeps).
     """
 
     name: str
@@ -168,6 +171,12 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     raise PassError(f"model: cannot find the decoder layers of {type(model).__name__}")
 
 
+def layers_prefix(model: nn.Module) -> str:
+    """Dotted name of the decoder-layer ModuleList (``model.layers`` for Llama)."""
+    layers = decoder_layers(model)
+    return next(name for name, module in model.named_modules() if module is layers)
+
+
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> None:
     """Replace the submodule at dotted path ``name``."""
     parent_name, _, child = name.rpartition(".")
@@ -227,7 +236,7 @@ def _uncovered(layer: nn.Module, family: Family) -> list[str]:
 
 # ---------------------------------------------------------------- sizes of the parts
 def part_rows(config: Any, sizes: Any = None) -> dict[str, int]:
-    """Output rows of every logical part, from an ArchSizes-like object or the config."""
+    """Output rows of every logical part, from a :class:`~slmcompress.prune.planner.PruneSizes`-like object or the config."""
     heads = getattr(sizes, "num_attention_heads", None) or config.num_attention_heads
     kv = getattr(sizes, "num_key_value_heads", None) or (
         getattr(config, "num_key_value_heads", None) or heads

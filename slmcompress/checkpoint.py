@@ -13,7 +13,7 @@ import json
 import logging
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -28,13 +28,11 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from slmcompress.arch import replace_module  # noqa: F401 - re-exported
-from slmcompress.checkpoint_io import (  # noqa: F401 - read_metadata, METADATA_FILE: public here too
-    METADATA_FILE,
+from slmcompress.arch import replace_module
+from slmcompress.checkpoint_io import (
     new_metadata,
     parse_header,
     read_header,
-    read_metadata,
     write_metadata,
     write_quantize_config,
 )
@@ -48,9 +46,7 @@ from slmcompress.quant.gptq_format import (
 )
 from slmcompress.quant.quant_linear import QuantLinear
 from slmcompress.remote_code import check_local_code, hf_kwargs
-
-if TYPE_CHECKING:
-    from slmcompress.streaming.loader import StreamingModel
+from slmcompress.streaming.loader import StreamingModel
 
 log = logging.getLogger(__name__)
 
@@ -259,7 +255,6 @@ def load_gptq_checkpoint(
 
 def open_streaming_model(directory: Path, dtype: torch.dtype) -> StreamingModel:
     """A checkpoint (float or GPTQ) whose layers are read from disk one at a time."""
-    from slmcompress.streaming.loader import StreamingModel
 
     config = validate_checkpoint(directory)
     check_local_code(directory, "checkpoint")

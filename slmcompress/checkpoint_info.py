@@ -7,14 +7,12 @@ from typing import Any
 
 from safetensors import safe_open
 
-from slmcompress.checkpoint import (
-    bytes_on_disk,
-    read_metadata,
-    safetensors_files,
-    validate_checkpoint,
-)
+from slmcompress.checkpoint import bytes_on_disk, safetensors_files, validate_checkpoint
+from slmcompress.checkpoint_io import read_metadata
 from slmcompress.errors import CheckpointError
 from slmcompress.fsutil import read_json_file
+from slmcompress.kernels.dispatch import backend_for_layer
+from slmcompress.quant.qparams import default_g_idx
 
 
 def inspect_checkpoint(directory: Path) -> dict[str, Any]:
@@ -74,8 +72,6 @@ def _describe_quant(qcfg: dict[str, Any]) -> str:
 
 def _scan_tensors(directory: Path, qcfg: dict[str, Any]) -> tuple[int, list[dict[str, Any]]]:
     """Logical parameter count (packed weights counted as in*out) and the quantized layers."""
-    from slmcompress.kernels.dispatch import backend_for_layer
-    from slmcompress.quant.qparams import default_g_idx
 
     bits = qcfg.get("bits")
     params, layers = 0, []

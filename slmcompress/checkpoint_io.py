@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from slmcompress.errors import CheckpointError
+from slmcompress.fsutil import atomic_write_text
 from slmcompress.versions import versions
 
 METADATA_FILE = "slmcompress.json"
@@ -130,8 +131,6 @@ def write_metadata(directory: Path, meta: dict[str, Any], atomic: bool = False) 
     path = Path(directory) / METADATA_FILE
     text = json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
     if atomic:
-        from slmcompress.fsutil import atomic_write_text
-
         atomic_write_text(path, text)
     else:
         path.unlink(missing_ok=True)  # may be a hard link to the input checkpoint's file

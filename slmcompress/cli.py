@@ -465,7 +465,7 @@ def recipe_validate(
 @recipe_app.command("passes")
 def recipe_passes() -> None:
     """List the registered pass types and their methods."""
-    from slmcompress.registry import methods_of, pass_types
+    from slmcompress.passes import methods_of, pass_types
 
     for type_ in pass_types():
         methods = methods_of(type_)
@@ -475,7 +475,7 @@ def recipe_passes() -> None:
 @app.command()
 def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the built-in models (they load with no model hub)."""
-    from slmcompress.models import BUILTIN_MODELS
+    from slmcompress.model_sources import BUILTIN_MODELS
 
     if as_json:
         emit_json({k: v.description for k, v in BUILTIN_MODELS.items()})

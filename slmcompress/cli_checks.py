@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import ValidationError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from slmcompress.data import EvalSpec
+from slmcompress.data import EvalOptions, EvalSpec
 from slmcompress.errors import SlmError
 
 #: internal field -> the eval command's option
@@ -27,7 +27,6 @@ _EVAL_OPTIONS = {
 
 def eval_inputs(tasks: str, limit: int, ppl_tokens: int, seq_len: int, speed: bool):
     """The eval command's options as ``(EvalSpec, EvalOptions)``; errors name the option."""
-    from slmcompress.data import EvalOptions
 
     try:
         options = EvalOptions(tasks=[t for t in tasks.split(",") if t], limit=limit, speed=speed)

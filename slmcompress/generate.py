@@ -9,7 +9,6 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmcompress.eval.speed import TokenClock
-from slmcompress.kernels.dispatch import prepare_for_serving  # noqa: F401 - re-exported
 
 
 @dataclass(frozen=True)

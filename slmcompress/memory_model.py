@@ -128,8 +128,15 @@ def format_bytes(n: float) -> str:
 
 # ---------------------------------------------------------------- architecture
 @dataclass(frozen=True)
-class Arch:
-    """The few config numbers memory depends on."""
+class ModelDims:
+    """The config numbers parameter counts, memory and time are computed from.
+
+    Read from a ``config.json`` dict (no transformers config, no weights), so the planner,
+    the streaming budget and checkpoint summaries can size a model they never build. Not
+    :class:`~slmcompress.prune.planner.PruneSizes`, the axes a prune changes (validated
+    against a transformers config, named like the prune targets), nor
+    :class:`~slmcompress.arch.Family`, where a family's tensors live.
+    """
 
     hidden: int
     inter: int
@@ -141,7 +148,7 @@ class Arch:
     tied: bool
 
     @classmethod
-    def from_config(cls, cfg: dict[str, Any]) -> Arch:
+    def from_config(cls, cfg: dict[str, Any]) -> ModelDims:
         heads = int(cfg["num_attention_heads"])
         hidden = int(cfg["hidden_size"])
         return cls(
@@ -206,7 +213,7 @@ def load_config(source: str | Path) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------- working sets
-def batch_forward_bytes(arch: Arch, batch_tokens: int, seq_len: int, elem: int) -> int:
+def batch_forward_bytes(arch: ModelDims, batch_tokens: int, seq_len: int, elem: int) -> int:
     """Transient memory of one decoder-layer forward on one calibration batch.
 
     Hidden states, q/k/v, attention output, the MLP's gate/up/act products, and the
@@ -225,7 +232,7 @@ GPTQ_WEIGHT_COPIES = 10
 GPTQ_HESSIAN_COPIES = 4
 
 
-def gptq_groups(arch: Arch) -> list[tuple[int, int]]:
+def gptq_groups(arch: ModelDims) -> list[tuple[int, int]]:
     """(in, stacked out) of each GPTQ solve: q/k/v, o, gate/up, down."""
     q, kv = arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     return [
@@ -236,7 +243,7 @@ def gptq_groups(arch: Arch) -> list[tuple[int, int]]:
     ]
 
 
-def pass_state_bytes(arch: Arch, pass_name: str, elem: int) -> int:
+def pass_state_bytes(arch: ModelDims, pass_name: str, elem: int) -> int:
     """Per-layer state of the pass: GPTQ Hessians + its solver's largest working set."""
     if pass_name == "gptq":
         hessians = sum(4 * n * n for n in arch.input_groups())
@@ -250,7 +257,9 @@ def pass_state_bytes(arch: Arch, pass_name: str, elem: int) -> int:
     return 0
 
 
-def layer_peak_bytes(arch: Arch, elem: int, batch_tokens: int, seq_len: int, pass_name: str) -> int:
+def layer_peak_bytes(
+    arch: ModelDims, elem: int, batch_tokens: int, seq_len: int, pass_name: str
+) -> int:
     """Smallest working set of one streamed layer: weights + one batch in/out + pass state."""
     weights = arch.layer_params() * elem
     # a quantized layer's float weights are replaced one linear at a time: +1 packed copy
@@ -264,12 +273,12 @@ def layer_peak_bytes(arch: Arch, elem: int, batch_tokens: int, seq_len: int, pas
     )
 
 
-def capture_peak_bytes(arch: Arch, elem: int, batch_tokens: int) -> int:
+def capture_peak_bytes(arch: ModelDims, elem: int, batch_tokens: int) -> int:
     """Capturing layer 0's inputs: the embedding matrix + one batch of hidden states."""
     return arch.embed_params() * elem + 2 * batch_tokens * arch.hidden * elem
 
 
-def activation_bytes(arch: Arch, tokens: int, elem: int) -> int:
+def activation_bytes(arch: ModelDims, tokens: int, elem: int) -> int:
     """One layer boundary of calibration activations (hidden states of every token)."""
     return tokens * arch.hidden * elem
 
@@ -301,7 +310,7 @@ def streamed_host(host_budget: int, host_work: int, acts: int) -> tuple[int, str
 
 
 def estimate_calibration_pass(
-    arch: Arch,
+    arch: ModelDims,
     pass_name: str,
     n_samples: int,
     seq_len: int,
@@ -366,7 +375,7 @@ def compute_bound_tokens(elem: int, profile: DeviceProfile) -> int:
 
 
 def estimate_streamed_forward(
-    arch: Arch,
+    arch: ModelDims,
     n_sequences: int,
     seq_len: int,
     batch_size: int,
@@ -419,7 +428,7 @@ def estimate_streamed_forward(
 
 
 def output_bytes(
-    arch: Arch, pass_name: str, elem: int, bits: int = 4, group_size: int = 128
+    arch: ModelDims, pass_name: str, elem: int, bits: int = 4, group_size: int = 128
 ) -> int:
     """Checkpoint size the pass writes (GPTQ: packed linears + fp16 scales; scores: ~0)."""
     if pass_name != "gptq":
@@ -433,7 +442,7 @@ def output_bytes(
 
 
 def calibration_time(
-    arch: Arch,
+    arch: ModelDims,
     pass_name: str,
     tokens: int,
     seq_len: int,

@@ -203,14 +203,14 @@ def builtin_model_dir(alias: str) -> Path:
         return target
     gguf_path = builtin_gguf_path(alias)
     log.info("converting %s to a Hugging Face checkpoint in %s (once)", gguf_path.name, target)
-    model, tokenizer = _load_gguf(gguf_path, torch.float32)
+    model, tokenizer = load_gguf(gguf_path, torch.float32)
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
     return target
 
 
-def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a GGUF file (dequantized) with transformers; drop its quantization_config."""
     try:
         tokenizer = AutoTokenizer.from_pretrained(

@@ -18,18 +18,12 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from slmcompress.checkpoint import load_checkpoint
 from slmcompress.errors import ModelSourceError, first_line
-from slmcompress.model_sources import (  # noqa: F401 - re-exported
-    BUILTIN_MODELS,
-    CACHE_ENV,
-    HUB_ID,
-    BuiltinModel,
-    _load_gguf,
-    builtin_gguf_path,
-    builtin_model_dir,
-    cache_dir,
+from slmcompress.kernels.dispatch import prepare_for_serving
+from slmcompress.model_sources import (
     check_model_source,
-    is_local_path,
+    load_gguf,
     resolve_device,
     resolve_dtype,
     resolve_model_dir,
@@ -64,18 +58,14 @@ def load_model(source: str, dtype: str = "auto", device: str = "auto") -> Loaded
     torch_dtype = resolve_dtype(dtype, dev)
     local_dir = resolve_model_dir(source)
     if local_dir is not None:
-        from slmcompress.checkpoint import load_checkpoint
-
         model, tokenizer = load_checkpoint(local_dir, dtype=torch_dtype)
     elif source.endswith(".gguf"):
         path = Path(source).expanduser()
-        model, tokenizer = _load_gguf(path, torch_dtype)
+        model, tokenizer = load_gguf(path, torch_dtype)
     else:
         model, tokenizer = _load_hub(source, torch_dtype)
     model.to(dev).eval()
     if getattr(model.config, "quantization_config", None):
-        from slmcompress.kernels.dispatch import prepare_for_serving
-
         prepare_for_serving(model)  # GPTQ layers onto their kernel (int4 CPU / Triton)
     return LoadedModel(model=model, tokenizer=tokenizer, source=source, local_dir=local_dir)
 

@@ -17,15 +17,17 @@ from slmcompress.memory_model import (
     PROFILES,
     PUBLISHED_CONFIGS,
     SLACK,
-    Arch,
     DeviceProfile,
+    ModelDims,
     estimate_calibration_pass,
     estimate_streamed_forward,
     format_bytes,
     load_config,
     parse_bytes,
 )
+from slmcompress.model_sources import resolve_model_dir
 from slmcompress.passes.base import StreamingOptions
+from slmcompress.quant.convert import auto_group_size
 
 
 @dataclass
@@ -87,10 +89,10 @@ def plan_recipe(
     return plans
 
 
-def _arch(cfg: dict[str, Any], where: str, source: Any) -> Arch:
+def _arch(cfg: dict[str, Any], where: str, source: Any) -> ModelDims:
     """The planner's numbers from a config; a missing or non-numeric key is one line naming it."""
     try:
-        arch = Arch.from_config(cfg)
+        arch = ModelDims.from_config(cfg)
     except KeyError as exc:
         raise RecipeError(
             f"{where}: {source}: has no {exc.args[0]!r} (not a decoder config)"
@@ -118,7 +120,7 @@ def _streaming_options(config: Any) -> StreamingOptions:
     return StreamingOptions(type=config.type)
 
 
-def _over_budget(arch: Arch, elem: int, budget: str | None, profile: DeviceProfile) -> bool:
+def _over_budget(arch: ModelDims, elem: int, budget: str | None, profile: DeviceProfile) -> bool:
     """The runner's rule: the model at the compute dtype + runtime exceeds ``max_memory``."""
     limit = parse_bytes(budget) if budget else int(profile.host_memory * DEFAULT_MEMORY_FRACTION)
     return int(arch.params() * elem * SLACK) + BASE_RSS > limit
@@ -126,7 +128,7 @@ def _over_budget(arch: Arch, elem: int, budget: str | None, profile: DeviceProfi
 
 def _streamed_eval_plan(
     name: str,
-    arch: Arch,
+    arch: ModelDims,
     elem: int,
     evaluation: Any,
     profile: DeviceProfile,
@@ -173,7 +175,6 @@ def _model_config_source(model: str) -> str:
     """Published configs by name (built-in aliases too: no GGUF conversion just to plan)."""
     if model in PUBLISHED_CONFIGS:
         return model
-    from slmcompress.models import resolve_model_dir
 
     directory = resolve_model_dir(model)
     if directory is None:
@@ -194,18 +195,17 @@ def _budget(max_memory: str | None, profile: DeviceProfile) -> int | None:
     return min(int(parse_bytes(max_memory) / DEFAULT_MEMORY_FRACTION), profile.host_memory)
 
 
-def _group_size(value: int | str, arch: Arch) -> int:
+def _group_size(value: int | str, arch: ModelDims) -> int:
     """The stage's group size, ``auto`` resolved as the pass will on this architecture."""
     if value != "auto":
         return value
-    from slmcompress.quant.convert import auto_group_size
 
     return auto_group_size(a for a, _ in arch.linears().values())
 
 
 def _plan_stage(
     stage: Any,
-    arch: Arch,
+    arch: ModelDims,
     elem: int,
     calib: Any,
     profile: DeviceProfile,
@@ -261,10 +261,10 @@ def _plan_stage(
 
 def _plan_distill(
     stage: Any,
-    arch: Arch,
+    arch: ModelDims,
     elem: int,
     profile: DeviceProfile,
-    teacher: Arch | None = None,
+    teacher: ModelDims | None = None,
     budget: str | None = None,
 ) -> StagePlan:
     """Student weights + fp32 grads + AdamW moments, the teacher, logits of one micro-batch.
@@ -322,7 +322,7 @@ def _plan_distill(
     return StagePlan(stage.name, "distill", False, host_peak, peak, disk, time_s, notes)
 
 
-def _after_stage(stage: Any, arch: Arch) -> Arch:
+def _after_stage(stage: Any, arch: ModelDims) -> ModelDims:
     """The architecture after a prune stage (target sizes), unchanged otherwise."""
     target = getattr(stage.config, "target", None)
     if stage.pass_cls.pass_type != "prune" or target is None:

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from slmcompress.data import (  # noqa: F401 - EvalOptions: re-exported
+from slmcompress.data import (
     DataConfig,
     EvalOptions,
     check_disjoint,
@@ -24,9 +24,10 @@ from slmcompress.data import (  # noqa: F401 - EvalOptions: re-exported
 )
 from slmcompress.errors import ModelSourceError, RecipeError, SlmError, one_line
 from slmcompress.fsutil import regular_file_problem
-from slmcompress.models import check_model_source, resolve_dtype
+from slmcompress.memory_model import parse_bytes
+from slmcompress.model_sources import check_model_source, resolve_dtype
+from slmcompress.passes import get_pass
 from slmcompress.passes.base import RUNTIME_FIELDS, Pass, PassConfig
-from slmcompress.registry import get_pass
 from slmcompress.remote_code import RECIPE_OPT_IN, remote_code
 
 
@@ -53,8 +54,6 @@ class Recipe(BaseModel):
     @classmethod
     def _memory_size(cls, value: str | None) -> str | None:
         if value is not None:
-            from slmcompress.memory_model import parse_bytes
-
             try:
                 parse_bytes(value)
             except SlmError as exc:

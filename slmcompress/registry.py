@@ -1,14 +1,16 @@
-"""Explicit pass registry: YAML ``type`` (+ ``method``) -> Pass class.
+"""The pass registry: YAML ``type`` (+ ``method``) -> Pass class, filled by a decorator.
 
-Adding a pass = one module under ``slmcompress/passes/`` decorated with
-:func:`register_pass` + one import line in ``slmcompress/passes/__init__.py``.
+Nothing here imports a pass. The built-in passes register when :mod:`slmcompress.passes`
+imports them (the one import site), and the lookups live there, so whoever looks a pass
+up has them all. Adding a pass = one module under ``slmcompress/passes/`` decorated with
+:func:`register_pass` + its name in ``slmcompress/passes/__init__.py``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from types import MappingProxyType
 from typing import TYPE_CHECKING
-
-from slmcompress.errors import RecipeError
 
 if TYPE_CHECKING:
     from slmcompress.passes.base import Pass
@@ -30,47 +32,6 @@ def register_pass(type_: str, method: str | None = None):
     return decorate
 
 
-def _load_builtin_passes() -> None:
-    import slmcompress.passes  # noqa: F401  (registers the built-in passes)
-
-
-def pass_types() -> list[str]:
-    """All registered ``type`` values."""
-    _load_builtin_passes()
-    return sorted({t for t, _ in _REGISTRY})
-
-
-def methods_of(type_: str) -> list[str]:
-    """Registered methods of a type (empty when the type takes no method key)."""
-    _load_builtin_passes()
-    return sorted(m for t, m in _REGISTRY if t == type_ and m is not None)
-
-
-def streamable_passes() -> list[str]:
-    """What the passes that can stream are called in messages (``quantize.gptq``, ``prune ...``)."""
-    _load_builtin_passes()
-    names = [
-        (t + (f".{m}" if m else ""), cls.streaming_note)
-        for (t, m), cls in _REGISTRY.items()
-        if cls.supports_streaming
-    ]
-    return [name + note for name, note in sorted(names, reverse=True)]
-
-
-def get_pass(type_: str, method: str | None, where: str = "stage") -> type[Pass]:
-    """Look up a pass class; unknown names list the valid ones in the error."""
-    _load_builtin_passes()
-    if (type_, None) in _REGISTRY:
-        return _REGISTRY[(type_, None)]
-    methods = methods_of(type_)
-    if not methods:
-        raise RecipeError(
-            f"{where}.type: unknown pass type {type_!r}; valid: {', '.join(pass_types())}"
-        )
-    if method is None:
-        raise RecipeError(f"{where}.method: {type_} needs a method; one of {', '.join(methods)}")
-    if (type_, method) not in _REGISTRY:
-        raise RecipeError(
-            f"{where}.method: unknown {type_} method {method!r}; valid: {', '.join(methods)}"
-        )
-    return _REGISTRY[(type_, method)]
+def registered() -> Mapping[tuple[str, str | None], type[Pass]]:
+    """Every registered pass by ``(type, method)`` (read-only)."""
+    return MappingProxyType(_REGISTRY)

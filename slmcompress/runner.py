@@ -15,12 +15,11 @@ are written, so "exists with a matching hash" means "complete". Resume = skip th
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,16 +29,16 @@ from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmcompress import dist
-from slmcompress.checkpoint import load_checkpoint, write_checkpoint_into
+from slmcompress.checkpoint import write_checkpoint_into
 from slmcompress.checkpoint_io import read_metadata, write_metadata
-from slmcompress.errors import PassError, RecipeError, SlmError, first_line, one_line
+from slmcompress.errors import RecipeError, SlmError, first_line, one_line
+from slmcompress.eval.artifact import EvalBudget, Evaluation, evaluate_artifact, load_for_eval
 from slmcompress.eval.report import (
     build_report,
-    evaluate,
-    model_summary,
-    render_report_md,
+    previous_warnings,
     render_summary_md,
-    summary_from_checkpoint,
+    skipped_for_budget,
+    write_report,
 )
 from slmcompress.fsutil import (
     LOCK_FILE,
@@ -58,15 +57,15 @@ from slmcompress.fsutil import (
     safe_rmtree,
 )
 from slmcompress.layerwise import WrittenCheckpoint
-from slmcompress.models import load_model, resolve_device, resolve_dtype
-from slmcompress.passes.base import Context, StageOutput, StreamingOptions
+from slmcompress.model_sources import resolve_device, resolve_dtype, resolve_model_dir
+from slmcompress.models import load_model
+from slmcompress.passes import streamable_passes
+from slmcompress.passes.base import Context, Pass, StageOutput, StreamingOptions
 from slmcompress.recipe import ResolvedRecipe, Stage
-from slmcompress.registry import streamable_passes
 from slmcompress.remote_code import RECIPE_OPT_IN, remote_code
-from slmcompress.streaming.engine import machine_budget, should_stream
-from slmcompress.streaming.loader import build_skeleton
-from slmcompress.streaming.residency import IN_MEMORY, Residency
-from slmcompress.streaming.wiring import load_tokenizer, move_streamed_checkpoint
+from slmcompress.streaming.budget import machine_budget, should_stream
+from slmcompress.streaming.residency import Residency, StageInput
+from slmcompress.streaming.wiring import move_streamed_checkpoint
 from slmcompress.versions import versions
 
 log = logging.getLogger(__name__)
@@ -287,38 +286,39 @@ class Runner:
         return self._model, self._tokenizer
 
     def _load(self, directory: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-        """A written checkpoint, on the device; on CUDA its GPTQ layers on the Triton kernel,
-        so reports measure the served path (CPU keeps the torch reference, as before)."""
-        model, tokenizer = load_checkpoint(directory, dtype=self.dtype)
-        model.to(self.device).eval()
-        if self.device.type == "cuda":
-            from slmcompress.kernels.dispatch import prepare_for_serving
-
-            prepare_for_serving(model)
-        return model, tokenizer
+        """A written checkpoint on the device, as evaluation loads it (the served path on CUDA)."""
+        return load_for_eval(directory, self.device, self.dtype)
 
     def _input_dir(self) -> Path | None:
         """The checkpoint directory the next stage starts from, if it is a local one."""
         return self._model_dir or self._source_dir()
 
-    def _over_budget(self, directory: Path | None, max_memory: str | None = None) -> str | None:
-        """Why a checkpoint must not be loaded whole (it exceeds the budget), else ``None``."""
-        if directory is None:
-            return None
-        decision = should_stream(directory, max_memory or self.budget, self.dtype)
-        if not decision.stream:
-            return None
-        return f"{decision.reason}; raise max_memory to evaluate it"
+    def _evaluate(
+        self, artifact: PreTrainedModel | Path, work_dir: Path, **kwargs: Any
+    ) -> Evaluation | None:
+        """:func:`~slmcompress.eval.artifact.evaluate_artifact` with the recipe's eval and budget."""
+        budget = EvalBudget(self.budget, self.device, self.dtype, work_dir)
+        return evaluate_artifact(
+            artifact, self.recipe.data.eval, self.recipe.eval, budget, **kwargs
+        )
 
-    def _stage_input(
-        self, stage: Stage
-    ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, Residency]:
+    def _evaluate_current(self, work_dir: Path, stream: bool = True) -> Evaluation | None:
+        """Evaluate the model the next stage starts from (kept in memory once loaded)."""
+        directory = self._input_dir()
+        if self._model is None and directory is not None:  # loaded only if it fits
+            return self._evaluate(
+                directory, work_dir, load=lambda _dir: self._ensure_model(), stream=stream
+            )
+        model, tokenizer = self._ensure_model()
+        return self._evaluate(model, work_dir, tokenizer=tokenizer)
+
+    def _stage_input(self, stage: Stage) -> StageInput:
         """The model a stage runs on and how it is held: the one residency decision.
 
         A pass that can stream (``Pass.can_stream``) gets a weightless skeleton when the
         model is over the memory budget or the stage says ``streaming: true``; any other pass
-        needs the model in memory and refuses one over the budget, unless it changes nothing
-        (an eval stage: the skeleton is reported on by a streamed perplexity).
+        that reads the weights (``Pass.needs_weights``) refuses a model over the budget up
+        front, and one that does not (an eval stage) gets the skeleton to report on.
         """
         cfg = stage.config
         options = cfg if isinstance(cfg, StreamingOptions) else None
@@ -326,34 +326,33 @@ class Runner:
         flag = options.streaming if options else None
         stage_budget = options.max_memory if options else None
         if self._model is not None and flag is not True and not (stage_budget and streamable):
-            return self._model, self._tokenizer, IN_MEMORY
+            return StageInput(self._model, self._tokenizer)
         directory = self._input_dir()
         if directory is None:
-            return *self._ensure_model(), IN_MEMORY
-        if streamable and flag is not False:
-            decision = should_stream(directory, stage_budget or self.budget, self.dtype)
-            if flag or decision.stream:
-                log.info("streaming: %s", decision.reason)
-                self._model = None
-                residency = Residency(
-                    "streamed",
-                    directory,
-                    decision.reason,
-                    stage_budget or self.recipe.max_memory,
-                    options.activation_offload,
-                )
-                return build_skeleton(directory, self.dtype), load_tokenizer(directory), residency
-        too_big = self._over_budget(directory, stage_budget)
-        if too_big and stage.pass_cls.changes_model:
+            return StageInput(*self._ensure_model())
+        decision = should_stream(directory, stage_budget or self.budget, self.dtype)
+        if streamable and flag is not False and (flag or decision.stream):
+            log.info("streaming: %s", decision.reason)
+            self._model = None
+            residency = Residency(
+                "streamed",
+                directory,
+                decision.reason,
+                stage_budget or self.recipe.max_memory,
+                options.activation_offload,
+            )
+            return StageInput.on_disk(residency, self.dtype)
+        if decision.stream and stage.pass_cls.needs_weights:
             raise SlmError(
                 f"stage {stage.dirname}: the model is over the memory budget "
-                f"({too_big.split(';')[0].strip()}) and {_pass_name(stage)} cannot stream it; "
+                f"({decision.reason}) and {_pass_name(stage)} cannot stream it; "
                 f"only {' and '.join(streamable_passes())} can"
             )
-        if too_big:
-            skeleton = build_skeleton(directory, self.dtype, allow_quantized=True)
-            return skeleton, load_tokenizer(directory), Residency("report_only", directory, too_big)
-        return *self._ensure_model(), IN_MEMORY
+        if decision.stream:
+            return StageInput.on_disk(
+                Residency("report_only", directory, decision.reason), self.dtype
+            )
+        return StageInput(*self._ensure_model())
 
     # ---------------------------------------------------------------- input report
     def _input_report(self) -> dict[str, Any]:
@@ -364,51 +363,36 @@ class Runner:
             "dtype": self.recipe.dtype,
             "eval": self.resolved.eval_hash(),
         }
-        report_path = directory / "report.json"
-        source = self._source_dir()
-        too_big = None
-        if report_path.is_file() and read_metadata(directory).get("input_key") == key:
-            cached = read_report(report_path)
-            if not _skipped_for_budget(cached):
+        cached = None
+        if (directory / "report.json").is_file() and read_metadata(directory).get(
+            "input_key"
+        ) == key:
+            cached = read_report(directory / "report.json")
+            if not skipped_for_budget(cached):
                 return cached["metrics"]
-            too_big = self._over_budget(source)
-            if too_big:  # still over the budget: nothing new to measure
-                return cached["metrics"]
-        else:
-            too_big = self._over_budget(source)
-        not_evaluated = None
-        if too_big:
-            log.warning("input model: not evaluated: %s", too_big)
-            metrics, timings, not_evaluated = self._streamed_metrics(
-                source, self.out / WORK_DIR / INPUT_DIR, too_big
-            )
-            warnings = [not_evaluated.warning]
-            summary = summary_from_checkpoint(source)
-        else:
-            model, tokenizer = self._ensure_model()
-            log.info("evaluating the input model %s", self.recipe.model)
-            metrics, timings = evaluate(model, tokenizer, self.recipe.data.eval, self.recipe.eval)
-            summary, warnings = model_summary(model, source), []
+        log.info("evaluating the input model %s", self.recipe.model)
+        # a cached report skipped for the budget is redone only if the model now fits
+        evaluation = self._evaluate_current(self.out / WORK_DIR / INPUT_DIR, cached is None)
+        if evaluation is None:
+            return cached["metrics"]
         report = build_report(
             "input",
             "input",
             {"model": self.recipe.model},
-            summary,
-            metrics,
+            evaluation.summary,
+            evaluation.metrics,
             None,
             None,
-            timings,
-            warnings,
+            evaluation.timings,
+            evaluation.warnings,
+            not_evaluated=evaluation.not_evaluated,
         )
-        report["not_evaluated"] = asdict(not_evaluated) if not_evaluated else None
         with atomic_dir(directory) as tmp:
-            (tmp / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-            (tmp / "report.md").write_text(render_report_md(report))
+            write_report(tmp, report)
             write_metadata(tmp, {"input_key": key, "versions": versions()})
-        return metrics
+        return report["metrics"]
 
     def _source_dir(self) -> Path | None:
-        from slmcompress.models import resolve_model_dir
 
         try:
             return resolve_model_dir(self.recipe.model)
@@ -441,8 +425,8 @@ class Runner:
             log.info("stage %s is complete (hash %s): skipped", stage.dirname, stage_hash)
             report = read_report(directory / "report.json")
             stale = read_metadata(directory).get("eval_hash") != self.resolved.eval_hash()
-            if stale or _skipped_for_budget(report):  # a raised max_memory may now allow it
-                report = self._reevaluate(stage, directory, previous, original)
+            if stale or skipped_for_budget(report):  # a raised max_memory may now allow it
+                report = self._reevaluate(stage, directory, previous, original, stale)
             if stage.pass_cls.changes_model:
                 self._model = None
                 self._model_dir = directory
@@ -468,21 +452,16 @@ class Runner:
         atomic_write_json(self.out / "run.json", manifest)
         return StageOutcome(stage.name, directory, "ran", wall, report)
 
-    def _context(
-        self,
-        stage: Stage,
-        tokenizer: PreTrainedTokenizerBase,
-        stage_hash: str,
-        residency: Residency = IN_MEMORY,
-    ) -> Context:
+    def _context(self, stage: Stage, stage_input: StageInput, stage_hash: str) -> Context:
         work_dir = self.out / WORK_DIR / stage.dirname
         if dist.is_main():
             claim_work_dir(work_dir, stage_hash, self.out)
         if stage.pass_cls.supports_distributed:  # every rank is here: read only once it is claimed
             dist.barrier()
         work_dir.mkdir(parents=True, exist_ok=True)
+        residency = stage_input.residency
         ctx = Context(
-            tokenizer=tokenizer,
+            tokenizer=stage_input.tokenizer,
             data=self.recipe.data,
             device=self.device,
             dtype=self.dtype,
@@ -504,10 +483,10 @@ class Runner:
         directory = self.out / stage.dirname
         skip = not self._must_rerun(stage) and self._is_complete(stage, stage_hash)
         if not skip and stage.pass_cls.supports_distributed:
-            model, tokenizer, residency = self._stage_input(stage)  # the same budget check
+            stage_input = self._stage_input(stage)  # the same budget check
             seed_everything(self.recipe.seed)
-            ctx = self._context(stage, tokenizer, stage_hash, residency)
-            stage.pass_cls(stage.config).run(model, ctx)
+            ctx = self._context(stage, stage_input, stage_hash)
+            _make_pass(stage, ctx).run(stage_input.model, ctx)
         if stage.pass_cls.changes_model:
             self._model, self._model_dir = None, directory  # rank 0 writes it before the barrier
         return StageOutcome(stage.name, directory, "skipped" if skip else "followed")
@@ -516,39 +495,44 @@ class Runner:
         self, stage: Stage, stage_hash: str, previous: dict, original: dict
     ) -> dict[str, Any]:
         """Run the pass, write checkpoint + report into a temp dir, evaluate the saved artifact."""
-        model, tokenizer, residency = self._stage_input(stage)
+        stage_input = self._stage_input(stage)
+        tokenizer = stage_input.tokenizer
         directory = self.out / stage.dirname
-        ctx = self._context(stage, tokenizer, stage_hash, residency)
+        ctx = self._context(stage, stage_input, stage_hash)
         seed_everything(self.recipe.seed)
         log.info("stage %s: %s", stage.dirname, stage.pass_cls.__name__)
         pass_start = time.perf_counter()
-        output = stage.pass_cls(stage.config).run(model, ctx)
+        output = _make_pass(stage, ctx).run(stage_input.model, ctx)
+        del stage_input
         pass_s = time.perf_counter() - pass_start
         self._model = None  # the input model may have been modified in place
         with atomic_dir(directory) as tmp:
-            evaluated, too_big = self._write_stage(stage, stage_hash, output, tokenizer, ctx, tmp)
-            checkpoint_dir = tmp if stage.pass_cls.changes_model else None
-            not_evaluated = None
-            if evaluated is None:  # over the memory budget: perplexity streamed, not the rest
-                metrics, timings, not_evaluated = self._streamed_metrics(
-                    checkpoint_dir or self._input_dir(),
-                    ctx.work_dir / "eval",
-                    too_big or "the model is over the memory budget",
-                )
-                ctx.warnings.append(not_evaluated.warning)
-            else:
-                metrics, timings = evaluate(
-                    evaluated, tokenizer, self.recipe.data.eval, self.recipe.eval
-                )
-            timings = {"pass_s": pass_s, **timings}
-            report = self._report(
-                stage, evaluated, checkpoint_dir, metrics, previous, original, timings, ctx
+            artifact = self._write_stage(stage, stage_hash, output, tokenizer, ctx, tmp)
+            del output
+            evaluation = self._evaluate(
+                artifact, ctx.work_dir / "eval", tokenizer=tokenizer, load=self._load
             )
-            report["not_evaluated"] = asdict(not_evaluated) if not_evaluated else None
-            self._write_report(tmp, report, stage_hash, timings)
+            timings = {"pass_s": pass_s, **evaluation.timings}
+            report = build_report(
+                stage.name,
+                _pass_name(stage),
+                stage.config.model_dump(),
+                evaluation.summary,
+                evaluation.metrics,
+                previous,
+                original,
+                timings,
+                ctx.warnings + evaluation.warnings,
+                ctx.extra_metrics,
+                evaluation.not_evaluated,
+            )
+            write_report(tmp, report)
+            self._write_stage_meta(tmp, report, stage_hash, timings)
         if stage.pass_cls.changes_model:
             self._model_dir = directory
-        self._model, self._tokenizer = (None, None) if evaluated is None else (evaluated, tokenizer)
+        kept = evaluation.model if stage.pass_cls.changes_model else artifact
+        in_memory = isinstance(kept, PreTrainedModel)  # then the next stage starts from it
+        self._model, self._tokenizer = (kept, tokenizer) if in_memory else (None, None)
         safe_rmtree(ctx.work_dir, self.out, ignore_errors=True)
         return report
 
@@ -560,17 +544,17 @@ class Runner:
         tokenizer: PreTrainedTokenizerBase,
         ctx: Context,
         tmp: Path,
-    ) -> tuple[PreTrainedModel | None, str | None]:
-        """Write the checkpoint and reload it, so reports (and later stages) see exactly the artifact.
+    ) -> PreTrainedModel | Path:
+        """Write the checkpoint; return what the report evaluates.
 
-        Returns the model to evaluate, or ``None`` and why when it is over the memory budget.
+        A changed model is evaluated as written (``tmp``: reloaded, or streamed when over the
+        budget), so reports and later stages see exactly the artifact. A stage that changes
+        nothing reports on its input: the model in memory, else the input checkpoint.
         """
         for name, path in ctx.artifacts.items():  # e.g. an exported .gguf, a loss curve
             shutil.move(path, tmp / name)  # the work dir is deleted after the stage anyway
         if not stage.pass_cls.changes_model:
-            if ctx.residency.in_memory:
-                return output, None
-            return None, self._over_budget(self._input_dir())
+            return output if ctx.residency.in_memory else self._input_dir()
         metadata = {
             "stage": stage.name,
             "stage_index": stage.index + 1,
@@ -585,35 +569,11 @@ class Runner:
             move_streamed_checkpoint(output.path, tmp, metadata, ctx.work_dir)
         else:
             write_checkpoint_into(output.to("cpu"), tokenizer, tmp, metadata)
-        del output
-        too_big = self._over_budget(tmp)
-        if too_big:
-            return None, too_big
-        return self._load(tmp)[0], None
+        return tmp
 
-    def _report(
-        self, stage, model, checkpoint_dir, metrics, previous, original, timings, ctx
-    ) -> dict:
-        if model is None:
-            summary = summary_from_checkpoint(checkpoint_dir or self._input_dir())
-        else:
-            summary = model_summary(model, checkpoint_dir)
-        return build_report(
-            stage.name,
-            _pass_name(stage),
-            stage.config.model_dump(),
-            summary,
-            metrics,
-            previous,
-            original,
-            timings,
-            ctx.warnings,
-            ctx.extra_metrics,
-        )
-
-    def _write_report(self, directory: Path, report: dict, stage_hash: str, timings: dict) -> None:
-        (directory / "report.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-        (directory / "report.md").write_text(render_report_md(report))
+    def _write_stage_meta(
+        self, directory: Path, report: dict, stage_hash: str, timings: dict
+    ) -> None:
         meta = read_metadata(directory) or {"stage": report["stage"], "versions": versions()}
         meta.update(
             stage_hash=stage_hash, eval_hash=self.resolved.eval_hash(), wall_s=sum(timings.values())
@@ -621,71 +581,37 @@ class Runner:
         write_metadata(directory, meta)
 
     def _reevaluate(
-        self, stage: Stage, directory: Path, previous: dict, original: dict
+        self, stage: Stage, directory: Path, previous: dict, original: dict, stale: bool
     ) -> dict[str, Any]:
-        """The eval options changed but the stage did not: re-measure, keep the checkpoint."""
-        too_big = self._over_budget(
-            directory if stage.pass_cls.changes_model else self._input_dir()
-        )
-        if too_big:
-            log.warning("stage %s: %s; kept its report", stage.dirname, too_big)
-            return read_report(directory / "report.json")
+        """The eval options changed, or a raised budget may now fit the model: re-measure,
+        keep the checkpoint. A report skipped for the budget stays while it is still over it."""
+        work_dir = self.out / WORK_DIR / stage.dirname / "eval"
         if stage.pass_cls.changes_model:
-            model, tokenizer = self._load(directory)
+            evaluation = self._evaluate(directory, work_dir, load=self._load, stream=stale)
         else:
-            model, tokenizer = self._ensure_model()
-        metrics, timings = evaluate(model, tokenizer, self.recipe.data.eval, self.recipe.eval)
+            evaluation = self._evaluate_current(work_dir, stream=stale)
         old = read_report(directory / "report.json")
-        summary = model_summary(model, directory if stage.pass_cls.changes_model else None)
+        if evaluation is None:
+            log.warning("stage %s: still over the memory budget; kept its report", stage.dirname)
+            return old
         report = build_report(
             stage.name,
             _pass_name(stage),
             old["config"],
-            summary,
-            metrics,
+            evaluation.summary,
+            evaluation.metrics,
             previous,
             original,
-            {**old["timings"], **timings},
-            [w for w in old["warnings"] if w != (old.get("not_evaluated") or {}).get("warning")],
+            {**old["timings"], **evaluation.timings},
+            previous_warnings(old) + evaluation.warnings,
             old.get("extra"),
+            evaluation.not_evaluated,
         )
-        atomic_write_json(directory / "report.json", report)
-        atomic_write_text(directory / "report.md", render_report_md(report))
+        write_report(directory, report)
         meta = read_metadata(directory)
         meta["eval_hash"] = self.resolved.eval_hash()
         write_metadata(directory, meta, atomic=True)
         return report
-
-    def _streamed_metrics(
-        self, directory: Path, work_dir: Path, reason: str
-    ) -> tuple[dict[str, Any], dict[str, float], NotEvaluated]:
-        """Perplexity of a checkpoint over the budget, one layer resident at a time.
-
-        Returns the metrics, timings and what the report lacks and why. A budget too small
-        for even one streamed layer leaves the model unevaluated (with both reasons), never
-        fails the run: evaluation is a report, not a stage.
-        """
-        from slmcompress.eval.report import METRIC_LABELS
-        from slmcompress.eval.streamed import evaluate_streamed
-
-        try:
-            metrics, timings = evaluate_streamed(
-                directory,
-                load_tokenizer(directory),
-                self.recipe.data.eval,
-                self.recipe.eval,
-                self.device,
-                self.dtype,
-                work_dir,
-                self.budget,
-            )
-        except PassError as exc:
-            log.warning("streamed evaluation: %s", exc)
-            warning = f"{NOT_EVALUATED} {reason}; streaming it does not fit: {exc}"
-            return dict.fromkeys(METRIC_LABELS), {}, NotEvaluated(reason, warning)
-        finally:
-            safe_rmtree(work_dir, self.out, ignore_errors=True)
-        return metrics, timings, NotEvaluated(reason, streamed_warning(reason))
 
     def _write_summary(self) -> None:
         rows = []
@@ -698,6 +624,16 @@ class Runner:
         atomic_write_text(self.out / "summary.md", render_summary_md(self.recipe.name, rows))
 
 
+def _make_pass(stage: Stage, ctx: Context) -> Pass:
+    """The stage's pass; streamed, with its config adapted (``Pass.for_streaming``, warned)."""
+    config = stage.config
+    if ctx.residency.streamed:
+        config, changes = stage.pass_cls.for_streaming(config)
+        for message in changes:
+            ctx.warn(message)
+    return stage.pass_cls(config)
+
+
 def _pass_name(stage: Stage) -> str:
     method = stage.pass_cls.pass_method
     return stage.pass_cls.pass_type + (f".{method}" if method else "")
@@ -706,34 +642,6 @@ def _pass_name(stage: Stage) -> str:
 def run_recipe(resolved: ResolvedRecipe, **kwargs: Any) -> RunResult:
     """Convenience wrapper: ``Runner(resolved, **kwargs).run()``."""
     return Runner(resolved, **kwargs).run()
-
-
-#: how the report warning of a stage whose metrics were skipped starts (for readers)
-NOT_EVALUATED = "not evaluated:"
-
-
-@dataclass(frozen=True)
-class NotEvaluated:
-    """The report field ``not_evaluated``: metrics a report lacks, and why."""
-
-    reason: str  # why the model was not loaded (over the memory budget)
-    warning: str  # the line of the report's warnings that says so
-
-
-def streamed_warning(reason: str) -> str:
-    """The report warning of a model evaluated by streaming: which metrics are missing."""
-    return (
-        f"{NOT_EVALUATED} task accuracy and generation speed ({reason}); "
-        "perplexity was measured by a streamed forward, one decoder layer at a time"
-    )
-
-
-def _skipped_for_budget(report: dict[str, Any]) -> bool:
-    """Metrics skipped for the budget: the typed field, or (reports written before it
-    existed) a warning with the old prefix, so resuming an old run still re-evaluates."""
-    if "not_evaluated" in report:
-        return report["not_evaluated"] is not None
-    return any(str(w).startswith(NOT_EVALUATED) for w in report.get("warnings", []))
 
 
 def read_run_manifest(directory: Path) -> dict[str, Any] | None:

@@ -63,9 +63,9 @@ def test_gptq_checkpoint_round_trip_is_exact(tiny_llama, tokenizer, make_ctx, tm
 def test_load_model_serves_gptq_on_the_int4_cpu_kernel(
     tiny_llama, tokenizer, make_ctx, tmp_path, monkeypatch
 ):
+    from slmcompress.data import EvalOptions
     from slmcompress.eval.report import evaluate
     from slmcompress.models import load_model
-    from slmcompress.recipe import EvalOptions
 
     reference = RTNPass(RTNConfig(type="quantize", bits=4)).run(tiny_llama, make_ctx())
     save_checkpoint(reference, tokenizer, tmp_path / "q")

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM
 
 from slmcompress.checkpoint import save_checkpoint
 from slmcompress.errors import SlmError
-from slmcompress.models import BUILTIN_MODELS, builtin_gguf_path, load_model, resolve_dtype
+from slmcompress.model_sources import BUILTIN_MODELS, builtin_gguf_path, resolve_dtype
+from slmcompress.models import load_model
 
 
 def test_builtin_model_is_the_real_smollm2(real_model):

@@ -9,7 +9,7 @@ from slmcompress.errors import RecipeError
 from slmcompress.memory_model import (
     PROFILES,
     PUBLISHED_CONFIGS,
-    Arch,
+    ModelDims,
     estimate_calibration_pass,
     parse_bytes,
 )
@@ -39,19 +39,19 @@ def test_parse_bytes_rejects_garbage():
 
 
 def test_published_parameter_counts():
-    assert Arch.from_config(PUBLISHED_CONFIGS["llama-3-70b"]).params() == pytest.approx(
+    assert ModelDims.from_config(PUBLISHED_CONFIGS["llama-3-70b"]).params() == pytest.approx(
         70.55e9, rel=0.01
     )
-    assert Arch.from_config(PUBLISHED_CONFIGS["llama-3-8b"]).params() == pytest.approx(
+    assert ModelDims.from_config(PUBLISHED_CONFIGS["llama-3-8b"]).params() == pytest.approx(
         8.03e9, rel=0.01
     )
-    assert Arch.from_config(PUBLISHED_CONFIGS["smollm2-135m"]).params() == pytest.approx(
+    assert ModelDims.from_config(PUBLISHED_CONFIGS["smollm2-135m"]).params() == pytest.approx(
         134.5e6, rel=0.01
     )
 
 
 def test_70b_on_this_machine_importance_fits_gptq_is_flagged():
-    arch = Arch.from_config(PUBLISHED_CONFIGS["llama-3-70b"])
+    arch = ModelDims.from_config(PUBLISHED_CONFIGS["llama-3-70b"])
     importance = estimate_calibration_pass(
         arch, "importance", 128, 2048, 1, 2, PROFILES["cpu-2core"]
     )
@@ -165,7 +165,7 @@ def test_plan_of_a_distill_stage_whose_teacher_is_over_the_budget(tmp_path, tiny
     # the 70B bf16 teacher (141 GB) is never resident when streamed
     assert resident.device_peak - streamed.device_peak > 140e9
     assert streamed.time_s > resident.time_s  # the cache pass comes first
-    arch = Arch.from_config(load_config("llama-3-70b"))
+    arch = ModelDims.from_config(load_config("llama-3-70b"))
     cache = estimate_streamed_forward(
         arch, 4883, 2048, 4, 2, PROFILES["h100"], 128 * GiB, top_k=64, chunk_sequences=256
     )

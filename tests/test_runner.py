@@ -166,11 +166,14 @@ def test_scratch_of_another_stage_hash_is_discarded_and_own_scratch_kept(tmp_pat
 
 def test_reports_skipped_for_the_budget_are_recognised_typed_and_pre_typed():
     """A resumed run re-evaluates a stage skipped for the budget, whether its report has
-    the typed ``not_evaluated`` field or only the warning older reports carried."""
-    from slmcompress.runner import NOT_EVALUATED, _skipped_for_budget
+    the typed ``not_evaluated`` field or only the warning older reports carried; the
+    re-evaluated report drops that warning and keeps the others."""
+    from slmcompress.eval.report import NOT_EVALUATED, previous_warnings, skipped_for_budget
 
     warning = f"{NOT_EVALUATED} task accuracy (over budget)"
-    assert _skipped_for_budget({"not_evaluated": {"reason": "r", "warning": warning}})
-    assert not _skipped_for_budget({"not_evaluated": None, "warnings": [warning]})
-    assert _skipped_for_budget({"warnings": ["other", warning]})  # written before the field
-    assert not _skipped_for_budget({"warnings": ["other"]})
+    typed = {"not_evaluated": {"reason": "r", "warning": warning}, "warnings": ["a", warning]}
+    assert skipped_for_budget(typed) and previous_warnings(typed) == ["a"]
+    assert not skipped_for_budget({"not_evaluated": None, "warnings": [warning]})
+    old = {"warnings": ["other", warning]}  # written before the field
+    assert skipped_for_budget(old) and previous_warnings(old) == ["other"]
+    assert not skipped_for_budget({"warnings": ["other"]})

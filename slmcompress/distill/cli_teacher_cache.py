@@ -20,15 +20,15 @@ from slmcompress.distill.teacher_cache import (
     build_teacher_cache,
 )
 from slmcompress.errors import DataError
-from slmcompress.models import (
+from slmcompress.model_sources import (
     check_model_source,
-    load_model,
     resolve_device,
     resolve_dtype,
     resolve_model_dir,
 )
+from slmcompress.models import load_model
 from slmcompress.remote_code import hf_kwargs
-from slmcompress.streaming.engine import machine_budget, should_stream
+from slmcompress.streaming.budget import machine_budget, should_stream
 from slmcompress.streaming.wiring import load_tokenizer
 
 log = logging.getLogger(__name__)

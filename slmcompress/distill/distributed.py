@@ -21,8 +21,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from transformers import PreTrainedModel
 
 from slmcompress import dist
+from slmcompress.arch import decoder_layers
 from slmcompress.errors import PassError
-from slmcompress.layerwise import decoder_layers
 
 TeacherSharding = Literal["replicated", "sharded"]
 

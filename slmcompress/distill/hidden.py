@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from slmcompress.layerwise import decoder_layers
+from slmcompress.arch import decoder_layers
 
 
 def layer_map(n_student: int, n_teacher: int, source_layers: list[int] | None = None) -> list[int]:

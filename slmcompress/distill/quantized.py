@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from slmcompress.errors import PassError
+from slmcompress.memory_model import format_bytes
 from slmcompress.quant.packing import unpack_qweight
 from slmcompress.quant.quant_linear import QuantLinear
 from slmcompress.quant.trainable import (
@@ -115,7 +116,6 @@ class QuantizedStudent:
 
     def check_memory(self, model: nn.Module, budget_bytes: int) -> None:
         """Student tensors + gradient and AdamW state of the trainable ones must fit the budget."""
-        from slmcompress.memory_model import format_bytes
 
         tensors = [*model.parameters(), *model.buffers()]
         held = sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())

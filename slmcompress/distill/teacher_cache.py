@@ -295,7 +295,7 @@ def build_streamed_teacher_cache(
     finished decoder layer (``out_dir/.work``).
     """
     from slmcompress.checkpoint import open_streaming_model
-    from slmcompress.streaming.engine import StreamOptions
+    from slmcompress.streaming.budget import StreamOptions
     from slmcompress.streaming.forward import streamed_forward, top_k_head
 
     stream = open_streaming_model(Path(model_dir), dtype)

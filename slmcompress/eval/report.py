@@ -1,6 +1,7 @@
-"""Stage reports: the fixed ``report.json`` schema and its Markdown renderings.
+"""Stage reports: the fixed ``report.json`` schema, its one writer and its Markdown renderings.
 
 The same evaluator measures every stage, so numbers are comparable across the summary.
+Which evaluator runs (in memory or streamed) is :mod:`slmcompress.eval.artifact`'s decision.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +17,15 @@ from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmcompress.checkpoint import bytes_on_disk
-from slmcompress.data import EvalSpec, eval_tokens
+from slmcompress.data import EvalOptions, EvalSpec, eval_tokens
+from slmcompress.eval.perplexity import perplexity
+from slmcompress.eval.speed import generation_speed
+from slmcompress.eval.tasks import run_tasks  # imports lm-eval itself, only when run
+from slmcompress.fsutil import atomic_write_text
+from slmcompress.kernels.dispatch import prepare_for_serving
+from slmcompress.memory_model import ModelDims
 from slmcompress.quant.quant_linear import QuantLinear, cached_dequantization
+from slmcompress.streaming.loader import WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +37,41 @@ METRIC_LABELS = {
     "tokens_per_s": "gen tokens/s",
 }
 LOWER_IS_BETTER = {"wikitext2_ppl"}
+#: how the report warning of a model whose metrics were skipped starts (for readers)
+NOT_EVALUATED = "not evaluated:"
+
+
+@dataclass(frozen=True)
+class NotEvaluated:
+    """The report field ``not_evaluated``: metrics a report lacks, and why."""
+
+    reason: str  # why the model was not loaded (over the memory budget)
+    warning: str  # the line of the report's warnings that says so
+
+
+def streamed_warning(reason: str) -> str:
+    """The report warning of a model evaluated by streaming: which metrics are missing."""
+    return (
+        f"{NOT_EVALUATED} task accuracy and generation speed ({reason}); "
+        "perplexity was measured by a streamed forward, one decoder layer at a time"
+    )
+
+
+def skipped_for_budget(report: dict[str, Any]) -> bool:
+    """Metrics skipped for the budget: the typed field, or (reports written before it
+    existed) a warning with the old prefix, so resuming an old run still re-evaluates."""
+    if "not_evaluated" in report:
+        return report["not_evaluated"] is not None
+    return any(str(w).startswith(NOT_EVALUATED) for w in report.get("warnings", []))
+
+
+def previous_warnings(report: dict[str, Any]) -> list[str]:
+    """A report's warnings without the one saying its metrics were skipped for the budget
+    (what a re-evaluation keeps; the typed field names it, older reports only the prefix)."""
+    if "not_evaluated" in report:
+        skipped = (report["not_evaluated"] or {}).get("warning")
+        return [w for w in report["warnings"] if w != skipped]
+    return [w for w in report["warnings"] if not str(w).startswith(NOT_EVALUATED)]
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -79,11 +123,8 @@ def summary_from_checkpoint(directory: Path) -> dict[str, Any]:
 
     For checkpoints too big for the memory budget (streamed stages, the 70B path).
     """
-    from slmcompress.memory_model import Arch
-    from slmcompress.streaming.loader import WeightSource
-
     cfg = json.loads((Path(directory) / "config.json").read_text())
-    arch = Arch.from_config(cfg)
+    arch = ModelDims.from_config(cfg)
     params = arch.params()
     qcfg = cfg.get("quantization_config")
     quant = None
@@ -113,15 +154,13 @@ def evaluate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     eval_spec: EvalSpec,
-    options: Any,
+    options: EvalOptions,
 ) -> tuple[dict[str, Any], dict[str, float]]:
-    """Measure perplexity, task accuracy and generation speed as the recipe's ``eval`` asks.
+    """Measure perplexity, task accuracy and generation speed of a model in memory.
 
     Returns:
         ``(metrics, timings)``; metrics absent from the options are ``None``.
     """
-    from slmcompress.eval.perplexity import perplexity
-
     metrics: dict[str, Any] = dict.fromkeys(METRIC_LABELS)
     timings: dict[str, float] = {}
     if options.ppl:
@@ -135,8 +174,6 @@ def evaluate(
         metrics["eval_seq_len"] = result.seq_len
         timings["ppl_s"] = time.perf_counter() - start
     if options.tasks:
-        from slmcompress.eval.tasks import run_tasks
-
         start = time.perf_counter()
         with cached_dequantization(model):
             results = run_tasks(
@@ -147,9 +184,6 @@ def evaluate(
                 metrics[f"{task}_{key}"] = value
         timings["tasks_s"] = time.perf_counter() - start
     if options.speed:
-        from slmcompress.eval.speed import generation_speed
-        from slmcompress.kernels.dispatch import prepare_for_serving
-
         start = time.perf_counter()
         backends = prepare_for_serving(model)  # time the serving path, not the reference
         speed = generation_speed(model, tokenizer, new_tokens=options.speed_tokens)
@@ -183,9 +217,9 @@ def build_report(
     timings: dict[str, float],
     warnings: list[str],
     extra: dict[str, Any] | None = None,
-    not_evaluated: dict[str, str] | None = None,
+    not_evaluated: NotEvaluated | None = None,
 ) -> dict[str, Any]:
-    """Assemble ``report.json`` (fixed schema; see DESIGN.md section 3)."""
+    """Assemble ``report.json`` (the fixed schema: README, "Output layout and formats")."""
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "stage": stage,
@@ -200,9 +234,15 @@ def build_report(
         "timings": timings,
         "warnings": warnings,
         # metrics left out because the model is over the memory budget: {reason, warning}
-        "not_evaluated": not_evaluated,
+        "not_evaluated": asdict(not_evaluated) if not_evaluated else None,
         "extra": extra or {},
     }
+
+
+def write_report(directory: Path, report: dict[str, Any]) -> None:
+    """``report.json`` and ``report.md`` into ``directory``, each replaced atomically."""
+    atomic_write_text(directory / "report.json", json.dumps(report, indent=2, default=str) + "\n")
+    atomic_write_text(directory / "report.md", render_report_md(report))
 
 
 def _fmt(value: Any) -> str:

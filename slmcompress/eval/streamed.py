@@ -20,7 +20,7 @@ from slmcompress.checkpoint import open_streaming_model
 from slmcompress.data import EvalSpec, eval_tokens
 from slmcompress.eval.perplexity import PerplexityResult
 from slmcompress.eval.report import METRIC_LABELS
-from slmcompress.streaming.engine import StreamOptions
+from slmcompress.streaming.budget import StreamOptions
 from slmcompress.streaming.forward import nll_head, streamed_forward
 
 

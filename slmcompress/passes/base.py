@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
@@ -12,6 +13,7 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from slmcompress.data import calibration_tokens
 from slmcompress.layerwise import LayerLoop, WrittenCheckpoint
 from slmcompress.streaming.residency import IN_MEMORY, Residency
 
@@ -20,6 +22,7 @@ StageOutput = PreTrainedModel | WrittenCheckpoint
 
 if TYPE_CHECKING:
     from slmcompress.data import DataConfig
+    from slmcompress.streaming.loader import WeightSource
 
 
 class PassConfig(BaseModel):
@@ -82,11 +85,16 @@ class Context:
         self.log.warning(message)
         self.warnings.append(message)
 
+    def record(self, warnings: Iterable[str] = (), **metrics: Any) -> None:
+        """Put what a helper returned into the stage report: its warnings and metrics."""
+        for message in warnings:
+            self.warn(message)
+        self.extra_metrics.update(metrics)
+
     def calibration_tokens(
         self, n_samples: int | None = None, seq_len: int | None = None
     ) -> torch.Tensor:
         """Packed calibration token ids ``(n_samples, seq_len)`` from the recipe's data spec."""
-        from slmcompress.data import calibration_tokens
 
         spec = self.data.calibration
         n = n_samples or spec.n_samples
@@ -98,7 +106,15 @@ class Context:
 
     def unchanged(self, model: PreTrainedModel) -> StageOutput:
         """The stage output of a pass that changed nothing: the model, or its input checkpoint."""
-        return model if self.residency.in_memory else WrittenCheckpoint(self.residency.source)
+        return self.residency.unchanged(model)
+
+    def rewrite(
+        self, build: Callable[[], PreTrainedModel], write: Callable[[WeightSource, Path], Path]
+    ) -> StageOutput:
+        """The output of a pass that makes a new model, as the stage's residency allows:
+        ``build()`` in memory, or ``write(input_weights, out_dir)`` tensor by tensor when
+        streamed (see :meth:`~slmcompress.streaming.residency.Residency.rewrite`)."""
+        return self.residency.rewrite(build, write, self.work_dir / "streamed-checkpoint")
 
     def layer_loop(
         self,
@@ -128,6 +144,9 @@ class Pass(ABC):
     changes_model: ClassVar[bool] = True
     #: runs on every torchrun rank (others run on rank 0 only, see slmcompress.dist)
     supports_distributed: ClassVar[bool] = False
+    #: reads the weights, so a model over the budget that it cannot stream is refused up
+    #: front (False: it only reports, on the weightless skeleton; e.g. an eval stage)
+    needs_weights: ClassVar[bool] = True
     #: runs layer by layer from disk when the runner streams its input (Config is StreamingOptions)
     supports_streaming: ClassVar[bool] = False
     streaming_note: ClassVar[str] = ""  # which configs can, for messages
@@ -139,6 +158,15 @@ class Pass(ABC):
     def can_stream(cls, config: PassConfig) -> bool:
         """Whether a stage with this config can run on a streamed (never loaded) model."""
         return cls.supports_streaming and isinstance(config, StreamingOptions)
+
+    @classmethod
+    def for_streaming(cls, config: PassConfig) -> tuple[PassConfig, list[str]]:
+        """The config a streamed run of ``config`` uses, and a report warning per change.
+
+        For an option that needs the whole model but has a streamed stand-in (prune's loss
+        depth ranking -> cosine); the runner applies it when it streams. Default: unchanged.
+        """
+        return config, []
 
     @abstractmethod
     def run(self, model: PreTrainedModel, ctx: Context) -> StageOutput:

@@ -22,7 +22,8 @@ import torch
 from pydantic import Field, model_validator
 from transformers import PreTrainedModel
 
-from slmcompress import dist
+from slmcompress import dist, models
+from slmcompress.arch import decoder_layers
 from slmcompress.data import DataSpec, check_disjoint, eval_tokens, packed_sequences, spec_identity
 from slmcompress.distill.checkpointing import weights_digest
 from slmcompress.distill.distributed import (
@@ -39,7 +40,11 @@ from slmcompress.distill.quantized import (
     TrainFloat,
     resolve_mode,
 )
-from slmcompress.distill.teacher_cache import TeacherCache, tokenizer_fingerprint
+from slmcompress.distill.teacher_cache import (
+    TeacherCache,
+    build_streamed_teacher_cache,
+    tokenizer_fingerprint,
+)
 from slmcompress.distill.trainer import (
     TeacherFn,
     Trainer,
@@ -51,11 +56,13 @@ from slmcompress.distill.trainer import (
 from slmcompress.errors import DataError, ModelSourceError, PassError
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.fsutil import atomic_write_json
-from slmcompress.layerwise import decoder_layers
+from slmcompress.memory_model import load_config
+from slmcompress.model_sources import resolve_model_dir
 from slmcompress.passes.base import Context, Pass, PassConfig
 from slmcompress.prune.planner import SOURCE_LAYERS_KEY
 from slmcompress.registry import register_pass
-from slmcompress.streaming.engine import machine_budget, resolve_budget
+from slmcompress.streaming.budget import machine_budget, resolve_budget, should_stream
+from slmcompress.streaming.wiring import load_tokenizer
 
 
 class DistillConfig(PassConfig):
@@ -305,11 +312,6 @@ class DistillPass(Pass):
         training sequences. A cached teacher holds top-k logits only, so the options that
         need the whole distribution or its hidden states are refused.
         """
-        from slmcompress.distill.teacher_cache import build_streamed_teacher_cache
-        from slmcompress.memory_model import load_config
-        from slmcompress.models import resolve_model_dir
-        from slmcompress.streaming.engine import should_stream
-        from slmcompress.streaming.wiring import load_tokenizer
 
         cfg: DistillConfig = self.config
         source = cfg.teacher or ctx.teacher or ctx.original_model
@@ -438,10 +440,8 @@ class DistillPass(Pass):
     def _load_teacher(
         self, source: str, student: PreTrainedModel, ctx: Context, where: str
     ) -> PreTrainedModel:
-        from slmcompress.models import load_model
-
         ctx.log.info("distill: loading teacher %s", source)
-        loaded = load_model(source, dtype=_dtype_name(ctx.dtype), device=str(ctx.device))
+        loaded = models.load_model(source, dtype=_dtype_name(ctx.dtype), device=str(ctx.device))
         field = f"{where}.teacher"
         if tokenizer_fingerprint(loaded.tokenizer) != tokenizer_fingerprint(ctx.tokenizer):
             raise PassError(

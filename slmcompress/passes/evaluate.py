@@ -18,6 +18,7 @@ class EvalPass(Pass):
 
     Config = EvalConfig
     changes_model = False
+    needs_weights = False  # over the budget, it reports on the skeleton (a streamed perplexity)
 
     def run(self, model: PreTrainedModel, ctx: Context) -> PreTrainedModel:
         return model

@@ -12,7 +12,9 @@ from typing import Any, Literal
 
 from transformers import PreTrainedModel
 
+from slmcompress.data import eval_tokens
 from slmcompress.errors import PassError, RecipeError
+from slmcompress.export import llama_cpp_runtime
 from slmcompress.export.gguf_blocks import GPTQ_TRANSFER_TYPES, QK
 from slmcompress.export.gguf_writer import GgufOptions, export_gguf
 from slmcompress.passes.base import Context, Pass, PassConfig
@@ -70,11 +72,7 @@ class ExportGgufPass(Pass):
     changes_model = False
 
     def run(self, model: PreTrainedModel, ctx: Context) -> PreTrainedModel:
-        cfg: ExportGgufConfig = self.config
-        if not ctx.residency.in_memory:
-            raise PassError(
-                "export: the model is over the memory budget; GGUF export loads it whole"
-            )
+        cfg: ExportGgufConfig = self.config  # needs_weights: the runner loaded the model
         target = ctx.work_dir / cfg.output_name()
         options = GgufOptions(
             outtype=cfg.outtype,
@@ -95,8 +93,6 @@ class ExportGgufPass(Pass):
 
     def _deployment(self, target: Any, ctx: Context) -> dict[str, Any]:
         """The file in the runtime it ships to, on the same eval tokens as every report."""
-        from slmcompress.data import eval_tokens
-        from slmcompress.export import llama_cpp_runtime
 
         cfg: ExportGgufConfig = self.config
         if cfg.runtime_eval == "off" or not llama_cpp_runtime.available():

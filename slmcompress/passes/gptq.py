@@ -6,14 +6,16 @@ from disk): linears that read the same input (q/k/v, gate/up)
 form an *input group* sharing one Hessian and one stacked GPTQ solve. With
 ``true_sequential`` the groups are quantized in execution order, each seeing inputs from
 the already-quantized earlier groups (q/k/v -> o -> gate/up -> down). The math lives in
-:mod:`slmcompress.quant.gptq_solver`; the result is the standard GPTQ v1 checkpoint.
+:mod:`slmcompress.quant.gptq_solver`, the layer mechanics (hooks, early stops, the residual
+decomposition, output shortcuts) in :mod:`slmcompress.layerwise`; the result is the
+standard GPTQ v1 checkpoint.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -21,12 +23,12 @@ from pydantic import Field, field_validator
 from torch import nn
 from transformers import PreTrainedModel
 
-from slmcompress.arch import LLAMA_LAYOUT, Family, registered_family
+from slmcompress.arch import LLAMA_LAYOUT, Family, layers_prefix, registered_family
 from slmcompress.errors import PassError
-from slmcompress.layerwise import LayerLoop, LayerStep, _layer_output, _to, decoder_layers
+from slmcompress.layerwise import LayerLoop, LayerStep, ResidualBlock, observe_inputs
 from slmcompress.passes.base import RUNTIME_FIELDS, Context, Pass, StageOutput, StreamingOptions
-from slmcompress.passes.quantize_rtn import ClipSearchOptions
 from slmcompress.progress import progress_bar
+from slmcompress.quant.clip_search import ClipSearchOptions
 from slmcompress.quant.convert import (
     check_group_size,
     ensure_not_quantized,
@@ -36,20 +38,16 @@ from slmcompress.quant.convert import (
     resolve_group_size,
 )
 from slmcompress.quant.gptq_solver import (
-    ClipSearch,
     GPTQResult,
     HessianAccumulator,
     error_stats,
+    error_vs_rtn,
     gptq_quantize,
     rtn_rel_output_err,
 )
 from slmcompress.registry import register_pass
-from slmcompress.streaming.engine import release_freed_memory_eagerly
 
 log = logging.getLogger(__name__)
-
-#: keep the last group's inputs to update the layer outputs without a re-forward, up to this size
-_SHORTCUT_MAX_BYTES = 2 * 2**30
 
 
 def _family(model: nn.Module) -> Family:
@@ -104,33 +102,6 @@ class GPTQConfig(ClipSearchOptions, StreamingOptions):
         return check_group_size(value)
 
 
-class _StopForward(Exception):
-    """Raised by a hook once the inputs a sub-step needs are observed."""
-
-
-@dataclass
-class _Observer:
-    """Pre-hook on the first linear of an input group: Hessian, optional captured inputs."""
-
-    name: str
-    columns: int
-    device: torch.device
-    stop: bool = False
-    capture: bool = False
-    captured: list[torch.Tensor] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self.hessian = HessianAccumulator(self.columns, self.device)
-
-    def __call__(self, _module: nn.Module, args: tuple, kwargs: dict) -> None:
-        x = args[0] if args else kwargs["input"]
-        self.hessian.add_batch(x)
-        if self.capture:
-            self.captured.append(x.detach().to("cpu"))
-        if self.stop:
-            raise _StopForward
-
-
 @register_pass("quantize", "gptq")
 class GPTQPass(Pass):
     """Quantize every eligible Linear with GPTQ, one decoder layer at a time."""
@@ -143,8 +114,9 @@ class GPTQPass(Pass):
     def run(self, model: PreTrainedModel, ctx: Context) -> StageOutput:
         ensure_not_quantized(model)
         # resolved once, before the loop: a streamed loop keys its resume state on it
-        self.config = cfg = resolve_group_size(self.config, model, ctx)
-        release_freed_memory_eagerly()  # layer-sized temporaries must not pile up in the heap
+        choice = resolve_group_size(self.config, model)
+        ctx.record(choice.warnings, group_size=choice.report)
+        self.config = cfg = choice.config
         tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
         key = {"gptq": cfg.model_dump(exclude=RUNTIME_FIELDS)}
         loop = ctx.layer_loop(model, tokens, cfg.batch_size, "gptq", key)
@@ -160,7 +132,7 @@ class GPTQPass(Pass):
         """
         cfg: GPTQConfig = self.config
         targets = self._targets(loop.model, ctx)
-        prefix = _layers_prefix(loop.model)
+        prefix = layers_prefix(loop.model)
         self._groups_cache: dict[tuple, Any] = {}
         n_layers = loop.num_layers()
         last = [max_layers - 1] if max_layers else None
@@ -177,10 +149,12 @@ class GPTQPass(Pass):
         metas = {f"{prefix}.{i}": loop.result_meta(i) for i in range(n_layers)}
         errors = {name: meta.get("errors", {}) for name, meta in metas.items()}
         rtn = {name: meta.get("rtn_errors", {}) for name, meta in metas.items()}
-        ctx.extra_metrics["rtn_layer_errors"] = rtn
-        ctx.extra_metrics["gptq_layer_errors"] = errors
-        ctx.extra_metrics["quantized_linears"] = sum(len(e) for e in errors.values())
-        ctx.extra_metrics["gptq_vs_rtn_output_err"] = error_vs_rtn(errors, rtn)
+        ctx.record(
+            rtn_layer_errors=rtn,
+            gptq_layer_errors=errors,
+            quantized_linears=sum(len(e) for e in errors.values()),
+            gptq_vs_rtn_output_err=error_vs_rtn(errors, rtn),
+        )
         return loop.finish({"quantization_config": cfg.quantization_config()})
 
     def quantize_step(
@@ -204,11 +178,9 @@ class GPTQPass(Pass):
         """Names of the linears to quantize; everything left out is reported with ctx.warn."""
         cfg: GPTQConfig = self.config
         chosen, skipped = quantizable_linears(model, cfg.ignore, cfg.bits)
-        for message in skipped:
-            ctx.warn(message)
-        prefix = _layers_prefix(model) + "."
+        prefix = layers_prefix(model) + "."
         for name in [n for n in chosen if not n.startswith(prefix)]:
-            ctx.warn(
+            skipped.append(
                 f"{name}: outside the decoder layers, where GPTQ has no calibration inputs; kept in float"
             )
             del chosen[name]
@@ -220,15 +192,22 @@ class GPTQPass(Pass):
                 and isinstance(weight, torch.Tensor)
                 and weight.dim() == 2
             ):
-                ctx.warn(
+                skipped.append(
                     f"{name}: {type(module).__name__} is not an nn.Linear; GPTQ skips it (kept in float)"
                 )
+        ctx.record(skipped)
         return set(chosen)
 
     def _quantize_layer(
         self, step: LayerStep, layer_name: str, local: dict[str, nn.Linear], ctx: Context
     ) -> dict[str, GPTQResult]:
-        """All sub-steps of one decoder layer; leaves fake-quantized weights in the linears."""
+        """All sub-steps of one decoder layer; leaves fake-quantized weights in the linears.
+
+        Each sub-step runs the calibration batches with a Hessian hook on its groups' first
+        linear, stopped right after the last one (nothing later is needed). The last
+        sub-step, a single linear, may instead run whole and keep the outputs, which its
+        weight change then updates without a re-forward (``step.shortcut_outputs``).
+        """
         cfg: GPTQConfig = self.config
         groups = self._input_groups(step, local)
         if cfg.true_sequential and self._residual_path_ok(step, local, groups):
@@ -237,37 +216,26 @@ class GPTQPass(Pass):
         results: dict[str, GPTQResult] = {}
         for k, stage in enumerate(stages):
             stage_groups = [g for g in groups if g[0] in stage]
-            last = k == len(stages) - 1
             shortcut = (
-                last
+                k == len(stages) - 1
                 and len(stage_groups) == 1
                 and len(stage_groups[0]) == 1
-                and _fits(step, local[stage[0]])
+                and step.fits(local[stage[0]].in_features)
             )
-            observers = [
-                _Observer(
-                    f"{layer_name}.{g[0]}",
-                    local[g[0]].in_features,
-                    step.device,
-                    stop=not shortcut and i == len(stage_groups) - 1,
-                    capture=shortcut,
-                )
-                for i, g in enumerate(stage_groups)
+            hessians = [
+                HessianAccumulator(local[g[0]].in_features, step.device) for g in stage_groups
             ]
-            handles = [
-                local[g[0]].register_forward_pre_hook(obs, with_kwargs=True)
-                for g, obs in zip(stage_groups, observers, strict=True)
-            ]
-            try:
-                outputs = _run_batches(step, keep_outputs=shortcut)
-            finally:
-                for handle in handles:
-                    handle.remove()
-            for group, obs in zip(stage_groups, observers, strict=True):
-                H = obs.hessian.H  # (in, in)
-                deltas = self._solve_group(group, local, H, layer_name, ctx, results)
+            captured: list[torch.Tensor] = []
+            with contextlib.ExitStack() as hooks:
+                for i, (group, acc) in enumerate(zip(stage_groups, hessians, strict=True)):
+                    see = _keeping(acc, captured) if shortcut else acc.add_batch
+                    stop = not shortcut and i == len(stage_groups) - 1
+                    hooks.enter_context(observe_inputs(local[group[0]], see, stop=stop))
+                outputs = step.forward(keep_outputs=shortcut)
+            for group, acc in zip(stage_groups, hessians, strict=True):
+                deltas = self._solve_group(group, local, acc.H, layer_name, ctx, results)
             if shortcut:
-                _shortcut_outputs(step, outputs, observers[0].captured, deltas[0])
+                step.shortcut_outputs(outputs, captured, deltas[0])
         return results
 
     def _solve_group(
@@ -298,7 +266,7 @@ class GPTQPass(Pass):
             cfg.damp_percent,
             cfg.static_groups,
             error=False,
-            clip=self._clip(),
+            clip=cfg.solver_clip(cfg.clip_weighted),
         )
         if res.stats["damp_retries"]:
             ctx.warn(
@@ -329,27 +297,21 @@ class GPTQPass(Pass):
     ) -> bool:
         """Whether the layer is a pre-norm residual block the fast path reproduces exactly.
 
-        Structure by the family's names (Llama/Mistral/Qwen/Phi-3: ``attn_norm -> self_attn
-        (+ residual) -> mlp_norm -> mlp (+ residual)``, all its linears targeted; fused
-        ones count as one), the kept activations within the memory budget, and, once per
-        layer type, the decomposed forward bit-identical to the layer's own forward on the
-        first batch (Gemma's post-norms fail that check and take the generic path).
+        Structure by the family's names (:class:`~slmcompress.layerwise.ResidualBlock`), all
+        its linears targeted (fused ones count as one), the kept ``o_proj`` inputs within the
+        memory budget, and, once per layer type, the decomposed forward bit-identical to the
+        layer's own forward on the first batch (Gemma's post-norms take the generic path).
         """
         arch = self._arch
         if [set(g) for g in groups] != [set(g) for g in arch.input_groups()]:
             return False
-        names = dict(step.layer.named_modules())
-        if not all(p in names for p in (arch.attn_norm, "self_attn", arch.mlp_norm, "mlp")):
+        if not ResidualBlock.applies(step.layer, arch):
             return False
-        tokens = sum(b.hidden.shape[:-1].numel() for b in step.inputs)
-        if tokens * local[arch.o].in_features * 4 > _SHORTCUT_MAX_BYTES:  # the kept o_proj inputs
+        if not step.fits(local[arch.o].in_features):  # the kept o_proj inputs
             return False
         key = ("residual", type(step.layer), tuple(local))
         if key not in self._groups_cache:
-            batch = step.inputs[0]
-            h, kwargs = batch.hidden.to(step.device), _to(batch.kwargs, step.device)
-            mine = _ResidualBlock(step.layer, local, arch).forward(h, kwargs)
-            same = torch.equal(mine, _layer_output(step.layer(h, **kwargs)))
+            same = ResidualBlock(step.layer, arch).matches(step)
             if not same:
                 log.info(
                     "%s: decomposed forward differs; GPTQ re-runs the layer per sub-step",
@@ -374,7 +336,7 @@ class GPTQPass(Pass):
         outputs need no extra forward. Same inputs, hence the same Hessians, as the
         generic path, which re-runs the layer up to each sub-step.
         """
-        block, device = _ResidualBlock(step.layer, local, self._arch), step.device
+        block, device = ResidualBlock(step.layer, self._arch), step.device
         results: dict[str, GPTQResult] = {}
 
         def solve(group: list[str], inputs: Iterator[torch.Tensor], keep: bool) -> list:
@@ -387,210 +349,48 @@ class GPTQPass(Pass):
             self._solve_group(group, local, acc.H, layer_name, ctx, results)
             return kept
 
-        def batches() -> Iterator[tuple[torch.Tensor, dict]]:
-            for batch in step.inputs:
-                yield batch.hidden.to(device), _to(batch.kwargs, device)
-
         def residual() -> Iterator[torch.Tensor]:
             # h2 = h + o_proj(x_o), recomputed: one small matmul instead of a kept (N, T, H)
-            for (h, _), x in zip(batches(), x_o, strict=True):
+            for (h, _), x in zip(step.batches(), x_o, strict=True):
                 yield h + block.o_proj(x)
 
+        def output(i: int, h: torch.Tensor) -> torch.Tensor:
+            h2 = h + block.o_proj(x_o[i])
+            x_o[i] = None  # dropped as its output is written
+            return h2 + block.down_proj(block.down_input(h2))  # (B, T, H)
+
         qkv, o_group, mlp_group, down_group = groups
-        solve(qkv, (block.attn_norm(h) for h, _ in batches()), keep=False)
-        x_o = solve(o_group, (block.o_input(h, kw) for h, kw in batches()), keep=True)
+        solve(qkv, (block.attn_norm(h) for h, _ in step.batches()), keep=False)
+        x_o = solve(o_group, (block.o_input(h, kw) for h, kw in step.batches()), keep=True)
         solve(mlp_group, (block.mlp_norm(h) for h in residual()), keep=False)
         # down_proj's inputs are (N, T, intermediate), the largest activation of the layer:
         # recomputed for the outputs (gate/up once more) rather than kept, so the pass holds
         # two layer boundaries + x_o, at most what llm-compressor's pipeline holds
         solve(down_group, (block.down_input(h) for h in residual()), keep=False)
-        # The outputs replace what they are computed from as they are written: each batch's
-        # x_o is dropped, and (in memory, where step.inputs is the loop's own list) each input
-        # is swapped for its output, so this phase never holds a third layer boundary.
-        outputs = []
-        for i, batch in enumerate(step.inputs):
-            h = batch.hidden.to(device)
-            h2 = h + block.o_proj(x_o[i])
-            x_o[i] = None
-            y = h2 + block.down_proj(block.down_input(h2))  # (B, T, H)
-            del h, h2
-            if not torch.isfinite(y).all():
-                raise PassError(f"layer {step.index}: NaN/Inf in its quantized outputs")
-            y = y.to(batch.hidden.device)
-            batch.hidden = y  # a list entry in memory; a throwaway view entry when streamed
-            outputs.append(y)
-        step.set_outputs(outputs)
+        step.produce_outputs(output)
         return results
-
-    def _clip(self) -> ClipSearch | None:
-        cfg: GPTQConfig = self.config
-        ratios = cfg.clip_ratios()
-        return ClipSearch(tuple(ratios), cfg.clip_norm, cfg.clip_weighted) if ratios else None
 
     def _input_groups(self, step: LayerStep, local: dict[str, nn.Linear]) -> list[list[str]]:
         """Linears grouped by shared input tensor, in execution order (cached per layer type)."""
         key = (type(step.layer), tuple(local))
         if key not in self._groups_cache:
-            self._groups_cache[key] = _discover_input_groups(step, local)
+            self._groups_cache[key] = step.input_groups(local)
         return self._groups_cache[key]
 
 
-def _discover_input_groups(step: LayerStep, local: dict[str, nn.Linear]) -> list[list[str]]:
-    """Run one batch with hooks recording which linears receive the very same tensor."""
-    seen: list[tuple[str, torch.Tensor]] = []
+def _keeping(acc: HessianAccumulator, kept: list[torch.Tensor]):
+    """A hook callback adding to ``acc`` and keeping the input (on the CPU) for the shortcut."""
 
-    def make_hook(name: str) -> Callable:
-        return lambda _m, args, kwargs: seen.append((name, args[0] if args else kwargs["input"]))
+    def see(x: torch.Tensor) -> None:
+        acc.add_batch(x)
+        kept.append(x.detach().to("cpu"))
 
-    handles = [
-        m.register_forward_pre_hook(make_hook(n), with_kwargs=True) for n, m in local.items()
-    ]
-    try:
-        batch = step.inputs[0]
-        step.layer(batch.hidden.to(step.device), **_to(batch.kwargs, step.device))
-    finally:
-        for h in handles:
-            h.remove()
-    groups: list[list[str]] = []
-    for i, (name, x) in enumerate(seen):
-        if any(name in g for g in groups):
-            continue  # a linear called twice keeps its first position
-        if i and x is seen[i - 1][1] and seen[i - 1][0] in groups[-1]:
-            groups[-1].append(name)
-        else:
-            groups.append([name])
-    missing = [n for n in local if not any(n in g for g in groups)]
-    if missing:
-        raise PassError(
-            f"layer {step.index}: {', '.join(missing)} never ran in the layer's forward"
-        )
-    return groups
-
-
-class _ResidualBlock:
-    """A pre-norm residual decoder layer taken apart at its linears' inputs."""
-
-    def __init__(self, layer: nn.Module, local: dict[str, nn.Linear], arch: Family) -> None:
-        self.layer = layer
-        self.o_proj, self.down_proj = local[arch.o], local[arch.down]
-        self.attn_norm = layer.get_submodule(arch.attn_norm)
-        self.mlp_norm = layer.get_submodule(arch.mlp_norm)
-
-    def o_input(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """What ``o_proj`` reads: attention output of ``attn_norm(h)``."""
-        attn = self.layer.self_attn
-        return _input_of(self.o_proj, lambda: attn(hidden_states=self.attn_norm(h), **kwargs))
-
-    def down_input(self, h2: torch.Tensor) -> torch.Tensor:
-        """What ``down_proj`` reads, given the residual stream after attention."""
-        return _input_of(self.down_proj, lambda: self.layer.mlp(self.mlp_norm(h2)))
-
-    def forward(self, h: torch.Tensor, kwargs: dict) -> torch.Tensor:
-        """The layer's output, assembled from the pieces (checked against the real forward)."""
-        h2 = h + self.o_proj(self.o_input(h, kwargs))
-        return h2 + self.down_proj(self.down_input(h2))
-
-
-def _input_of(linear: nn.Linear, run: Callable[[], object]) -> torch.Tensor:
-    """The input ``linear`` receives during ``run()``, which is stopped right there."""
-    seen: list[torch.Tensor] = []
-
-    def hook(_m: nn.Module, args: tuple, kwargs: dict) -> None:
-        seen.append(args[0] if args else kwargs["input"])
-        raise _StopForward
-
-    handle = linear.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        run()
-    except _StopForward:
-        pass
-    finally:
-        handle.remove()
-    if not seen:
-        raise PassError(f"{type(linear).__name__}: never ran in its block's forward")
-    return seen[0]
-
-
-def _run_batches(step: LayerStep, keep_outputs: bool) -> list[torch.Tensor]:
-    """Run the calibration batches through the layer; hooks may stop each one early."""
-    outputs = []
-    for batch in step.inputs:
-        try:
-            out = step.layer(batch.hidden.to(step.device), **_to(batch.kwargs, step.device))
-        except _StopForward:
-            continue
-        if keep_outputs:
-            outputs.append(_layer_output(out).to(batch.hidden.device))
-    return outputs
-
-
-def _fits(step: LayerStep, linear: nn.Linear) -> bool:
-    """Whether keeping the inputs of ``linear`` for every calibration token fits the budget."""
-    tokens = sum(b.hidden.shape[:-1].numel() for b in step.inputs)
-    return tokens * linear.in_features * 4 <= _SHORTCUT_MAX_BYTES
-
-
-def _shortcut_outputs(
-    step: LayerStep, outputs: list[torch.Tensor], inputs: list[torch.Tensor], delta: torch.Tensor
-) -> None:
-    """Layer outputs after quantizing its last linear, without running the layer again.
-
-    When the last linear's output is added straight to the layer output (the residual of
-    Llama-style MLPs), ``Y_q = Y + X ΔW^T``. This is verified against a real forward on the
-    first batch; if it does not hold (e.g. a post-MLP norm), the engine recomputes instead.
-    """
-    if len(outputs) != len(step.inputs) or len(inputs) != len(outputs):
-        return
-    delta = delta.to(step.device)
-    updated = [
-        y + (x.to(step.device).to(delta.dtype) @ delta.T).to(y.dtype).to(y.device)
-        for y, x in zip(outputs, inputs, strict=True)
-    ]  # (B, T, H) each
-    batch = step.inputs[0]
-    check = _layer_output(
-        step.layer(batch.hidden.to(step.device), **_to(batch.kwargs, step.device))
-    )
-    tol = 1e-4 * check.abs().max().item() + 1e-5
-    if (check.to(updated[0].device) - updated[0]).abs().max().item() <= tol:
-        for y in updated:
-            if not torch.isfinite(y).all():
-                raise PassError(f"layer {step.index}: NaN/Inf in its quantized outputs")
-        step.set_outputs(updated)
-
-
-def _layers_prefix(model: PreTrainedModel) -> str:
-    """Dotted name of the decoder-layer ModuleList (``model.layers`` for Llama)."""
-    layers = decoder_layers(model)
-    return next(name for name, module in model.named_modules() if module is layers)
+    return see
 
 
 def _error_line(errors: dict[str, float]) -> str:
     """Compact per-linear relative output errors for the progress bar."""
     return " ".join(f"{name.rsplit('.', 1)[-1]}={err:.2e}" for name, err in errors.items())
-
-
-def error_vs_rtn(
-    errors: dict[str, dict[str, float]], rtn: dict[str, dict[str, float]]
-) -> dict[str, float | int]:
-    """GPTQ's layer-output error as a fraction of plain RTN's, on the same calibration Hessians.
-
-    The layer objective GPTQ minimises; the report shows how much of it was removed
-    (linears without an RTN figure, e.g. from resume state of an older version, are left out).
-    """
-    ratios = sorted(
-        e / rtn[layer][name]
-        for layer, per in errors.items()
-        for name, e in per.items()
-        if rtn.get(layer, {}).get(name)
-    )
-    if not ratios:
-        return {"linears": 0}
-    return {
-        "linears": len(ratios),
-        "median_ratio": round(ratios[len(ratios) // 2], 4),
-        "mean_ratio": round(sum(ratios) / len(ratios), 4),
-        "max_ratio": round(ratios[-1], 4),
-    }
 
 
 def _sig(value: float) -> float:

@@ -22,7 +22,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
 from slmcompress.errors import PassError, RecipeError
 from slmcompress.eval.report import count_params
-from slmcompress.layerwise import WrittenCheckpoint
+from slmcompress.model_sources import BUILTIN_MODELS, cache_dir
 from slmcompress.passes.base import Context, Pass, PassConfig, StageOutput, StreamingOptions
 from slmcompress.prune.align import align_sizes
 from slmcompress.prune.importance import (
@@ -34,8 +34,9 @@ from slmcompress.prune.importance import (
     random_importance,
 )
 from slmcompress.prune.planner import (
-    ArchSizes,
+    PruneSizes,
     check_config,
+    param_counts,
     plan_keep,
     pruned_config,
     resolve_target,
@@ -43,6 +44,7 @@ from slmcompress.prune.planner import (
     sizes_of,
 )
 from slmcompress.prune.slicing import slice_model
+from slmcompress.prune.streamed_export import export_pruned_streamed
 from slmcompress.registry import register_pass
 
 
@@ -96,11 +98,11 @@ class PruneConfig(StreamingOptions):
             raise ValueError("give exactly one of target or param_ratio")
         return self
 
-    def sizes(self, config: PretrainedConfig, where: str = "") -> ArchSizes:
+    def sizes(self, config: PretrainedConfig, where: str = "") -> PruneSizes:
         """Resolve the target against a model config (one-line PassError naming the field)."""
         return self.aligned_sizes(config, where)[0]
 
-    def aligned_sizes(self, config: PretrainedConfig, where: str = "") -> tuple[ArchSizes, Any]:
+    def aligned_sizes(self, config: PretrainedConfig, where: str = "") -> tuple[PruneSizes, Any]:
         """The resolved, aligned sizes and what alignment did (for the report)."""
         prefix = f"{where}." if where else ""
         if self.param_ratio is not None:
@@ -145,7 +147,6 @@ class PruneConfig(StreamingOptions):
 
 def _config_if_cheap(source: str) -> PretrainedConfig | None:
     """The model's config when it is on disk already (no GGUF conversion, no hub)."""
-    from slmcompress.models import BUILTIN_MODELS, cache_dir
 
     directory = (
         cache_dir() / "models" / source if source in BUILTIN_MODELS else Path(source).expanduser()
@@ -165,12 +166,28 @@ class PrunePass(Pass):
     Config = PruneConfig
     requires_calibration = True
     supports_streaming = True
-    streaming_note = " (method activation or random)"
+    streaming_note = " (method activation or random; depth_mode contiguous in memory only)"
 
     @classmethod
     def can_stream(cls, config: PassConfig) -> bool:
-        """Magnitude scores need every weight in memory; activation and random stream."""
-        return super().can_stream(config) and config.method in ("activation", "random")
+        """Activation and random scores stream; magnitude scores need every weight in memory,
+        and contiguous depth blocks compare inputs of layers the stream has already dropped."""
+        if not super().can_stream(config) or config.method == "magnitude":
+            return False
+        return config.method == "random" or not (
+            config.depth_mode == "contiguous" and _drops_layers(config)
+        )
+
+    @classmethod
+    def for_streaming(cls, config: PassConfig) -> tuple[PassConfig, list[str]]:
+        """Depth ranked by loss runs the whole model: a streamed run ranks by cosine instead."""
+        if config.depth_metric != "loss" or not _drops_layers(config):
+            return config, []
+        warning = (
+            "prune.depth_metric: loss needs the whole model in memory; this streamed run "
+            "ranks layers by block importance (depth_metric: cosine) instead"
+        )
+        return config.model_copy(update={"depth_metric": "cosine"}), [warning]
 
     @torch.no_grad()
     def run(self, model: PreTrainedModel, ctx: Context) -> StageOutput:
@@ -186,42 +203,32 @@ class PrunePass(Pass):
         start = time.perf_counter()
         importance = self._importance(model, ctx, current, sizes)
         plan = plan_keep(importance, current, sizes, cfg.depth_mode)
-        output, pruned = _apply_plan(model, plan, ctx)
+        output = ctx.rewrite(
+            build=lambda: slice_model(model, plan),
+            write=lambda source, out: export_pruned_streamed(model, source, plan, out, ctx.dtype),
+        )
         ctx.extra_metrics["prune"] = _summary(
-            model, pruned, current, sizes, plan.layers, importance, time.perf_counter() - start
+            model, sizes, current, plan.layers, importance, time.perf_counter() - start
         ) | {"alignment": alignment.summary(), "alignment_line": alignment.line()}
         return output
 
     def _importance(
-        self, model: PreTrainedModel, ctx: Context, current: ArchSizes, sizes: ArchSizes
+        self, model: PreTrainedModel, ctx: Context, current: PruneSizes, sizes: PruneSizes
     ) -> Importance:
+        """Unit and layer scores; a streamed stage gets here only with what streams
+        (:meth:`can_stream`, :meth:`for_streaming`)."""
         cfg: PruneConfig = self.config
         n_drop = current.num_layers - sizes.num_layers
         block = n_drop if (cfg.depth_mode == "contiguous" and n_drop > 0) else 1
         if cfg.method == "magnitude":
-            if not ctx.residency.in_memory:
-                raise PassError(
-                    "prune.method: magnitude needs the weights in memory; a model over "
-                    "max_memory is pruned with method activation or random"
-                )
             return magnitude_importance(model)
         if cfg.method == "random":
             return random_importance(model, ctx.seed)
         tokens = ctx.calibration_tokens(cfg.n_samples, cfg.seq_len)  # (N, T)
-        if block != 1 and ctx.residency.streamed:
-            raise PassError(
-                "importance: streaming scores single layers only (block_size 1); "
-                "use depth_mode/ block scoring in memory"
-            )
         key = {"importance": "minitron-activation", "head_metric": cfg.head_metric}
         loop = ctx.layer_loop(model, tokens, cfg.batch_size, "importance", key, "importance")
         importance = activation_importance_of(loop, block, cfg.head_metric)
-        if n_drop > 0 and cfg.depth_metric == "loss" and ctx.residency.streamed:
-            ctx.warn(
-                "prune.depth_metric: loss needs the whole model in memory; this streamed run "
-                "ranks layers by block importance (depth_metric: cosine) instead"
-            )
-        elif n_drop > 0 and cfg.depth_metric == "loss":
+        if n_drop > 0 and cfg.depth_metric == "loss":
             scores, base = loss_depth_scores(model, tokens, block, cfg.batch_size)
             if block == 1:
                 importance.layers = scores
@@ -235,36 +242,27 @@ class PrunePass(Pass):
         return importance
 
 
-def _apply_plan(
-    model: PreTrainedModel, plan: Any, ctx: Context
-) -> tuple[StageOutput, PreTrainedModel]:
-    """The stage output, and a model (or skeleton) of it to count parameters on.
-
-    Streamed: slice tensor by tensor from the input shards into a sharded checkpoint.
-    """
-    if ctx.residency.in_memory:
-        pruned = slice_model(model, plan)
-        return pruned, pruned
-    from slmcompress.prune.streamed_export import export_pruned_streamed
-    from slmcompress.streaming.loader import build_skeleton
-
-    out = export_pruned_streamed(
-        model, ctx.residency.source, plan, Path(ctx.work_dir) / "streamed-checkpoint", ctx.dtype
-    )
-    return WrittenCheckpoint(out), build_skeleton(out, ctx.dtype)
+def _drops_layers(config: PruneConfig) -> bool:
+    """Whether the config may remove layers (a num_layers target, or param_ratio on layers)."""
+    if config.target is not None:
+        return config.target.num_layers is not None
+    return config.axis == "layers"
 
 
 def _summary(
-    model,
-    pruned,
-    current: ArchSizes,
-    sizes: ArchSizes,
+    model: PreTrainedModel,
+    sizes: PruneSizes,
+    current: PruneSizes,
     layers: list[int],
     importance: Importance,
     seconds: float,
 ) -> dict[str, Any]:
-    """What the stage report records: sizes, parameter counts, kept layers, scores."""
-    before, after = count_params(model), count_params(pruned)
+    """What the stage report records: sizes, parameter counts, kept layers, scores.
+
+    The pruned counts come from the pruned config (on the meta device), the same whether
+    the output is a model in memory or a checkpoint written from a streamed input.
+    """
+    before, after = count_params(model), param_counts(model.config, sizes)
     return {
         "sizes_before": current.as_dict(),
         "sizes_after": sizes.as_dict(),

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 
 from slmcompress.passes.base import Context, Pass, PassConfig
 from slmcompress.progress import progress_bar
+from slmcompress.quant.clip_search import ClipSearchOptions
 from slmcompress.quant.convert import (
     check_group_size,
     ensure_not_quantized,
@@ -23,29 +24,11 @@ from slmcompress.quant.convert import (
     resolve_group_size,
 )
 from slmcompress.quant.gptq_format import QuantizedWeight
-from slmcompress.quant.qparams import clip_grid, rtn_quantize_weight
+from slmcompress.quant.qparams import rtn_quantize_weight
 from slmcompress.registry import register_pass
 
 
-class ClipSearchOptions(PassConfig):
-    """Clip-ratio ("mse") search for the group scales/zeros, shared by RTN and GPTQ.
-
-    With ``clip_search``, each group row's min/max range is shrunk by the ratios
-    ``1.0, ..., clip_min_ratio`` (``clip_steps + 1`` values) and the one with the smallest
-    ``|w - q(w)|^clip_norm`` error is kept (GPTQModel/AutoGPTQ's ``mse`` quantizer option).
-    """
-
-    clip_search: bool = False
-    clip_min_ratio: float = Field(0.75, gt=0, le=1)
-    clip_steps: int = Field(25, ge=1)
-    clip_norm: float = Field(2.4, gt=0)
-
-    def clip_ratios(self) -> list[float] | None:
-        """The ratios to try, or None when the search is off."""
-        return clip_grid(self.clip_min_ratio, self.clip_steps) if self.clip_search else None
-
-
-class RTNConfig(ClipSearchOptions):
+class RTNConfig(ClipSearchOptions, PassConfig):
     """``type: quantize, method: rtn`` (``group_size: auto``: see :func:`auto_group_size`)."""
 
     method: Literal["rtn"] = "rtn"
@@ -68,7 +51,9 @@ class RTNPass(Pass):
     @torch.no_grad()
     def run(self, model: PreTrainedModel, ctx: Context) -> PreTrainedModel:
         ensure_not_quantized(model)
-        cfg: RTNConfig = resolve_group_size(self.config, model, ctx)
+        choice = resolve_group_size(self.config, model)
+        ctx.record(choice.warnings, group_size=choice.report)
+        cfg: RTNConfig = choice.config
         targets, skipped = quantizable_linears(model, cfg.ignore, cfg.bits)
         for message in skipped:
             ctx.warn(message)

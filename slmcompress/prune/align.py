@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from slmcompress.errors import PassError
-from slmcompress.prune.planner import ArchSizes
+from slmcompress.prune.planner import PruneSizes
 
 CHANNEL_AXES = {"ffn_hidden_size": "ffn_hidden_size", "hidden_size": "hidden_size"}
 AUTO_MULTIPLES = (128, 64)
@@ -68,8 +68,8 @@ def _round(value: int, current: int, multiple: int) -> int | None:
 
 
 def align_sizes(
-    current: ArchSizes, sizes: ArchSizes, align: str | int, where: str = "target"
-) -> tuple[ArchSizes, Alignment]:
+    current: PruneSizes, sizes: PruneSizes, align: str | int, where: str = "target"
+) -> tuple[PruneSizes, Alignment]:
     """Round every pruned channel width; check attention widths. One-line PassError naming the
     field whose target cannot be met under the alignment."""
     report = Alignment(align)
@@ -103,7 +103,7 @@ def align_sizes(
 
 
 def _check_heads(
-    current: ArchSizes, sizes: ArchSizes, align: str | int, where: str, report: Alignment
+    current: PruneSizes, sizes: PruneSizes, align: str | int, where: str, report: Alignment
 ) -> None:
     """Attention widths (heads x head_dim) follow head_dim; an explicit multiple is enforced."""
     for name in ("num_attention_heads", "num_key_value_heads"):

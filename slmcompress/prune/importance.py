@@ -31,9 +31,16 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import PreTrainedModel
 
-from slmcompress.arch import Family, LayerParts, check_layer_shapes, family_for, layer_parts
+from slmcompress.arch import (
+    Family,
+    LayerParts,
+    check_layer_shapes,
+    decoder_layers,
+    family_for,
+    layer_parts,
+)
 from slmcompress.errors import PassError
-from slmcompress.layerwise import LayerLoop, LayerStep, MemoryLoop, decoder_layers
+from slmcompress.layerwise import LayerLoop, LayerStep, MemoryLoop
 from slmcompress.prune.planner import sizes_of
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,7 @@
 Minitron (Muralidharan et al. 2024; Sreenivas et al. 2024) prunes in one shot to a fixed
 target architecture, expressed like NVIDIA ModelOpt's export config: ``hidden_size``,
 ``ffn_hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``num_layers``.
-This module turns such a target (or a ``param_ratio`` on one axis) into :class:`ArchSizes`
+This module turns such a target (or a ``param_ratio`` on one axis) into :class:`PruneSizes`
 and rejects targets a Llama-style checkpoint cannot express: sizes larger than the model,
 head counts that break GQA grouping, a hidden size the attention shape cannot divide.
 """
@@ -19,6 +19,7 @@ from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from slmcompress.arch import LLAMA_LAYOUT, registered_family
 from slmcompress.errors import PassError
+from slmcompress.eval.report import count_params
 
 Axis = Literal["heads", "mlp", "hidden", "layers"]
 AXES: tuple[str, ...] = ("heads", "mlp", "hidden", "layers")
@@ -32,8 +33,13 @@ TARGET_KEYS = (
 
 
 @dataclass(frozen=True)
-class ArchSizes:
-    """The prunable sizes of a decoder-only transformer (uniform over layers, as HF configs are)."""
+class PruneSizes:
+    """The prunable sizes of a decoder-only transformer (uniform over layers, as HF configs are).
+
+    A prune's current and target sizes, named like NVIDIA ModelOpt's export config (the
+    ``target:`` keys and the report's ``sizes_before``/``sizes_after``). Cost estimates use
+    :class:`~slmcompress.memory_model.ModelDims` (which adds the vocabulary and tying).
+    """
 
     hidden_size: int
     ffn_hidden_size: int
@@ -50,7 +56,7 @@ class ArchSizes:
         return asdict(self)
 
 
-def sizes_of(config: PretrainedConfig) -> ArchSizes:
+def sizes_of(config: PretrainedConfig) -> PruneSizes:
     """Read the prunable sizes of a decoder config (one-line error on an impossible GQA)."""
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
@@ -58,7 +64,7 @@ def sizes_of(config: PretrainedConfig) -> ArchSizes:
         raise PassError(
             f"config.num_attention_heads: {heads} is not a multiple of num_key_value_heads {kv}"
         )
-    return ArchSizes(
+    return PruneSizes(
         hidden_size=config.hidden_size,
         ffn_hidden_size=config.intermediate_size,
         num_attention_heads=heads,
@@ -69,12 +75,12 @@ def sizes_of(config: PretrainedConfig) -> ArchSizes:
 
 
 def resolve_target(
-    current: ArchSizes,
+    current: PruneSizes,
     target: dict[str, int | None],
     head_pruning: str = "within_groups",
     where: str = "target",
     config: PretrainedConfig | None = None,
-) -> ArchSizes:
+) -> PruneSizes:
     """Fill unspecified target sizes and validate the result against ``current``.
 
     With ``head_pruning: kv_groups`` and no ``num_key_value_heads``, whole KV groups are
@@ -88,7 +94,7 @@ def resolve_target(
         kv = current.num_key_value_heads
         if head_pruning == "kv_groups" and heads != current.num_attention_heads:
             kv = _kv_for_whole_groups(current, heads, where)
-    sizes = ArchSizes(
+    sizes = PruneSizes(
         hidden_size=get.get("hidden_size", current.hidden_size),
         ffn_hidden_size=get.get("ffn_hidden_size", current.ffn_hidden_size),
         num_attention_heads=heads,
@@ -102,7 +108,7 @@ def resolve_target(
     return sizes
 
 
-def _kv_for_whole_groups(current: ArchSizes, heads: int, where: str) -> int:
+def _kv_for_whole_groups(current: PruneSizes, heads: int, where: str) -> int:
     per_group = current.heads_per_group
     if heads % per_group:
         raise PassError(
@@ -112,7 +118,7 @@ def _kv_for_whole_groups(current: ArchSizes, heads: int, where: str) -> int:
     return heads // per_group
 
 
-def check_sizes(current: ArchSizes, new: ArchSizes, where: str = "target") -> None:
+def check_sizes(current: PruneSizes, new: PruneSizes, where: str = "target") -> None:
     """Raise a one-line PassError naming the first target field the model cannot take."""
     names = {
         "num_layers": "num_layers",
@@ -132,7 +138,7 @@ def check_sizes(current: ArchSizes, new: ArchSizes, where: str = "target") -> No
     _check_gqa(current, new, where)
 
 
-def _check_gqa(current: ArchSizes, new: ArchSizes, where: str) -> None:
+def _check_gqa(current: PruneSizes, new: PruneSizes, where: str) -> None:
     """Query heads must split evenly over KV groups, and a group can only lose heads."""
     heads, kv = new.num_attention_heads, new.num_key_value_heads
     if heads % kv:
@@ -155,7 +161,7 @@ SOURCE_LAYERS_KEY = "slmcompress_source_layers"
 
 
 def pruned_config(
-    config: PretrainedConfig, sizes: ArchSizes, kept_layers: list[int] | None = None
+    config: PretrainedConfig, sizes: PruneSizes, kept_layers: list[int] | None = None
 ) -> PretrainedConfig:
     """A copy of ``config`` describing the pruned architecture (head_dim kept explicit).
 
@@ -187,7 +193,7 @@ def pruned_config(
     return config.__class__.from_dict(data)
 
 
-def check_config(config: PretrainedConfig, sizes: ArchSizes, where: str = "target") -> None:
+def check_config(config: PretrainedConfig, sizes: PruneSizes, where: str = "target") -> None:
     """The architecture's own rules (e.g. Llama: hidden_size divisible by the head count)."""
     try:
         pruned_config(config, sizes)
@@ -200,9 +206,8 @@ def check_config(config: PretrainedConfig, sizes: ArchSizes, where: str = "targe
         ) from exc
 
 
-def param_counts(config: PretrainedConfig, sizes: ArchSizes) -> tuple[int, int]:
+def param_counts(config: PretrainedConfig, sizes: PruneSizes) -> tuple[int, int]:
     """(total, non-embedding) parameters of the pruned architecture, counted on the meta device."""
-    from slmcompress.eval.report import count_params
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(pruned_config(config, sizes))
@@ -216,7 +221,7 @@ def sizes_for_param_ratio(
     head_pruning: str = "within_groups",
     count: str = "non_embedding",
     round_to: int = 8,
-) -> ArchSizes:
+) -> PruneSizes:
     """Shrink one axis until the model keeps ``ratio`` of its (non-embedding) parameters.
 
     Every count is linear in any single axis, so two meta-device counts give the line and
@@ -247,7 +252,7 @@ def sizes_for_param_ratio(
     return _with_axis(current, axis, value, head_pruning)
 
 
-def _axis_step(current: ArchSizes, axis: str, head_pruning: str, round_to: int) -> int:
+def _axis_step(current: PruneSizes, axis: str, head_pruning: str, round_to: int) -> int:
     """Granularity of an axis: channels in multiples (hidden also divisible by heads), whole heads."""
     if axis == "mlp":
         return round_to
@@ -258,7 +263,7 @@ def _axis_step(current: ArchSizes, axis: str, head_pruning: str, round_to: int) 
     return current.heads_per_group if head_pruning == "kv_groups" else current.num_key_value_heads
 
 
-def _with_axis(current: ArchSizes, axis: str, value: int, head_pruning: str) -> ArchSizes:
+def _with_axis(current: PruneSizes, axis: str, value: int, head_pruning: str) -> PruneSizes:
     if axis == "mlp":
         return replace(current, ffn_hidden_size=value)
     if axis == "hidden":
@@ -275,7 +280,7 @@ def _with_axis(current: ArchSizes, axis: str, value: int, head_pruning: str) -> 
 class KeepPlan:
     """Indices (ascending, in original numbering) of everything the pruned model keeps."""
 
-    sizes: ArchSizes
+    sizes: PruneSizes
     hidden: torch.Tensor  # (H',)
     heads: dict[int, torch.Tensor]  # original layer -> kept query heads (nh',)
     kv_heads: dict[int, torch.Tensor]  # original layer -> kept KV heads (nkv',)
@@ -325,7 +330,7 @@ def select_layers(
 
 
 def plan_keep(
-    importance: Any, current: ArchSizes, sizes: ArchSizes, depth_mode: str = "per_layer"
+    importance: Any, current: PruneSizes, sizes: PruneSizes, depth_mode: str = "per_layer"
 ) -> KeepPlan:
     """Turn importance scores and target sizes into the indices to keep."""
     layers = list(range(current.num_layers))
@@ -357,12 +362,12 @@ def plan_keep(
 
 
 def sizes_for_removal(
-    current: ArchSizes,
+    current: PruneSizes,
     axis: str,
     ratio: float,
     head_pruning: str = "within_groups",
     round_to: int = 8,
-) -> ArchSizes:
+) -> PruneSizes:
     """Remove about ``ratio`` of one axis's units (at least one step, whole heads/groups, whole layers).
 
     Heads round the kept count down (9 heads in 3 groups at 10% -> 6), since smaller steps

@@ -22,12 +22,12 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from slmcompress.arch import decoder_layers
 from slmcompress.data import CalibrationSpec, EvalSpec, calibration_tokens, eval_tokens
 from slmcompress.errors import PassError
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.eval.report import count_params
 from slmcompress.fsutil import atomic_dir, replace_problem
-from slmcompress.layerwise import decoder_layers
 from slmcompress.prune.importance import (
     Importance,
     activation_importance,

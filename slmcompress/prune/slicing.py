@@ -21,9 +21,8 @@ from torch import nn
 from transformers import PreTrainedModel
 from transformers.initialization import no_init_weights
 
-from slmcompress.arch import PART_INPUT, Family, family_for, part_rows, segments
+from slmcompress.arch import PART_INPUT, Family, decoder_layers, family_for, part_rows, segments
 from slmcompress.errors import PassError
-from slmcompress.layerwise import decoder_layers
 from slmcompress.prune.planner import KeepPlan, pruned_config
 
 log = logging.getLogger(__name__)

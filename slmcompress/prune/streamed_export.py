@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
@@ -19,12 +19,14 @@ from slmcompress.checkpoint_io import new_metadata, write_metadata
 from slmcompress.errors import PassError
 from slmcompress.prune.planner import KeepPlan, pruned_config
 from slmcompress.prune.slicing import iter_sliced
-from slmcompress.streaming.loader import WeightSource, _resolve
 from slmcompress.streaming.sharded_writer import (
     DEFAULT_SHARD_BYTES,
     copy_side_files,
     sharded_checkpoint,
 )
+
+if TYPE_CHECKING:  # handed in by the stage's residency (Residency.rewrite)
+    from slmcompress.streaming.loader import WeightSource
 
 log = logging.getLogger(__name__)
 
@@ -43,25 +45,25 @@ def tied_fallback(model: PreTrainedModel) -> dict[str, str]:
 @torch.no_grad()
 def export_pruned_streamed(
     skeleton: PreTrainedModel,
-    source_dir: Path,
+    source: WeightSource,
     plan: KeepPlan,
     out_dir: Path,
     dtype: torch.dtype,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     metadata: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the pruned checkpoint of ``source_dir`` into ``out_dir`` (atomic, sharded).
+    """Write the pruned checkpoint of ``source`` (the input's shards) into ``out_dir``
+    (atomic, sharded).
 
     The result is a plain float HF checkpoint: ``from_pretrained`` loads it when it fits.
     """
-    source = WeightSource(Path(source_dir))
     fallback = tied_fallback(skeleton)
     shapes = {name: t.shape for name, t in skeleton.state_dict().items()}
 
     def read(name: str) -> torch.Tensor:
         if name in fallback:  # tied head: not stored, so not read (a meta stand-in, skipped below)
             return torch.empty(shapes[name], device="meta")
-        return source.get(_resolve(name, source, fallback), dtype)
+        return source.get(source.resolve(name, fallback), dtype)
 
     config = pruned_config(skeleton.config, plan.sizes, plan.layers)
     with torch.device("meta"):  # the shapes the pruned config implies, to check every tensor
@@ -77,7 +79,7 @@ def export_pruned_streamed(
                 )
             writer.add(name, tensor)
             del tensor
-        copy_side_files(Path(source_dir), writer.directory)
+        copy_side_files(source.model_dir, writer.directory)
         config.torch_dtype = str(dtype).removeprefix("torch.")
         config.to_json_file(writer.directory / "config.json")
         write_metadata(writer.directory, new_metadata(metadata, streamed=True))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -68,27 +69,34 @@ def unsupported_group_warning(group_size: int) -> str | None:
     )
 
 
-def resolve_group_size(config: Any, model: nn.Module, ctx: Any) -> Any:
-    """``config`` with ``group_size: auto`` resolved for ``model``; warns about ragged groups.
+@dataclass(frozen=True)
+class GroupSizeChoice:
+    """``group_size: auto`` resolved for a model, and what the stage report says about it."""
 
-    Records the requested and resolved values in ``ctx.extra_metrics["group_size"]`` (the
-    report); the checkpoint's ``quantization_config`` gets the resolved integer.
+    config: Any  # the pass config with the resolved integer group size
+    warnings: list[str]  # ragged groups, sizes the consumers refuse
+    report: dict[str, Any]  # requested and resolved values, input widths, ragged or not
+
+
+def resolve_group_size(config: Any, model: nn.Module) -> GroupSizeChoice:
+    """``config`` with ``group_size: auto`` resolved for ``model``, with report warnings.
+
+    The checkpoint's ``quantization_config`` gets the resolved integer; the report records
+    the requested and resolved values (the pass puts them into its context).
     """
     chosen, _ = quantizable_linears(model, config.ignore, config.bits)
     widths = {name: linear.in_features for name, linear in chosen.items()}
     auto = config.group_size == "auto"
     group = auto_group_size(widths.values()) if auto else config.group_size
     ragged = ragged_group_warning(group, widths)
-    for warning in (ragged, unsupported_group_warning(group)):
-        if warning:
-            ctx.warn(warning)
-    ctx.extra_metrics["group_size"] = {
+    warnings = [w for w in (ragged, unsupported_group_warning(group)) if w]
+    report = {
         "requested": config.group_size,
         "resolved": group,
         "input_widths": sorted(set(widths.values())),
         "ragged": ragged is not None,
     }
-    return config.model_copy(update={"group_size": group})
+    return GroupSizeChoice(config.model_copy(update={"group_size": group}), warnings, report)
 
 
 def check_group_size(value: Any) -> int | str:

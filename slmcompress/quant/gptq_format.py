@@ -19,7 +19,8 @@ from slmcompress.quant.qparams import n_groups
 
 @dataclass(frozen=True)
 class QuantizedWeight:
-    """One linear's quantized weight before packing (GPTQ v1 semantics, see DESIGN.md sec. 3).
+    """One linear's quantized weight before packing (GPTQ v1 semantics; the layout is in the
+    README, "Output layout and formats").
 
     ``w[o, i] = scales[g_idx[i], o] * (codes[o, i] - zeros[g_idx[i], o])``.
     """

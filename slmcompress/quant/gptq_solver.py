@@ -418,3 +418,28 @@ def rtn_rel_output_err(
         scale, zero = compute_qparams(block, bits, sym)
         Q[:, start : start + step] = fake_quantize(block, _fp16_exact(scale), zero, bits)
     return error_stats(W, Q, H, ref)["rel_output_err"]
+
+
+def error_vs_rtn(
+    errors: dict[str, dict[str, float]], rtn: dict[str, dict[str, float]]
+) -> dict[str, float | int]:
+    """GPTQ's layer-output error as a fraction of plain RTN's, on the same calibration Hessians.
+
+    ``errors``/``rtn``: layer -> linear -> relative output error. The layer objective GPTQ
+    minimises; the report shows how much of it was removed (linears without an RTN figure,
+    e.g. from resume state of an older version, are left out).
+    """
+    ratios = sorted(
+        e / rtn[layer][name]
+        for layer, per in errors.items()
+        for name, e in per.items()
+        if rtn.get(layer, {}).get(name)
+    )
+    if not ratios:
+        return {"linears": 0}
+    return {
+        "linears": len(ratios),
+        "median_ratio": round(ratios[len(ratios) // 2], 4),
+        "mean_ratio": round(sum(ratios) / len(ratios), 4),
+        "max_ratio": round(ratios[-1], 4),
+    }

@@ -16,137 +16,40 @@ resume point, and ``finish`` assembles the sharded checkpoint from the committed
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import shutil
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import torch
 from torch import nn
 
 from slmcompress.arch import layer_type
 from slmcompress.checkpoint_io import new_metadata, write_metadata, write_quantize_config
 from slmcompress.errors import PassError
-from slmcompress.layerwise import LayerStep, WrittenCheckpoint, capture_layer_inputs
+from slmcompress.layerwise import (
+    LayerStep,
+    WrittenCheckpoint,
+    capture_layer_inputs,
+    release_freed_memory_eagerly,
+)
 from slmcompress.memory_model import (
     BASE_RSS,
-    DEFAULT_MEMORY_FRACTION,
     SLACK,
-    Arch,
+    ModelDims,
     capture_peak_bytes,
     format_bytes,
     layer_peak_bytes,
-    parse_bytes,
 )
-from slmcompress.streaming.activations import ActivationStore, BatchView, OffloadMode
+from slmcompress.streaming.activations import ActivationStore, BatchView
+from slmcompress.streaming.budget import StreamOptions, device_budget, resolve_budget
 from slmcompress.streaming.loader import StreamingModel
 from slmcompress.streaming.resume import ResumeState, tokens_digest
-from slmcompress.streaming.sharded_writer import (
-    DEFAULT_SHARD_BYTES,
-    copy_side_files,
-    sharded_checkpoint,
-)
+from slmcompress.streaming.sharded_writer import copy_side_files, sharded_checkpoint
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class StreamOptions:
-    """How a streaming run may use memory and disk."""
-
-    max_memory: int | str | None = None  # host bytes; None = a fraction of available RAM
-    activation_offload: OffloadMode = "auto"
-    batch_size: int = 1
-    resume: bool = True
-    pass_name: str = "gptq"  # for the working-set estimate in the budget check
-    key: dict[str, Any] = field(default_factory=dict)  # what the pass result depends on
-    max_shard_bytes: int = DEFAULT_SHARD_BYTES  # of the checkpoint ``finish`` writes
-
-
-_M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
-
-
-def release_freed_memory_eagerly() -> None:
-    """Make glibc return every freed tensor (>64 KiB) to the OS at once.
-
-    glibc raises its mmap threshold after large frees, so later layer-sized tensors come
-    from the heap, which fragments and never shrinks: measured +100-200 MB of RSS per
-    streamed layer size without this, +0 with it. A fixed threshold keeps it at one layer.
-    """
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 64 * 1024)
-    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to tune
-        pass
-
-
-def default_budget() -> int:
-    """A fraction of the host memory available now (other jobs share this machine)."""
-    return int(psutil.virtual_memory().available * DEFAULT_MEMORY_FRACTION)
-
-
-def machine_budget() -> int:
-    """A fraction of the host's total RAM: the runner's default, the same on every run."""
-    return int(psutil.virtual_memory().total * DEFAULT_MEMORY_FRACTION)
-
-
-def resolve_budget(max_memory: int | str | None) -> int:
-    return default_budget() if max_memory in (None, "auto") else parse_bytes(max_memory)
-
-
-def device_budget(device: torch.device) -> int | None:
-    """Free memory of a CUDA device (None on CPU: the host budget covers it)."""
-    if device.type != "cuda":
-        return None
-    free, _total = torch.cuda.mem_get_info(device)
-    return int(free * 0.9)
-
-
-# ---------------------------------------------------------------- decision
-@dataclass(frozen=True)
-class StreamDecision:
-    """Whether a model should be streamed, and why (logged by the passes)."""
-
-    stream: bool
-    model_bytes: int
-    budget_bytes: int
-    reason: str
-
-
-def should_stream(
-    model_source: str | Path,
-    max_memory: int | str | None = None,
-    dtype: torch.dtype = torch.float32,
-    activation_bytes: int = 0,
-) -> StreamDecision:
-    """Stream when the model (at the compute dtype) plus activations exceed the host budget."""
-    from slmcompress.memory_model import load_config
-    from slmcompress.model_sources import resolve_model_dir
-
-    model_dir = resolve_model_dir(str(model_source))
-    if model_dir is None:
-        return StreamDecision(False, 0, 0, "not a local safetensors directory; streaming needs one")
-    try:
-        arch = Arch.from_config(load_config(model_dir))
-    except (KeyError, TypeError, ValueError):  # e.g. GPT-2 configs: not a layout we stream
-        return StreamDecision(
-            False, 0, 0, "architecture not understood by the planner; not streamed"
-        )
-    elem = dtype.itemsize
-    need = int((arch.params() * elem + activation_bytes) * SLACK) + BASE_RSS
-    budget = resolve_budget(max_memory)
-    stream = need > budget
-    verb = "exceeds" if stream else "fits in"
-    return StreamDecision(
-        stream,
-        need,
-        budget,
-        f"model needs ~{format_bytes(need)}, {verb} the budget {format_bytes(budget)}",
-    )
 
 
 # ---------------------------------------------------------------- steps
@@ -191,7 +94,7 @@ class StreamingLayerStep(LayerStep):
 
     def next_inputs(self) -> BatchView:  # type: ignore[override]
         """The next layer's inputs as a store-backed view (given outputs are stored first)."""
-        outputs = self._outputs if self._outputs is not None else self.forward(keep_outputs=True)
+        outputs = self.outputs()
         if not isinstance(outputs, ActivationStore):
             store = self._new_store()
             for out in outputs:
@@ -230,7 +133,7 @@ class StreamingRun:
     # ------------------------------------------------------------ budget
     def _check_budget(self) -> int:
         """Raise if one layer cannot fit; return the bytes left for activations in memory."""
-        arch = Arch.from_config(self.stream.config.to_dict())
+        arch = ModelDims.from_config(self.stream.config.to_dict())
         elem = self.stream.dtype.itemsize
         seq_len = int(self.tokens.shape[1])
         batch_tokens = self.options.batch_size * seq_len

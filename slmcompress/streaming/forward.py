@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from slmcompress.errors import PassError
-from slmcompress.layerwise import _layer_output, _to
-from slmcompress.streaming.engine import StreamingLayerStep, StreamingRun, StreamOptions
+from slmcompress.layerwise import layer_output, to_device
+from slmcompress.streaming.budget import StreamOptions
+from slmcompress.streaming.engine import StreamingLayerStep, StreamingRun
 from slmcompress.streaming.loader import StreamingModel, materialise, release
 
 #: (logits (r, V) float32, next-token targets (r,) with -1 where none) -> tensors per row
@@ -95,8 +96,8 @@ def _final_rows(
     start = 0
     try:
         for batch in step.inputs:
-            out = step.layer(batch.hidden.to(device), **_to(batch.kwargs, device))
-            hidden = norm(_layer_output(out))  # (B, T, H)
+            out = step.layer(batch.hidden.to(device), **to_device(batch.kwargs, device))
+            hidden = norm(layer_output(out))  # (B, T, H)
             if not torch.isfinite(hidden).all():
                 raise PassError(f"layer {step.index}: NaN/Inf in activations")
             ids = tokens[start : start + hidden.shape[0]]  # (B, T)

@@ -26,18 +26,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from slmcompress.checkpoint_io import (  # noqa: F401 - re-exported for the streaming modules
-    DTYPES,
-    INDEX_FILE,
-    SINGLE_FILE,
-    TensorEntry,
-    parse_header,
-    read_header,
-    shard_entries,
-    shard_paths,
-)
+from slmcompress.arch import decoder_layers
+from slmcompress.checkpoint_io import DTYPES, TensorEntry, shard_entries, shard_paths
 from slmcompress.errors import CheckpointError
-from slmcompress.layerwise import decoder_layers
 from slmcompress.remote_code import check_local_code, hf_kwargs
 
 log = logging.getLogger(__name__)
@@ -54,6 +45,11 @@ class WeightSource:
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
+
+    def resolve(self, name: str, fallback: dict[str, str] | None = None) -> str:
+        """The stored name of tensor ``name``, or of its ``fallback`` (a tied head's
+        embedding); a one-line error naming the checkpoint when neither is stored."""
+        return _resolve(name, self, fallback)
 
     def nbytes(self, prefix: str = "") -> int:
         """Bytes on disk of every tensor whose name starts with ``prefix``."""
@@ -239,13 +235,18 @@ class StreamingModel:
         model_dir: Path,
         dtype: torch.dtype = torch.float32,
         prepare: Callable[[nn.Module, WeightSource], None] | None = None,
+        skeleton: PreTrainedModel | None = None,
     ) -> None:
         """``prepare`` may swap modules of the meta skeleton before any weight is read (a
-        quantized checkpoint's ``QuantLinear``s); without it only float checkpoints load."""
+        quantized checkpoint's ``QuantLinear``s); without it only float checkpoints load.
+        ``skeleton``: the :func:`build_skeleton` of ``model_dir`` someone already holds (the
+        stage's model), filled in place instead of building a second one."""
         self.model_dir = Path(model_dir)
         self.source = WeightSource(self.model_dir)  # validates every shard up front
         self.dtype = dtype
-        self.model = build_skeleton(self.model_dir, dtype, allow_quantized=prepare is not None)
+        if skeleton is None:
+            skeleton = build_skeleton(self.model_dir, dtype, allow_quantized=prepare is not None)
+        self.model = skeleton
         if prepare is not None:
             with torch.device("meta"):
                 prepare(self.model, self.source)

@@ -16,13 +16,12 @@ from transformers import PreTrainedTokenizerBase
 
 from slmcompress.checkpoint_io import new_metadata, read_metadata, write_metadata
 from slmcompress.errors import PassError
+from slmcompress.remote_code import hf_kwargs
 
 
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved beside a checkpoint (streamed stages never load the model)."""
     from transformers import AutoTokenizer
-
-    from slmcompress.remote_code import hf_kwargs
 
     return AutoTokenizer.from_pretrained(directory, **hf_kwargs())
 

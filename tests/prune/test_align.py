@@ -6,9 +6,9 @@ import pytest
 
 from slmcompress.errors import PassError
 from slmcompress.prune.align import align_sizes
-from slmcompress.prune.planner import ArchSizes
+from slmcompress.prune.planner import PruneSizes
 
-SMOLLM2 = ArchSizes(576, 1536, 9, 3, 30, 64)
+SMOLLM2 = PruneSizes(576, 1536, 9, 3, 30, 64)
 
 
 def _sizes(**changes):
@@ -39,7 +39,7 @@ def test_aligned_targets_and_untouched_widths_stay():
 
 
 def test_auto_falls_back_to_64_when_128_prunes_nothing():
-    tiny = ArchSizes(64, 128, 4, 2, 2, 16)
+    tiny = PruneSizes(64, 128, 4, 2, 2, 16)
     sizes, _ = align_sizes(tiny, _tiny(tiny, ffn_hidden_size=40), "auto")
     assert sizes.ffn_hidden_size == 64
 
@@ -67,7 +67,7 @@ def _tiny(tiny, **changes):
     ],
 )
 def test_unreachable_targets_name_the_axis(align, changes, message):
-    current = ArchSizes(64, 128, 4, 2, 2, 16) if "hidden_size" in changes else SMOLLM2
+    current = PruneSizes(64, 128, 4, 2, 2, 16) if "hidden_size" in changes else SMOLLM2
     with pytest.raises(PassError, match=message) as info:
         align_sizes(current, _tiny(current, **changes), align)
     assert "\n" not in str(info.value)

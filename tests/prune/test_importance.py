@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from slmcompress.layerwise import decoder_layers
+from slmcompress.arch import decoder_layers
 from slmcompress.prune.importance import (
     BatchL2,
     activation_importance,

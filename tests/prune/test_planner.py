@@ -10,7 +10,7 @@ from transformers import AutoConfig, LlamaForCausalLM
 from slmcompress.errors import PassError
 from slmcompress.eval.report import count_params
 from slmcompress.prune.planner import (
-    ArchSizes,
+    PruneSizes,
     param_counts,
     resolve_target,
     select_heads,
@@ -19,7 +19,7 @@ from slmcompress.prune.planner import (
     sizes_of,
 )
 
-SMOL = ArchSizes(
+SMOL = PruneSizes(
     hidden_size=576,
     ffn_hidden_size=1536,
     num_attention_heads=9,
@@ -92,7 +92,7 @@ def test_param_counts_match_a_built_model():
 
 @pytest.mark.parametrize("axis", ["mlp", "heads", "hidden", "layers"])
 def test_param_ratio_lands_near_the_ratio_on_smollm2(axis):
-    from slmcompress.models import builtin_model_dir
+    from slmcompress.model_sources import builtin_model_dir
 
     config = AutoConfig.from_pretrained(builtin_model_dir("smollm2-135m"))
     full = param_counts(config, sizes_of(config))[1]

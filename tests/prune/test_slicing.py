@@ -14,9 +14,9 @@ from transformers import (
     Qwen2ForCausalLM,
 )
 
+from slmcompress.arch import decoder_layers
 from slmcompress.errors import PassError
 from slmcompress.eval.report import count_params
-from slmcompress.layerwise import decoder_layers
 from slmcompress.prune.importance import check_supported, layers_removed, random_importance
 from slmcompress.prune.planner import param_counts, plan_keep, resolve_target, sizes_of
 from slmcompress.prune.slicing import head_channels, slice_model

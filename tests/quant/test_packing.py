@@ -1,6 +1,6 @@
 """GPTQ v1 packing: round trips, AutoGPTQ's 3-bit layout, and an independent unpacker.
 
-The "independent" reader below is written from the documented layout only (DESIGN.md §3:
+The "independent" reader below is written from the documented GPTQ v1 layout only (README, "Output layout and formats":
 codes packed along the input dim as one little-endian bit stream per 32 inputs, ``qzeros``
 storing ``zero - 1``), using Python integers, so it shares no code with ``packing.py``.
 """

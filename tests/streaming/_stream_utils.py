@@ -62,7 +62,8 @@ def streamed_importance(model_dir, tokens, work_dir, options=None, head_metric="
     from dataclasses import replace
 
     from slmcompress.prune.importance import activation_importance_of
-    from slmcompress.streaming.engine import StreamingRun, StreamOptions
+    from slmcompress.streaming.budget import StreamOptions
+    from slmcompress.streaming.engine import StreamingRun
 
     options = replace(
         options or StreamOptions(batch_size=2, max_memory="8GB"),
@@ -78,7 +79,8 @@ def streamed_gptq(gptq_pass, model_dir, ctx, options=None, tokens=None, max_laye
     from dataclasses import replace
 
     from slmcompress.passes.base import RUNTIME_FIELDS
-    from slmcompress.streaming.engine import StreamingRun, StreamOptions
+    from slmcompress.streaming.budget import StreamOptions
+    from slmcompress.streaming.engine import StreamingRun
 
     cfg = gptq_pass.config
     if tokens is None:

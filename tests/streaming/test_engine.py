@@ -17,7 +17,8 @@ from _stream_utils import (
 
 from slmcompress.checkpoint import load_checkpoint
 from slmcompress.errors import PassError
-from slmcompress.streaming.engine import StreamingRun, StreamOptions, should_stream
+from slmcompress.streaming.budget import StreamOptions, should_stream
+from slmcompress.streaming.engine import StreamingRun
 
 CPU = torch.device("cpu")
 

@@ -20,7 +20,7 @@ from slmcompress.distill.teacher_cache import build_streamed_teacher_cache, buil
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.eval.streamed import streamed_perplexity
 from slmcompress.streaming import loader
-from slmcompress.streaming.engine import StreamOptions
+from slmcompress.streaming.budget import StreamOptions
 from slmcompress.streaming.forward import head_rows, nll_head, streamed_forward, top_k_head
 
 CPU = torch.device("cpu")
@@ -154,7 +154,7 @@ def test_distill_from_a_teacher_over_the_budget_streams_its_cache(tmp_path, toke
     from slmcompress.errors import SlmError
     from slmcompress.recipe import load_recipe
     from slmcompress.runner import run_recipe
-    from slmcompress.streaming.engine import should_stream
+    from slmcompress.streaming.budget import should_stream
 
     teacher = tmp_path / "teacher"
     write_sharded_model(
@@ -203,7 +203,7 @@ def test_eval_cli_streams_a_model_over_its_budget(tiny_model_dir):
     from typer.testing import CliRunner
 
     from slmcompress.cli import app
-    from slmcompress.streaming.engine import should_stream
+    from slmcompress.streaming.budget import should_stream
 
     budget = str(should_stream(tiny_model_dir, "1TB").model_bytes - 1)
     args = ["--quiet", "eval", str(tiny_model_dir), "--tasks", "", "--no-speed", "--json"]

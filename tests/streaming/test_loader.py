@@ -11,7 +11,8 @@ from safetensors import safe_open
 from transformers import LlamaForCausalLM
 
 from slmcompress.errors import CheckpointError, PassError
-from slmcompress.streaming.engine import StreamingRun, StreamOptions
+from slmcompress.streaming.budget import StreamOptions
+from slmcompress.streaming.engine import StreamingRun
 from slmcompress.streaming.loader import StreamingModel, WeightSource
 
 

@@ -22,7 +22,8 @@ CHILD = textwrap.dedent("""
     import json, resource, sys, torch, psutil
     from pathlib import Path
     from dataclasses import replace
-    from slmcompress.streaming.engine import StreamingRun, StreamOptions
+    from slmcompress.streaming.budget import StreamOptions
+    from slmcompress.streaming.engine import StreamingRun
     from slmcompress.prune.importance import activation_importance_of
     from slmcompress.passes.gptq import GPTQConfig, GPTQPass
     model_dir, warm_dir, work, headroom = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])

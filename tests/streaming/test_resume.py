@@ -64,7 +64,8 @@ def test_sigkill_mid_run_resumes(tmp_path):
     script = textwrap.dedent(f"""
         import os, signal, torch
         from slmcompress.prune import importance
-        from slmcompress.streaming.engine import StreamingRun, StreamOptions
+        from slmcompress.streaming.budget import StreamOptions
+        from slmcompress.streaming.engine import StreamingRun
         real = importance.score_layer
         def scorer(step, *args):
             if step.index == 3 and os.environ.get("KILL"):

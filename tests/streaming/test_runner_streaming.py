@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from slmcompress.checkpoint import load_checkpoint
 from slmcompress.recipe import load_recipe
 from slmcompress.runner import run_recipe
-from slmcompress.streaming.engine import should_stream
+from slmcompress.streaming.budget import should_stream
 
 PRUNE = {
     "type": "prune",
@@ -127,19 +127,24 @@ def test_over_budget_prune_streams_then_the_smaller_model_is_evaluated(model_dir
     _assert_same_tensors(streamed.stages[1].directory, in_memory.stages[1].directory)
 
 
-def test_over_budget_model_refuses_a_pass_that_cannot_stream(model_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("stage", "name"),
+    [
+        ({"type": "quantize", "method": "rtn", "bits": 4, "group_size": 32}, "quantize.rtn"),
+        # changes nothing but reads every weight (Pass.needs_weights): refused up front too
+        ({"type": "export", "outtype": "f32", "runtime_eval": "off"}, "export"),
+    ],
+)
+def test_over_budget_model_refuses_a_pass_that_cannot_stream(model_dir, tmp_path, stage, name):
     from slmcompress.errors import SlmError
 
     need = should_stream(model_dir, "1TB").model_bytes
-    stages = [{"type": "quantize", "method": "rtn", "bits": 4, "group_size": 32}]
     recipe = load_recipe(
         write_recipe(
-            tmp_path / "r.yaml", str(model_dir), stages, tmp_path / "o", max_memory=str(need - 1)
+            tmp_path / "r.yaml", str(model_dir), [stage], tmp_path / "o", max_memory=str(need - 1)
         )
     )
-    with pytest.raises(
-        SlmError, match="quantize.rtn cannot stream it; only quantize.gptq and prune"
-    ):
+    with pytest.raises(SlmError, match=f"{name} cannot stream it; only quantize.gptq and prune"):
         run_recipe(recipe)
     assert not list((tmp_path / "o").glob("01-*"))
 

@@ -65,6 +65,44 @@ def test_prune_streamed_gives_the_same_model(model_dir, make_ctx, tmp_path):
     _assert_same(expected, _load(out.path))
 
 
+def test_a_streamed_stage_input_is_the_one_skeleton_its_pass_and_loop_use(
+    model_dir, make_ctx, tmp_path, monkeypatch
+):
+    """One skeleton per stage: the group size is resolved and the QuantLinears installed on
+    the very object the runner built, and the layer loop builds none of its own."""
+    import slmcompress.passes.gptq as gptq_module
+    from slmcompress.streaming import loader, residency
+    from slmcompress.streaming.residency import Residency, StageInput
+
+    built, installed = [], []
+    build = loader.build_skeleton
+
+    def counting(*args, **kwargs):
+        built.append(args[0])
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr(loader, "build_skeleton", counting)
+    monkeypatch.setattr(residency, "build_skeleton", counting)
+    install = gptq_module.install_quant_linear
+    monkeypatch.setattr(
+        gptq_module,
+        "install_quant_linear",
+        lambda model, *a: installed.append(model) or install(model, *a),
+    )
+    stage_input = StageInput.on_disk(Residency("streamed", model_dir), torch.float32)
+    loop = stage_input.residency.layer_loop(
+        stage_input.model, torch.zeros(2, 8, dtype=torch.long), torch.device("cpu"),
+        torch.float32, tmp_path / "loop", 1, "gptq", {},
+    )  # fmt: skip
+    assert loop.model is stage_input.model
+    ctx = make_ctx(work_dir=tmp_path / "w", residency=stage_input.residency)
+    config = GPTQConfig(type="quantize", method="gptq", bits=4, batch_size=2)
+    GPTQPass(config).run(stage_input.model, ctx)
+    assert built == [model_dir]  # StageInput.on_disk's, nothing else
+    assert installed and all(m is stage_input.model for m in installed)
+    assert ctx.extra_metrics["group_size"]["resolved"] == 64  # auto, on that same object
+
+
 def test_can_stream_is_declared_by_the_pass():
     from slmcompress.passes.quantize_rtn import RTNConfig, RTNPass
 
@@ -72,13 +110,29 @@ def test_can_stream_is_declared_by_the_pass():
     assert PrunePass.can_stream(PruneConfig(type="prune", target={"ffn_hidden_size": 64}))
     magnitude = PruneConfig(type="prune", method="magnitude", target={"ffn_hidden_size": 64})
     assert not PrunePass.can_stream(magnitude)
+    # contiguous depth blocks compare inputs of layers a stream has already dropped
+    blocks = dict(type="prune", depth_mode="contiguous")
+    assert not PrunePass.can_stream(PruneConfig(**blocks, target={"num_layers": 2}))
+    assert PrunePass.can_stream(PruneConfig(**blocks, target={"num_layers": 2}, method="random"))
+    assert PrunePass.can_stream(PruneConfig(**blocks, target={"ffn_hidden_size": 64}))
     assert not RTNPass.can_stream(RTNConfig(type="quantize", method="rtn"))
+
+
+def test_a_streamed_prune_ranks_depth_by_cosine_and_says_so():
+    """The loss depth ranking runs the whole model; the runner adapts the config up front."""
+    by_loss = PruneConfig(type="prune", target={"num_layers": 1})
+    config, warnings = PrunePass.for_streaming(by_loss)
+    assert config.depth_metric == "cosine" and "depth_metric: loss" in warnings[0]
+    width_only = PruneConfig(type="prune", target={"ffn_hidden_size": 64})
+    assert PrunePass.for_streaming(width_only) == (width_only, [])
+    assert GPTQPass.for_streaming(GPTQConfig(type="quantize", method="gptq"))[1] == []
 
 
 def test_recipe_with_streaming_gptq_runs_end_to_end(tmp_path, tiny_model_dir):
     from conftest import write_recipe
 
-    from slmcompress.checkpoint import load_checkpoint, read_metadata
+    from slmcompress.checkpoint import load_checkpoint
+    from slmcompress.checkpoint_io import read_metadata
     from slmcompress.recipe import load_recipe
     from slmcompress.runner import run_recipe
 
