@@ -17,9 +17,10 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
+from slmcompress.arch import family_for
 from slmcompress.errors import PassError, RecipeError
 from slmcompress.eval.report import count_params
 from slmcompress.model_sources import BUILTIN_MODELS, cache_dir
@@ -32,17 +33,22 @@ from slmcompress.prune.importance import (
     loss_depth_scores,
     magnitude_importance,
     random_importance,
+    uniform_importance,
 )
 from slmcompress.prune.planner import (
+    KeepPlan,
     PruneSizes,
     check_config,
     param_counts,
+    plan_digest,
     plan_keep,
     pruned_config,
     resolve_target,
     sizes_for_param_ratio,
     sizes_of,
 )
+from slmcompress.prune.reconstruction import RefitSettings, reconstruct
+from slmcompress.prune.reconstruction import summary as refit_summary
 from slmcompress.prune.slicing import slice_model
 from slmcompress.prune.streamed_export import export_pruned_streamed
 from slmcompress.registry import register_pass
@@ -64,6 +70,23 @@ class PruneTarget(BaseModel):
         if all(v is None for v in self.model_dump().values()):
             raise ValueError("give at least one of " + ", ".join(self.model_dump()))
         return self
+
+
+class ReconstructConfig(BaseModel):
+    """``reconstruct:`` of a prune stage: re-fit the consumers of pruned heads / MLP channels
+    (``o_proj`` / ``down_proj``) on calibration data, layer by layer
+    (:mod:`slmcompress.prune.reconstruction`). ``reconstruct: true`` takes these defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    # damping towards the parent's weights, relative to each channel's second moment
+    damp: float = Field(0.3, gt=0)
+    # energy: choose heads / channels by the output energy they add, on the pruned stream;
+    # importance: keep the activation-importance choice and only re-fit
+    select: Literal["energy", "importance"] = "energy"
+    # calibration sequences for the re-fit (default: the recipe's data.calibration)
+    n_samples: int | None = Field(None, ge=1)
+    seq_len: int | None = Field(None, ge=8)
 
 
 class PruneConfig(StreamingOptions):
@@ -89,8 +112,17 @@ class PruneConfig(StreamingOptions):
     n_samples: int | None = Field(None, ge=1)
     seq_len: int | None = Field(None, ge=8)
     batch_size: int = Field(4, ge=1)
+    reconstruct: ReconstructConfig | None = None
     # streaming (StreamingOptions): importance scored layer by layer with bounded activations
     # and per-layer resume, and the export sliced tensor by tensor from disk
+
+    @field_validator("reconstruct", mode="before")
+    @classmethod
+    def _reconstruct_flag(cls, value: Any) -> Any:
+        """``reconstruct: true`` = the defaults; ``false`` = none."""
+        if isinstance(value, bool):
+            return {} if value else None
+        return value
 
     @model_validator(mode="after")
     def _one_target(self) -> PruneConfig:
@@ -201,16 +233,44 @@ class PrunePass(Pass):
             ctx.warn("prune: the target equals the model's sizes; nothing pruned")
             return ctx.unchanged(model)
         start = time.perf_counter()
-        importance = self._importance(model, ctx, current, sizes)
+        if _energy_chooses_all(cfg, current, sizes):  # no scoring pass: the re-fit chooses
+            importance = uniform_importance(model, "energy (chosen while re-fitting)")
+        else:
+            importance = self._importance(model, ctx, current, sizes)
         plan = plan_keep(importance, current, sizes, cfg.depth_mode)
+        scored = time.perf_counter()
+        wrap, recon_report = self._reconstruct(model, ctx, plan) if cfg.reconstruct else (None, {})
         output = ctx.rewrite(
-            build=lambda: slice_model(model, plan),
-            write=lambda source, out: export_pruned_streamed(model, source, plan, out, ctx.dtype),
+            build=lambda: slice_model(model, plan, wrap),
+            write=lambda source, out: export_pruned_streamed(
+                model, source, plan, out, ctx.dtype, wrap=wrap
+            ),
         )
+        end = time.perf_counter()
         ctx.extra_metrics["prune"] = _summary(
-            model, sizes, current, plan.layers, importance, time.perf_counter() - start
+            model, sizes, current, plan.layers, importance, end - start
         ) | {"alignment": alignment.summary(), "alignment_line": alignment.line()}
+        if cfg.reconstruct:
+            ctx.extra_metrics["prune"]["reconstruct"] = recon_report | {
+                "seconds": round(end - scored, 2)
+            }
         return output
+
+    def _reconstruct(
+        self, model: PreTrainedModel, ctx: Context, plan: KeepPlan
+    ) -> tuple[Any, dict[str, Any]]:
+        """Re-fit the consumers of what ``plan`` cuts, layer by layer: the slicer's reader
+        wrapper and what the report records."""
+        recon: ReconstructConfig = self.config.reconstruct
+        tokens = ctx.calibration_tokens(recon.n_samples, recon.seq_len)  # (N, T)
+        settings = RefitSettings(recon.damp, recon.select)
+        key = {"reconstruct": recon.model_dump(), "plan": plan_digest(plan)}
+        loop = ctx.layer_loop(
+            model, tokens, self.config.batch_size, "reconstruct", key, "reconstruct"
+        )
+        refits = reconstruct(loop, plan, family_for(model), settings)
+        report = {"tokens": int(tokens.numel()), **recon.model_dump()}
+        return refits.reader, report | refit_summary(loop, plan)
 
     def _importance(
         self, model: PreTrainedModel, ctx: Context, current: PruneSizes, sizes: PruneSizes
@@ -240,6 +300,16 @@ class PrunePass(Pass):
                 "depth_loss_increase": [round(float(v), 5) for v in scores],
             }
         return importance
+
+
+def _energy_chooses_all(cfg: PruneConfig, current: PruneSizes, sizes: PruneSizes) -> bool:
+    """A heads/MLP-only cut whose units the re-fit chooses by energy needs no scoring pass."""
+    return (
+        cfg.reconstruct is not None
+        and cfg.reconstruct.select == "energy"
+        and sizes.hidden_size == current.hidden_size
+        and sizes.num_layers == current.num_layers
+    )
 
 
 def _drops_layers(config: PruneConfig) -> bool:

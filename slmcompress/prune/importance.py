@@ -356,6 +356,21 @@ def magnitude_importance(model: PreTrainedModel) -> Importance:
     )
 
 
+def uniform_importance(model: PreTrainedModel, method: str) -> Importance:
+    """Equal scores everywhere: a placeholder plan for units another step chooses (the
+    reconstruction's energy selection), named by ``method`` in the report."""
+    check_supported(model)
+    cfg = model.config
+    n_layers = len(decoder_layers(model))
+    return Importance(
+        heads=[torch.ones(cfg.num_attention_heads, device="cpu") for _ in range(n_layers)],
+        neurons=[torch.ones(cfg.intermediate_size, device="cpu") for _ in range(n_layers)],
+        hidden=torch.ones(cfg.hidden_size, device="cpu"),
+        layers=torch.ones(n_layers, device="cpu"),
+        method=method,
+    )
+
+
 def random_importance(model: PreTrainedModel, seed: int = 0) -> Importance:
     """Seeded uniform scores: the floor any importance metric must beat."""
     check_supported(model)

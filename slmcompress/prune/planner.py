@@ -10,6 +10,7 @@ head counts that break GQA grouping, a hidden size the attention shape cannot di
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
@@ -286,6 +287,16 @@ class KeepPlan:
     kv_heads: dict[int, torch.Tensor]  # original layer -> kept KV heads (nkv',)
     neurons: dict[int, torch.Tensor]  # original layer -> kept MLP neurons (ffn',)
     layers: list[int]  # kept original layers, ascending
+
+
+def plan_digest(plan: KeepPlan) -> str:
+    """sha256 of every kept index: what a resumed per-layer result must have been made for."""
+    digest = hashlib.sha256(repr(plan.sizes).encode())
+    for part in (plan.heads, plan.kv_heads, plan.neurons):
+        for layer in sorted(part):
+            digest.update(f"{layer}:{part[layer].tolist()}".encode())
+    digest.update(f"{plan.hidden.tolist()}{plan.layers}".encode())
+    return digest.hexdigest()
 
 
 def top_k(scores: torch.Tensor, k: int) -> torch.Tensor:

@@ -150,13 +150,22 @@ def iter_sliced(
             yield f"{prefix}.{renumber[old]}.{suffix}", _take(get(key), rules[old].get(suffix, ()))
 
 
-def slice_state_dict(model: PreTrainedModel, plan: KeepPlan) -> dict[str, torch.Tensor]:
-    """The pruned model's state dict (in memory)."""
-    return dict(iter_sliced(model, plan, model.state_dict().__getitem__))
+Reader = Callable[[str], torch.Tensor]
+
+
+def slice_state_dict(
+    model: PreTrainedModel, plan: KeepPlan, wrap: Callable[[Reader], Reader] | None = None
+) -> dict[str, torch.Tensor]:
+    """The pruned model's state dict (in memory); ``wrap`` may replace what is read
+    (e.g. re-fitted consumers, :meth:`~slmcompress.prune.reconstruction.Refits.reader`)."""
+    read = model.state_dict().__getitem__
+    return dict(iter_sliced(model, plan, wrap(read) if wrap else read))
 
 
 @torch.no_grad()
-def slice_model(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
+def slice_model(
+    model: PreTrainedModel, plan: KeepPlan, wrap: Callable[[Reader], Reader] | None = None
+) -> PreTrainedModel:
     """Return a new, smaller model of the same class holding the kept units.
 
     Raises:
@@ -164,7 +173,7 @@ def slice_model(model: PreTrainedModel, plan: KeepPlan) -> PreTrainedModel:
             whose layout this slicer does not know) -- never a model that fails to reload.
     """
     config = pruned_config(model.config, plan.sizes, plan.layers)
-    state = slice_state_dict(model, plan)
+    state = slice_state_dict(model, plan, wrap)
     dtype, device = next(model.parameters()).dtype, next(model.parameters()).device
     with no_init_weights():
         new = model.__class__(config)

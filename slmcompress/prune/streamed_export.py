@@ -9,6 +9,7 @@ output shard straight away, so memory holds one tensor at a time whatever the mo
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -51,11 +52,13 @@ def export_pruned_streamed(
     dtype: torch.dtype,
     max_shard_bytes: int = DEFAULT_SHARD_BYTES,
     metadata: dict[str, Any] | None = None,
+    wrap: Callable[[Callable[[str], torch.Tensor]], Callable[[str], torch.Tensor]] | None = None,
 ) -> Path:
     """Write the pruned checkpoint of ``source`` (the input's shards) into ``out_dir``
     (atomic, sharded).
 
     The result is a plain float HF checkpoint: ``from_pretrained`` loads it when it fits.
+    ``wrap`` may replace what is read (re-fitted consumers of a reconstructing prune).
     """
     fallback = tied_fallback(skeleton)
     shapes = {name: t.shape for name, t in skeleton.state_dict().items()}
@@ -69,7 +72,7 @@ def export_pruned_streamed(
     with torch.device("meta"):  # the shapes the pruned config implies, to check every tensor
         expected = AutoModelForCausalLM.from_config(config).state_dict()
     with sharded_checkpoint(Path(out_dir), max_shard_bytes) as writer:
-        for name, tensor in iter_sliced(skeleton, plan, read):
+        for name, tensor in iter_sliced(skeleton, plan, wrap(read) if wrap else read):
             if name in fallback:  # tied head: stored once, as from_pretrained expects
                 continue
             if name not in expected or tuple(expected[name].shape) != tuple(tensor.shape):
