@@ -15,19 +15,20 @@ import io
 import json
 import logging
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from slmcompress.arch import decoder_layers
+from slmcompress.arch import decoder_layers, family_for
 from slmcompress.data import CalibrationSpec, EvalSpec, calibration_tokens, eval_tokens
 from slmcompress.errors import PassError
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.eval.report import count_params
 from slmcompress.fsutil import atomic_dir, replace_problem
+from slmcompress.layerwise import MemoryLoop
 from slmcompress.prune.importance import (
     Importance,
     activation_importance,
@@ -40,12 +41,14 @@ from slmcompress.prune.importance import (
 )
 from slmcompress.prune.planner import (
     AXES,
+    KeepPlan,
     plan_keep,
     select_heads,
     sizes_for_removal,
     sizes_of,
     top_k,
 )
+from slmcompress.prune.reconstruction import RefitSettings, reconstruct
 from slmcompress.prune.slicing import head_channels, slice_model
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,27 @@ def score(
     return importance
 
 
+@dataclass(frozen=True)
+class Refitting:
+    """Re-fit the consumers of each candidate as a prune stage with ``reconstruct`` would."""
+
+    settings: RefitSettings
+    calib: torch.Tensor  # (N, T) calibration ids
+    device: torch.device
+    batch_size: int
+
+
+def pruned_candidate(
+    model: PreTrainedModel, plan: KeepPlan, refitting: Refitting | None
+) -> PreTrainedModel:
+    """The model sliced to ``plan``, its consumers re-fitted first when asked."""
+    if refitting is None:
+        return slice_model(model, plan)
+    loop = MemoryLoop(model, refitting.calib, refitting.device, refitting.batch_size)
+    refits = reconstruct(loop, plan, family_for(model), refitting.settings)
+    return slice_model(model, plan, refits.reader)
+
+
 def axis_rows(
     model,
     importance: Importance,
@@ -94,6 +118,7 @@ def axis_rows(
     seq_len: int,
     head_pruning: str,
     baseline: float,
+    refitting: Refitting | None = None,
 ) -> list[dict[str, Any]]:
     """Prune the whole model along one axis at each ratio and measure perplexity."""
     current = sizes_of(model.config)
@@ -101,7 +126,7 @@ def axis_rows(
     rows = []
     for ratio in ratios:
         sizes = sizes_for_removal(current, axis, ratio, head_pruning)
-        pruned = slice_model(model, plan_keep(importance, current, sizes))
+        pruned = pruned_candidate(model, plan_keep(importance, current, sizes), refitting)
         ppl = perplexity(pruned, tokens, seq_len).ppl
         field_name = {
             "mlp": "ffn_hidden_size",
@@ -220,6 +245,7 @@ def sensitivity(
     device: torch.device | None = None,
     batch_size: int = 4,
     seed: int = 0,
+    reconstruct: RefitSettings | None = None,
 ) -> SensitivityResult:
     """Sweep pruning ratios on one or more axes and write CSV/JSON/PNG/Markdown into ``out_dir``.
 
@@ -236,6 +262,9 @@ def sensitivity(
         evaluation: perplexity data (default: 4096 WikiText-2 test tokens, 512 windows).
         head_pruning: ``within_groups`` | ``kv_groups``.
         depth_metric: ``loss`` | ``cosine`` (activation method, layers axis).
+        reconstruct: re-fit each candidate's ``o_proj``/``down_proj`` on the calibration
+            data (:mod:`slmcompress.prune.reconstruction`), so the curve shows what a prune
+            stage with ``reconstruct`` gives; per-layer rows stay plain deletions.
     """
     axes = [axis] if isinstance(axis, str) else list(axis)
     for name in axes:
@@ -259,9 +288,18 @@ def sensitivity(
         model, calib, method, depth_metric, "layers" in axes, device, batch_size, seed
     )
     result = SensitivityResult(Path(out_dir), round(baseline, 4), [], [])
+    refitting = Refitting(reconstruct, calib, device, batch_size) if reconstruct else None
     for name in axes:
         result.rows += axis_rows(
-            model, importance, name, ratios, tokens, evaluation.seq_len, head_pruning, baseline
+            model,
+            importance,
+            name,
+            ratios,
+            tokens,
+            evaluation.seq_len,
+            head_pruning,
+            baseline,
+            refitting,
         )
         result.layer_scores += layer_scores(importance, name)
         if per_layer and name == "hidden":
@@ -269,6 +307,8 @@ def sensitivity(
                 "hidden: no per-layer sweep (hidden channels are shared by all layers)"
             )
         elif per_layer:
+            if reconstruct:
+                result.notes.append(f"{name}: per-layer rows delete without re-fitting")
             result.per_layer += per_layer_rows(
                 model, importance, name, ratios, tokens, evaluation.seq_len, head_pruning, baseline
             )
@@ -276,6 +316,7 @@ def sensitivity(
         "method": method,
         "head_pruning": head_pruning,
         "depth_metric": depth_metric,
+        "reconstruct": asdict(reconstruct) if reconstruct else None,
         "calibration": calibration.model_dump(),
         "evaluation": evaluation.model_dump(),
         "eval_tokens": int(tokens.numel()),
@@ -408,6 +449,15 @@ def _save(fig, path: Path) -> str:
     return path.name
 
 
+def _reconstruct_line(settings: dict[str, Any] | None) -> str:
+    if not settings:
+        return "Pruned units are deleted (no re-fit)."
+    return (
+        f"Each candidate's `o_proj`/`down_proj` re-fitted on the calibration data "
+        f"(reconstruct: select {settings['select']}, damp {settings['damp']})."
+    )
+
+
 def summary_markdown(result: SensitivityResult, meta: dict[str, Any], plots: list[str]) -> str:
     """A short human-readable summary linking the plots."""
     lines = [
@@ -416,6 +466,8 @@ def summary_markdown(result: SensitivityResult, meta: dict[str, Any], plots: lis
         f"Importance: **{meta['method']}** (heads: {meta['head_pruning']}, depth: {meta['depth_metric']}); "
         f"perplexity on {meta['eval_tokens']} {meta['evaluation']['source']} tokens, "
         f"baseline **{result.baseline_ppl:.2f}**.",
+        "",
+        _reconstruct_line(meta.get("reconstruct")),
         "",
         "| axis | ratio asked | removed | size | non-emb params kept | ppl | x baseline |",
         "|---|---|---|---|---|---|---|",

@@ -118,3 +118,30 @@ def test_cli_command_on_a_tiny_model_dir(tiny_model_dir, tmp_path):
     assert (out / "summary.md").is_file() and "baseline ppl" in result.output
     bad = CliRunner().invoke(sensitivity_app, [*args[:4], "--ratios", "0.5,x"])
     assert bad.exit_code != 0
+
+
+def test_reconstructed_curve_refits_the_same_candidates_and_says_so(
+    tiny_llama, tokenizer, tmp_path
+):
+    from slmcompress.prune.reconstruction import RefitSettings
+
+    before = {k: v.clone() for k, v in tiny_llama.state_dict().items()}
+    plain = sensitivity(tiny_llama, tokenizer, ["heads", "mlp"], [0.5], tmp_path / "a", **SMALL)
+    refit = sensitivity(
+        tiny_llama,
+        tokenizer,
+        ["heads", "mlp"],
+        [0.5],
+        tmp_path / "b",
+        reconstruct=RefitSettings(damp=0.3, select="importance"),
+        **SMALL,
+    )
+    # the same candidates (same units: select importance), their consumers re-fitted
+    for a, b in zip(plain.rows, refit.rows, strict=True):
+        assert (a["axis"], a["size"]) == (b["axis"], b["size"])
+        assert b["ppl"] != a["ppl"]
+    meta = json.loads((tmp_path / "b" / "sensitivity.json").read_text())
+    assert meta["reconstruct"] == {"damp": 0.3, "select": "importance"}
+    assert "re-fitted" in (tmp_path / "b" / "summary.md").read_text()
+    for key, value in tiny_llama.state_dict().items():
+        assert torch.equal(value, before[key]), key
