@@ -254,6 +254,9 @@ def pass_state_bytes(arch: ModelDims, pass_name: str, elem: int) -> int:
         return hessians + solve
     if pass_name == "importance":
         return 4 * (arch.inter + arch.heads + arch.hidden) * 16
+    if pass_name == "reconstruct":  # fp32 Gram of down_proj's input + the fp64 solve
+        f, h = arch.inter, arch.hidden
+        return 4 * f * f + 8 * (f * f + 2 * f * f + 2 * h * f)
     return 0
 
 
@@ -431,6 +434,8 @@ def output_bytes(
     arch: ModelDims, pass_name: str, elem: int, bits: int = 4, group_size: int = 128
 ) -> int:
     """Checkpoint size the pass writes (GPTQ: packed linears + fp16 scales; scores: ~0)."""
+    if pass_name == "reconstruct":  # each layer's re-fitted o_proj / down_proj columns
+        return arch.layers * arch.hidden * (arch.inter + arch.heads * arch.head_dim) * elem
     if pass_name != "gptq":
         return 4 * arch.layers * (arch.inter + arch.heads + arch.hidden)
     lin = sum(a * b for a, b in arch.linears().values())
@@ -450,10 +455,17 @@ def calibration_time(
     profile: DeviceProfile,
     streaming: bool,
 ) -> float:
-    """Seconds: layer forwards (x2 for GPTQ: statistics + quantized outputs), GPTQ solves, weight reads."""
+    """Seconds: layer forwards (x2 for GPTQ: statistics + quantized outputs; x2.5 for a
+    prune re-fit: o_proj and down_proj inputs, then the outputs), GPTQ solves / re-fit Grams
+    and solves, weight reads."""
     forward = 2 * arch.layer_params() * tokens + 4 * tokens * seq_len * arch.heads * arch.head_dim
-    passes = 2 if pass_name == "gptq" else 1
+    passes = {"gptq": 2, "reconstruct": 2.5}.get(pass_name, 1)
     flops = arch.layers * forward * passes
+    if pass_name == "reconstruct":
+        q = arch.heads * arch.head_dim
+        grams = 2 * tokens * (arch.inter**2 + q * q)
+        solves = 2 * arch.inter**3 + 2 * arch.hidden * arch.inter**2 + 2 * q**3
+        flops += arch.layers * (grams + solves)
     if pass_name == "gptq":
         # stacked solve per input group: ~2·out·in² for the OBS updates + in³ for the Cholesky steps
         solve = sum(2 * b * a * a for a, b in arch.linears().values()) + sum(

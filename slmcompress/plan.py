@@ -203,6 +203,17 @@ def _group_size(value: int | str, arch: ModelDims) -> int:
     return auto_group_size(a for a, _ in arch.linears().values())
 
 
+def _energy_only(cfg: Any) -> bool:
+    """A heads/MLP-only target whose units the re-fit chooses: the prune runs no scoring pass."""
+    target = getattr(cfg, "target", None)
+    return (
+        cfg.reconstruct.select == "energy"
+        and target is not None
+        and target.hidden_size is None
+        and target.num_layers is None
+    )
+
+
 def _plan_stage(
     stage: Any,
     arch: ModelDims,
@@ -235,6 +246,28 @@ def _plan_stage(
             group_size=_group_size(getattr(cfg, "group_size", 128), arch),
         )
         notes = list(est.notes)
+        recon = getattr(cfg, "reconstruct", None)
+        if recon is not None:  # a second layer loop: the re-fit (on its own calibration)
+            re = estimate_calibration_pass(
+                arch,
+                "reconstruct",
+                recon.n_samples or calib.n_samples,
+                recon.seq_len or calib.seq_len,
+                batch,
+                elem,
+                profile,
+                host_budget=_budget(max_memory, profile),
+                streaming=est.streaming,
+            )
+            scoring = 0.0 if _energy_only(cfg) else est.time_s  # no scoring pass then
+            est = replace(
+                est,
+                host_peak=max(est.host_peak, re.host_peak),
+                device_peak=max(est.device_peak, re.device_peak),
+                disk=est.disk + re.disk,
+                time_s=scoring + re.time_s,
+            )
+            notes += [f"reconstruct: {n}" for n in re.notes]
         return StagePlan(
             stage.name,
             kind,

@@ -172,3 +172,22 @@ def test_plan_of_a_distill_stage_whose_teacher_is_over_the_budget(tmp_path, tiny
     assert cache.disk >= 10_000_000 * 64 * 8  # the cache itself: fp32 values + int32 indices
     # a 512k-token pass is compute-bound on the H100 profile; the default shard is enough
     assert 256 * 2048 > compute_bound_tokens(2, PROFILES["h100"]) == 75_000
+
+
+def test_plan_counts_a_prune_re_fit_time_and_its_70b_working_set(tmp_path, tiny_model_dir):
+    """``reconstruct`` adds a second layer loop (Grams and solves of down_proj): plan says so."""
+
+    def plan_of(**extra):
+        stage = {"type": "prune", "target": {"ffn_hidden_size": 64}} | extra
+        recipe = load_recipe(
+            write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), [stage], tmp_path / "o")
+        )
+        return plan_recipe(recipe, config="llama-3-70b", host_memory="128GiB")[1]
+
+    plain = plan_of()
+    refit = plan_of(reconstruct={"select": "importance"})
+    assert refit.time_s > 2 * plain.time_s  # 2.5 forwards + Grams + solves vs one forward
+    # the fp32 Gram + fp64 solve of a 28672-wide down_proj: several GiB more per layer
+    assert refit.host_peak > plain.host_peak + 8 * GiB
+    energy = plan_of(reconstruct=True)  # chooses units itself: no scoring pass to plan
+    assert energy.time_s < refit.time_s
