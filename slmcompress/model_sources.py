@@ -89,11 +89,15 @@ def cache_dir() -> Path:
     return Path(base) / "slmcompress"
 
 
-def resolve_device(device: str = "auto", option: str = "device") -> torch.device:
+def resolve_device(device: str | torch.device = "auto", option: str = "device") -> torch.device:
     """``auto`` picks CUDA when present, else CPU; a device this machine lacks is refused.
 
     ``option`` names the field or flag in the one-line error (``device``, ``--device``).
+    A ``torch.device`` was resolved by the caller already (the runner's, a test's simulated
+    device) and comes back as it is: only names typed by a user are checked here.
     """
+    if isinstance(device, torch.device):
+        return device
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:

@@ -41,7 +41,9 @@ class LoadedModel:
     local_dir: Path | None
 
 
-def load_model(source: str, dtype: str = "auto", device: str = "auto") -> LoadedModel:
+def load_model(
+    source: str, dtype: str = "auto", device: str | torch.device = "auto"
+) -> LoadedModel:
     """Load a causal LM and its tokenizer from any supported source.
 
     Args:

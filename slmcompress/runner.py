@@ -277,9 +277,7 @@ class Runner:
         """Load the current model lazily: skipped stages never load weights."""
         if self._model is None:
             if self._model_dir is None:
-                loaded = load_model(
-                    self.recipe.model, dtype=self.recipe.dtype, device=str(self.device)
-                )
+                loaded = load_model(self.recipe.model, dtype=self.recipe.dtype, device=self.device)
                 self._model, self._tokenizer = loaded.model, loaded.tokenizer
             else:
                 self._model, self._tokenizer = self._load(self._model_dir)

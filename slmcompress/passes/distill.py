@@ -441,7 +441,7 @@ class DistillPass(Pass):
         self, source: str, student: PreTrainedModel, ctx: Context, where: str
     ) -> PreTrainedModel:
         ctx.log.info("distill: loading teacher %s", source)
-        loaded = models.load_model(source, dtype=_dtype_name(ctx.dtype), device=str(ctx.device))
+        loaded = models.load_model(source, dtype=_dtype_name(ctx.dtype), device=ctx.device)
         field = f"{where}.teacher"
         if tokenizer_fingerprint(loaded.tokenizer) != tokenizer_fingerprint(ctx.tokenizer):
             raise PassError(

@@ -55,6 +55,16 @@ def sensitivity_command(
     eval_tokens: Annotated[int, typer.Option(help="WikiText-2 test tokens for perplexity.")] = 4096,
     eval_seq_len: Annotated[int, typer.Option(help="Perplexity window.")] = 512,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda[:N]")] = "auto",
+    reconstruct: Annotated[
+        bool,
+        typer.Option(
+            help="Re-fit o_proj/down_proj on the kept heads/channels for each axis candidate, "
+            "as a prune stage with reconstruct does (per-layer rows stay plain deletions)."
+        ),
+    ] = False,
+    reconstruct_damp: Annotated[
+        float, typer.Option(help="Pull of the re-fit towards the parent's weights (0 < d).")
+    ] = 0.3,
 ) -> None:
     """Sweep pruning ratios per axis: CSV, PNG plots and a Markdown summary in --out."""
     from slmcompress.models import load_model, resolve_device
@@ -66,6 +76,7 @@ def sensitivity_command(
     values = parse_ratios(ratios)
     axes = [name.strip() for item in axis for name in item.split(",") if name.strip()]
     calibration, evaluation = data_options(n_samples, seq_len, eval_tokens, eval_seq_len)
+    refit = refit_settings(reconstruct, reconstruct_damp)
     resolve_device(device, "--device")
     loaded = load_model(model, device=device)
     result = sensitivity(
@@ -80,8 +91,10 @@ def sensitivity_command(
         evaluation=evaluation,
         head_pruning=head_pruning,
         depth_metric=depth_metric,
+        reconstruct=refit,
     )
-    table = Table(title=f"pruning sensitivity (baseline ppl {result.baseline_ppl:.2f})")
+    kind = "re-fit" if refit else "deleted"
+    table = Table(title=f"pruning sensitivity, {kind} (baseline ppl {result.baseline_ppl:.2f})")
     for column in ("axis", "ratio", "removed", "size", "non-emb kept", "ppl"):
         table.add_column(column)
     for r in result.rows:
@@ -127,6 +140,17 @@ def data_options(n_samples: int, seq_len: int, eval_tokens: int, eval_seq_len: i
             f"--eval-tokens: {eval_tokens} is less than one --eval-seq-len window ({eval_seq_len})"
         )
     return specs[0], specs[1]
+
+
+def refit_settings(reconstruct: bool, damp: float):
+    """The re-fit of each candidate, or ``None``; a bad damp is one line naming its option."""
+    if not reconstruct:
+        return None
+    from slmcompress.prune.reconstruction import RefitSettings
+
+    if not damp > 0 or damp != damp or damp == float("inf"):
+        raise SlmError(f"--reconstruct-damp: need a positive number, got {damp}")
+    return RefitSettings(damp=damp)
 
 
 def _check_choice(option: str, value: str, valid: tuple[str, ...]) -> None:

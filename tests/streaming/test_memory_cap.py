@@ -35,6 +35,7 @@ CHILD = textwrap.dedent("""
         dtype, device, extra_metrics = torch.float32, cpu, {}
         def __init__(self, work_dir): self.work_dir = work_dir
         def warn(self, message): pass
+        def record(self, warnings=(), **metrics): self.extra_metrics.update(metrics)
     cfg = GPTQConfig(type="quantize", method="gptq", bits=4, group_size=64, batch_size=2)
     def both(directory, tag):
         run = StreamingRun(directory, tokens, cpu, work / f"imp-{tag}", replace(options, pass_name="importance"))
