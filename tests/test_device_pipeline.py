@@ -312,7 +312,7 @@ def reload_and_evaluate(run: PipelineRun, stage: str, device: str) -> tuple[set[
     layers got, and its perplexity measured as the report measured it."""
     target = SIM if device == "sim" else torch.device(device)
     with simulated_device() if device == "sim" else contextlib.nullcontext():
-        loaded = load_model(str(run.stage_dir(stage)), dtype="float32", device=str(target))
+        loaded = load_model(str(run.stage_dir(stage)), dtype="float32", device=target)
         layers = [m for m in loaded.model.modules() if isinstance(m, QuantLinear)]
         assert layers and all(m.qweight.device.type == target.type for m in layers)
         tokens = eval_tokens(loaded.tokenizer, EvalSpec(**EVAL))

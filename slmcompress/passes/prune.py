@@ -25,6 +25,7 @@ from slmcompress.errors import PassError, RecipeError
 from slmcompress.eval.report import count_params
 from slmcompress.model_sources import BUILTIN_MODELS, cache_dir
 from slmcompress.passes.base import Context, Pass, PassConfig, StageOutput, StreamingOptions
+from slmcompress.peak_memory import peak_memory
 from slmcompress.prune.align import align_sizes
 from slmcompress.prune.importance import (
     Importance,
@@ -249,7 +250,11 @@ class PrunePass(Pass):
         end = time.perf_counter()
         ctx.extra_metrics["prune"] = _summary(
             model, sizes, current, plan.layers, importance, end - start
-        ) | {"alignment": alignment.summary(), "alignment_line": alignment.line()}
+        ) | {
+            "alignment": alignment.summary(),
+            "alignment_line": alignment.line(),
+            "peak_memory": peak_memory(ctx.device),
+        }
         if cfg.reconstruct:
             ctx.extra_metrics["prune"]["reconstruct"] = recon_report | {
                 "seconds": round(end - scored, 2)

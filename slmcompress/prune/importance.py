@@ -62,9 +62,12 @@ class Importance:
     block_size: int = 1
     method: str = "activation"
     extra: dict[str, Any] = field(default_factory=dict)
+    placeholder: bool = False  # equal scores standing in for units another step chooses
 
     def summary(self) -> dict[str, Any]:
-        """Compact per-layer numbers for the stage report."""
+        """Compact per-layer numbers for the stage report (none for a placeholder)."""
+        if self.placeholder:
+            return {"method": self.method} | self.extra
         out: dict[str, Any] = {
             "method": self.method,
             "head_score_per_layer": [round(float(h.sum()), 4) for h in self.heads],
@@ -368,6 +371,7 @@ def uniform_importance(model: PreTrainedModel, method: str) -> Importance:
         hidden=torch.ones(cfg.hidden_size, device="cpu"),
         layers=torch.ones(n_layers, device="cpu"),
         method=method,
+        placeholder=True,
     )
 
 

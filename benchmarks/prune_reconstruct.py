@@ -1,0 +1,218 @@
+"""Pruning with and without reconstruction (issue #27), at equal calibration data and heal tokens.
+
+Every row runs a recipe through the real CLI (``slmcompress run``): a prune stage, the
+quickstart's 16k-token KD heal, GPTQ-4; the numbers are those of the stage reports
+(WikiText-2 test, first 8,192 tokens in 512-token windows). A row's two variants differ only
+in the prune stage's ``reconstruct`` section:
+
+* ``delete``: Minitron activation importance on the calibration tokens, then the rows and
+  columns are deleted (what a prune stage did before);
+* ``reconstruct``: the units are chosen by their output energy on the pruned stream and
+  ``o_proj`` / ``down_proj`` are re-fitted on the kept heads / channels, layer by layer
+  (``slmcompress/prune/reconstruction.py``), on the same calibration tokens.
+
+Cost rows (``*-4k``) stop after the prune stage: the recipe's own 16 x 256 calibration tokens,
+to show what reconstruction gives at the prune stage's present cost.
+
+HellaSwag (n = ``--hellaswag-limit``) is measured on the quickstart's input and on both
+variants' outputs with ``slmcompress eval``. A complete run directory is read, not rerun:
+
+    python benchmarks/prune_reconstruct.py --work /work/prune-recon [--only ROW ...]
+    ->  benchmarks/results/prune_reconstruct.{json,md}
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+from cli_runs import REPO, RESULTS, provenance, run_cli, run_complete, stage_reports, stage_walls
+
+SMOL = "recipes/smollm2-quickstart.yaml"
+GEMMA = "recipes/gemma3-270m-quickstart.yaml"
+CALIBRATION = {"n_samples": 128, "seq_len": 256}  # 32,768 tokens, both variants
+RECONSTRUCT = {**CALIBRATION, "damp": 0.3}
+
+#: row -> (base recipe, prune target, calibration of the prune stage, heal + GPTQ after it)
+ROWS: dict[str, tuple[str, dict[str, int], dict[str, int], bool]] = {
+    "smollm2-mlp25": (SMOL, {"ffn_hidden_size": 1152}, CALIBRATION, True),
+    "smollm2-mlp50": (SMOL, {"ffn_hidden_size": 768}, CALIBRATION, True),
+    "smollm2-heads33": (SMOL, {"num_attention_heads": 6}, CALIBRATION, True),
+    "gemma3-mlp25": (GEMMA, {"ffn_hidden_size": 1536}, CALIBRATION, True),
+    "smollm2-mlp25-4k": (SMOL, {"ffn_hidden_size": 1152}, {"n_samples": 16, "seq_len": 256}, False),
+    "smollm2-depth8": (SMOL, {"num_layers": 22}, CALIBRATION, True),
+}
+VARIANTS = ("delete", "reconstruct")
+HELLASWAG_ROWS = ("smollm2-mlp25",)
+
+
+def recipe_for(row: str, variant: str, work: Path) -> Path:
+    """The base recipe with this row's prune stage (and, for cost rows, nothing after it)."""
+    base, target, calibration, full = ROWS[row]
+    data = yaml.safe_load((REPO / base).read_text())
+    prune = data["stages"][0]
+    prune.update(target=target, **calibration)
+    if variant == "reconstruct":
+        prune["reconstruct"] = {**RECONSTRUCT, **calibration}
+    data["stages"] = data["stages"] if full else [prune]
+    data["name"] = f"prune-reconstruct-{row}-{variant}"
+    data["output_dir"] = str(work / f"{row}-{variant}")
+    data["eval"] = {"tasks": [], "speed": False}
+    path = work / f"{row}-{variant}.yaml"
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    return path
+
+
+def run_variant(row: str, variant: str, work: Path) -> dict[str, Any]:
+    recipe = recipe_for(row, variant, work)
+    run_dir = work / f"{row}-{variant}"
+    proc = (
+        None
+        if run_complete(run_dir)
+        else run_cli(["run", str(recipe)], work / f"{row}-{variant}.log")
+    )
+    walls = stage_walls(run_dir)
+    reports = stage_reports(run_dir)
+    out: dict[str, Any] = {"recipe": yaml.safe_load(recipe.read_text()), "process": proc}
+    for name, report in reports.items():
+        out.setdefault("stages", []).append(
+            {
+                "dir": name,
+                "pass": report["pass"],
+                "ppl": report["metrics"]["wikitext2_ppl"],
+                "wall_s": walls.get(name),
+            }
+        )
+        if report["pass"] == "prune":
+            out["prune"] = prune_facts(report)
+    return out
+
+
+def prune_facts(report: dict[str, Any]) -> dict[str, Any]:
+    """What the prune stage's report says of its cost and its choice."""
+    extra = report["extra"]["prune"]
+    recon = extra.get("reconstruct") or {}
+    return {
+        "sizes_after": extra["sizes_after"],
+        "non_embedding_ratio": extra["non_embedding_ratio"],
+        "importance": extra["importance"]["method"],
+        "pass_s": report["timings"]["pass_s"],
+        "reconstruct_s": recon.get("seconds"),
+        "reconstruct_tokens": recon.get("tokens"),
+        "peak_memory": extra.get("peak_memory"),
+        "down_error_deleted_mean": _mean(recon.get("down_error_deleted")),
+        "down_error_refit_mean": _mean(recon.get("down_error_refit")),
+    }
+
+
+def _mean(values: list[float] | None) -> float | None:
+    return round(sum(values) / len(values), 5) if values else None
+
+
+def hellaswag(source: str, tag: str, work: Path, limit: int) -> dict[str, Any]:
+    """``slmcompress eval --tasks hellaswag`` on one model (cached in work/<tag>.hellaswag.json)."""
+    cached = work / f"{tag}.hellaswag.json"
+    if cached.is_file():
+        return json.loads(cached.read_text())
+    argv = ["eval", source, "--tasks", "hellaswag", "--limit", str(limit), "--ppl-tokens", "512"]
+    argv += ["--seq-len", "512", "--no-speed", "--json", "--device", "cpu"]
+    cmd = [sys.executable, "-m", "slmcompress", *argv]
+    start = time.perf_counter()
+    with (work / f"{tag}.hellaswag.log").open("w") as log:
+        done = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, cwd=REPO, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"error: {shlex.join(cmd)} failed; see {work / tag}.hellaswag.log")
+    metrics = json.loads(done.stdout)["metrics"]
+    out = {
+        "source": source,
+        "command": shlex.join(["python", "-m", "slmcompress", *argv]),
+        "acc": metrics["hellaswag_acc"],
+        "acc_norm": metrics["hellaswag_acc_norm"],
+        "n": limit,
+        "wall_s": round(time.perf_counter() - start, 1),
+    }
+    cached.write_text(json.dumps(out, indent=2))
+    return out
+
+
+def final_dir(run: dict[str, Any], work: Path, row: str, variant: str) -> str:
+    return str(work / f"{row}-{variant}" / run["stages"][-1]["dir"])
+
+
+def markdown(result: dict[str, Any]) -> str:
+    p = result["provenance"]
+    lines = [
+        "# Pruning with reconstruction (issue #27)",
+        "",
+        f"Machine: {p['machine']}; versions: {p['versions']}. Command: `{p['command']}`.",
+        "WikiText-2 test ppl (first 8,192 tokens, 512-token windows) of each stage's written",
+        f"checkpoint. Calibration: C4 validation; both variants of a row use the same tokens "
+        f"({CALIBRATION['n_samples']} x {CALIBRATION['seq_len']} unless the row says 4k).",
+        "",
+        "| row | variant | input | pruned | healed (16k tok) | GPTQ-4 | prune stage s | "
+        "re-fit s | peak RSS GB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row, variants in result["rows"].items():
+        for variant, run in variants.items():
+            ppl = [s["ppl"] for s in run.get("stages", [])]
+            cells = [f"{v:.2f}" for v in ppl] + ["-"] * (4 - len(ppl))
+            facts = run.get("prune", {})
+            mem = (facts.get("peak_memory") or {}).get("host_peak_rss_gb")
+            lines.append(
+                f"| {row} | {variant} | {' | '.join(cells[:4])} | {facts.get('pass_s', 0):.0f} "
+                f"| {facts.get('reconstruct_s') or '-'} | {mem or '-'} |"
+            )
+    if result.get("hellaswag"):
+        lines += ["", "HellaSwag (lm-eval, first n validation items):", ""]
+        lines += ["| model | acc | acc_norm | n |", "|---|---|---|---|"]
+        for tag, h in result["hellaswag"].items():
+            lines.append(f"| {tag} | {h['acc']:.3f} | {h['acc_norm']:.3f} | {h['n']} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--work", type=Path, required=True)
+    parser.add_argument("--only", nargs="*", default=None, help="rows to run (default: all)")
+    parser.add_argument("--hellaswag-limit", type=int, default=500)
+    parser.add_argument("--no-hellaswag", action="store_true")
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    out_json = RESULTS / "prune_reconstruct.json"
+    result = json.loads(out_json.read_text()) if out_json.is_file() else {"rows": {}}
+    result["provenance"] = provenance()
+    for row in args.only or ROWS:
+        result["rows"][row] = {v: run_variant(row, v, args.work) for v in VARIANTS}
+        out_json.write_text(json.dumps(result, indent=2))
+        (RESULTS / "prune_reconstruct.md").write_text(markdown(result))
+    if not args.no_hellaswag:
+        tags = {"smollm2-135m (input)": "smollm2-135m"}
+        for row in HELLASWAG_ROWS:
+            for variant in VARIANTS:
+                run = result["rows"].get(row, {}).get(variant)
+                if run:
+                    tags[f"{row} {variant} (final)"] = final_dir(run, args.work, row, variant)
+        result["hellaswag"] = {
+            tag: hellaswag(
+                src,
+                re.sub(r"[^a-z0-9]+", "-", tag.lower()).strip("-"),
+                args.work,
+                args.hellaswag_limit,
+            )
+            for tag, src in tags.items()
+        }
+    out_json.write_text(json.dumps(result, indent=2))
+    (RESULTS / "prune_reconstruct.md").write_text(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
