@@ -29,3 +29,4 @@ def test_pruning_sensitivity_notebook_executes(tmp_path):
     )
     text = "".join(o.get("text", "") for o in outputs if o.output_type == "stream")
     assert "non-embedding params kept" in text and "pruned:" in text
+    assert "re-fit ppl:" in text

@@ -137,3 +137,27 @@ def test_streamed_reconstruction_writes_the_in_memory_checkpoint(model_dir, make
     assert set(want) == set(have)
     for name in want:
         torch.testing.assert_close(have[name], want[name], rtol=0, atol=0, msg=name)
+
+
+def test_cli_run_with_reconstruct_set_from_the_command_line(tiny_model_dir, tmp_path):
+    """``slmcompress run recipe --set stages.0.reconstruct=...`` end to end: the report
+    records the re-fit and the checkpoint reloads in plain transformers."""
+    import json
+
+    from conftest import write_recipe
+    from typer.testing import CliRunner
+
+    from slmcompress.cli import app
+
+    stage = {"type": "prune", "name": "mlp", "target": {"ffn_hidden_size": 64}, "align": "none"}
+    recipe = write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), [stage], tmp_path / "out")
+    setting = "stages.0.reconstruct={n_samples: 4, seq_len: 32, damp: 0.5}"
+    result = CliRunner().invoke(app, ["--quiet", "run", str(recipe), "--set", setting])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "01-mlp" / "report.json").read_text())
+    recon = report["extra"]["prune"]["reconstruct"]
+    assert recon["tokens"] == 4 * 32 and recon["damp"] == 0.5
+    assert sum(recon["down_error_refit"]) < sum(recon["down_error_deleted"])
+    assert report["extra"]["prune"]["importance"] == {"method": "energy (chosen while re-fitting)"}
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out" / "01-mlp")
+    assert model.config.intermediate_size == 64
