@@ -200,7 +200,7 @@ def count_skeletons() -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     import slmcompress.streaming.loader as loader
-    from slmcompress.models import load_model
+    from slmcompress.io.load import load_model
     from slmcompress.recipe import load_recipe
     from slmcompress.runner import run_recipe
     from slmcompress.streaming import should_stream  # both sides of the issue #26 move

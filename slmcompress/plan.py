@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from slmcompress.errors import RecipeError
+from slmcompress.io.sources import resolve_model_dir
 from slmcompress.memory_model import (
     BASE_RSS,
     DEFAULT_MEMORY_FRACTION,
@@ -25,7 +26,6 @@ from slmcompress.memory_model import (
     load_config,
     parse_bytes,
 )
-from slmcompress.model_sources import resolve_model_dir
 from slmcompress.passes.base import StreamingOptions
 from slmcompress.quant.convert import auto_group_size
 

@@ -294,7 +294,7 @@ def build_streamed_teacher_cache(
     ``plan``). A kill resumes at the last finished shard, and inside it at the last
     finished decoder layer (``out_dir/.work``).
     """
-    from slmcompress.checkpoint import open_streaming_model
+    from slmcompress.io.load import open_streaming_model
     from slmcompress.streaming.budget import StreamOptions
     from slmcompress.streaming.forward import streamed_forward, top_k_head
 

@@ -67,7 +67,8 @@ def sensitivity_command(
     ] = 0.3,
 ) -> None:
     """Sweep pruning ratios per axis: CSV, PNG plots and a Markdown summary in --out."""
-    from slmcompress.models import load_model, resolve_device
+    from slmcompress.io.load import load_model
+    from slmcompress.io.sources import resolve_device
     from slmcompress.prune.sensitivity import sensitivity
 
     _check_choice("--method", method, ("activation", "magnitude", "random"))

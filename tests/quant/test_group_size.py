@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from slmcompress.checkpoint import save_checkpoint
+from slmcompress.io.checkpoint import save_checkpoint
 from slmcompress.passes.gptq import GPTQConfig
 from slmcompress.passes.quantize_rtn import RTNConfig, RTNPass
 from slmcompress.quant.convert import (
