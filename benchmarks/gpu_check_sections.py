@@ -102,12 +102,12 @@ def gptq_checkpoint(
     depends only on the format, not on how the codes were chosen)."""
     from slmcompress.io.checkpoint import write_checkpoint_into
     from slmcompress.io.load import load_model
-    from slmcompress.quant.convert import (
+    from slmcompress.quant.gptq_format import QuantizedWeight
+    from slmcompress.quant.install import (
         gptq_quantization_config,
         install_quant_linear,
         quantizable_linears,
     )
-    from slmcompress.quant.gptq_format import QuantizedWeight
     from slmcompress.quant.qparams import rtn_quantize_weight
 
     directory = work / f"{source.name}-gptq{bits}-g{group}"

@@ -201,8 +201,8 @@ def smollm2(work: Path) -> dict:
     import torch
     import yaml
 
+    from slmcompress.cli.teacher_cache import teacher_cache_command
     from slmcompress.data import EvalSpec, eval_tokens
-    from slmcompress.distill.cli_teacher_cache import teacher_cache_command
     from slmcompress.eval.perplexity import perplexity
     from slmcompress.eval.streamed import streamed_perplexity
     from slmcompress.io.load import load_model

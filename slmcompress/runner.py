@@ -64,8 +64,8 @@ from slmcompress.passes import streamable_passes
 from slmcompress.passes.base import Context, Pass, StageOutput, StreamingOptions
 from slmcompress.recipe import ResolvedRecipe, Stage
 from slmcompress.streaming.budget import machine_budget, should_stream
+from slmcompress.streaming.publish import move_streamed_checkpoint
 from slmcompress.streaming.residency import Residency, StageInput
-from slmcompress.streaming.wiring import move_streamed_checkpoint
 from slmcompress.versions import versions
 
 log = logging.getLogger(__name__)

@@ -34,8 +34,8 @@ from slmcompress.eval.report import (
 from slmcompress.eval.streamed import evaluate_streamed
 from slmcompress.io.checkpoint import CheckpointInfo, load_checkpoint
 from slmcompress.kernels.dispatch import prepare_for_serving
+from slmcompress.streaming.publish import load_tokenizer
 from slmcompress.streaming.residency import over_budget
-from slmcompress.streaming.wiring import load_tokenizer
 
 log = logging.getLogger(__name__)
 

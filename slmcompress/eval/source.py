@@ -13,8 +13,7 @@ from pathlib import Path
 
 import torch
 
-from slmcompress.cli_checks import check_context
-from slmcompress.data import EvalOptions, EvalSpec
+from slmcompress.data import EvalOptions, EvalSpec, check_context
 from slmcompress.errors import SlmError
 from slmcompress.eval.artifact import EvalBudget, Evaluation, evaluate_artifact
 from slmcompress.io.checkpoint import CheckpointInfo, read_checkpoint

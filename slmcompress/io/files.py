@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from slmcompress.errors import CheckpointError
-from slmcompress.fsutil import atomic_write_text
+from slmcompress.fsutil import atomic_write_text, read_json_file
 from slmcompress.versions import versions
 
 METADATA_FILE = "slmcompress.json"
@@ -148,8 +148,6 @@ def read_metadata(directory: Path) -> dict[str, Any]:
 
     A file that is not a JSON object is a one-line CheckpointError naming it.
     """
-    from slmcompress.fsutil import read_json_file
-
     path = Path(directory) / METADATA_FILE
     if not path.exists() and not path.is_symlink():
         return {}

@@ -63,7 +63,7 @@ from slmcompress.passes.base import Context, Pass, PassConfig
 from slmcompress.prune.planner import SOURCE_LAYERS_KEY
 from slmcompress.registry import register_pass
 from slmcompress.streaming.budget import machine_budget, resolve_budget, should_stream
-from slmcompress.streaming.wiring import load_tokenizer
+from slmcompress.streaming.publish import load_tokenizer
 
 
 class DistillConfig(PassConfig):

@@ -26,7 +26,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from slmcompress.arch import decoder_layers
+from slmcompress.arch import decoder_layers, layers_prefix
 from slmcompress.errors import CheckpointError
 from slmcompress.io.files import DTYPES, TensorEntry, shard_entries, shard_paths
 from slmcompress.io.remote_code import check_local_code, hf_kwargs
@@ -258,7 +258,7 @@ class StreamingModel:
             with torch.device("meta"):
                 prepare(self.model, self.source)
         self.layers = decoder_layers(self.model)
-        self.layer_prefix = _module_prefix(self.model, self.layers) + "."
+        self.layer_prefix = layers_prefix(self.model) + "."
         self._pristine = [copy.deepcopy(layer) for layer in self.layers]  # meta: costs no memory
         self._check_layer_keys()
 
@@ -307,10 +307,3 @@ class StreamingModel:
                     raise CheckpointError(
                         f"checkpoint: {self.model_dir} has no tensor {prefix + name!r} (a shard is missing from the index?)"
                     )
-
-
-def _module_prefix(model: nn.Module, target: nn.Module) -> str:
-    for name, module in model.named_modules():
-        if module is target:
-            return name
-    raise CheckpointError("model: decoder layers not found in the skeleton")

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from slmcompress.cli_checks import check_context
-from slmcompress.data import DataSpec, EvalSpec, check_disjoint, check_spec
+from slmcompress.data import DataSpec, EvalSpec, check_context, check_disjoint, check_spec
 from slmcompress.distill.teacher_cache import (
     VALUE_DTYPES,
     TeacherCache,
@@ -29,7 +28,7 @@ from slmcompress.io.sources import (
     resolve_model_dir,
 )
 from slmcompress.streaming.budget import machine_budget, should_stream
-from slmcompress.streaming.wiring import load_tokenizer
+from slmcompress.streaming.publish import load_tokenizer
 
 log = logging.getLogger(__name__)
 

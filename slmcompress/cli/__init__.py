@@ -218,7 +218,7 @@ def eval_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Evaluate any model: perplexity, task accuracy, size and speed."""
-    from slmcompress.cli_checks import eval_inputs
+    from slmcompress.cli.checks import eval_inputs
     from slmcompress.eval.source import evaluate_source
     from slmcompress.io.remote_code import remote_code
     from slmcompress.io.sources import resolve_device
@@ -301,7 +301,7 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Serve a compressed model: generate text with a KV cache and print tokens/s."""
-    from slmcompress.cli_checks import check_generate_args, check_prompt_fits
+    from slmcompress.cli.checks import check_generate_args, check_prompt_fits
     from slmcompress.generate import generate as run_generate
     from slmcompress.io.load import load_model
     from slmcompress.io.remote_code import remote_code
@@ -379,7 +379,7 @@ def export(
 
 # ------------------------------------------------------------------------ pruning sensitivity
 def _register_sensitivity() -> None:
-    from slmcompress.prune.cli_sensitivity import sensitivity_command
+    from slmcompress.cli.sensitivity import sensitivity_command
 
     app.command("sensitivity")(cli_errors(sensitivity_command))
 
@@ -413,7 +413,7 @@ def teacher_cache(
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Cache a teacher's top-k logits (sharded safetensors) for distillation without the teacher."""
-    from slmcompress.distill.cli_teacher_cache import teacher_cache_command
+    from slmcompress.cli.teacher_cache import teacher_cache_command
     from slmcompress.io.remote_code import remote_code
 
     with remote_code(trust_remote_code, "--trust-remote-code"):

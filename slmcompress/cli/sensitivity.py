@@ -1,9 +1,7 @@
 """``slmcompress sensitivity``: the typer command over :func:`slmcompress.prune.sensitivity.sensitivity`.
 
-Wire it into ``slmcompress/cli.py`` with::
-
-    from slmcompress.prune.cli_sensitivity import sensitivity_command
-    app.command("sensitivity")(cli_errors(sensitivity_command))
+Registered on the app by :mod:`slmcompress.cli` when the command is looked up (start-up
+stays lazy); ``sensitivity_app`` is the same command on its own app, for tests.
 """
 
 from __future__ import annotations
