@@ -78,7 +78,7 @@ def _tiny_model(directory: Path) -> Path:
     """A seeded random Llama (SmolLM2's tokenizer and vocabulary) in several shards."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slmcompress.models import load_model
+    from slmcompress.io.load import load_model
 
     smol = load_model("smollm2-135m", dtype="float32", device="cpu")
     config = LlamaConfig(

@@ -6,7 +6,7 @@ checkpoint three ways and compares them on the same WikiText-2 test tokens:
 - ``consumer``: ``transformers.AutoModelForCausalLM.from_pretrained(dir)``, i.e. transformers'
   GPTQ integration through optimum + gptqmodel (its CPU kernels: ``TorchAtenLinear`` = torch's
   int4 kernel for 4-bit, ``TorchLinear`` = dequantize + matmul otherwise);
-- ``ours``: ``slmcompress.models.load_model(dir)`` on the plain-torch reference path
+- ``ours``: ``slmcompress.io.load.load_model(dir)`` on the plain-torch reference path
   (``SLMCOMPRESS_KERNEL=torch``: float32 dequantization, exact);
 - ``ours-int4``: the same on our CPU serving backend (``cpu-int4``) where it applies.
 
@@ -78,8 +78,8 @@ def build_checkpoint(row: tuple, work: Path, calib: tuple[int, int]) -> dict:
     """Quantize (after pruning, for the pruned row) and save; returns the build record."""
     import copy
 
-    from slmcompress.checkpoint import save_checkpoint
-    from slmcompress.models import load_model
+    from slmcompress.io.checkpoint import save_checkpoint
+    from slmcompress.io.load import load_model
     from slmcompress.passes import get_pass
     from slmcompress.passes.prune import PruneConfig, PrunePass
 
@@ -139,8 +139,8 @@ def compare(ref: torch.Tensor, other: torch.Tensor) -> dict:
 
 def load_ours(directory: Path, backend: str):
     """Our loader; ``torch`` = the exact reference path, ``auto`` = the serving backend."""
+    from slmcompress.io.load import load_model
     from slmcompress.kernels.dispatch import KERNEL_ENV, set_backends
-    from slmcompress.models import load_model
 
     os.environ[KERNEL_ENV] = backend
     try:
@@ -277,7 +277,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     calib = tuple(int(x) for x in args.calib.split("x"))
-    from slmcompress.models import load_model
+    from slmcompress.io.load import load_model
 
     probe, tokens = eval_data(load_model("smollm2-135m", device="cpu").tokenizer)
     report = {

@@ -40,7 +40,7 @@ DEFAULT_MODELS = ["w4-g64", "w4-g64-act", "w4-g128-ragged", "w3-g64", "w8-g64"]
 
 def load(source: str):
     """A model on its serving backends (``load_model`` picks them for GPTQ checkpoints)."""
-    from slmcompress.models import load_model
+    from slmcompress.io.load import load_model
 
     loaded = load_model(source, dtype="float32", device="cpu")
     return loaded.model, loaded.tokenizer

@@ -35,7 +35,7 @@ from slmcompress.distill.teacher_cache import build_teacher_cache
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.eval.report import count_params
 from slmcompress.fsutil import atomic_write_json, atomic_write_text
-from slmcompress.models import load_model
+from slmcompress.io.load import load_model
 from slmcompress.passes.base import Context
 from slmcompress.passes.distill import DistillConfig, DistillPass
 from slmcompress.passes.prune import PruneConfig, PrunePass

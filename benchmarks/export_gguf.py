@@ -225,10 +225,10 @@ def _cpu_name() -> str | None:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from slmcompress.checkpoint import bytes_on_disk, load_checkpoint
     from slmcompress.data import EvalSpec, eval_tokens
     from slmcompress.export.gguf_writer import GgufOptions, export_gguf
-    from slmcompress.models import load_model
+    from slmcompress.io.checkpoint import bytes_on_disk, load_checkpoint
+    from slmcompress.io.load import load_model
 
     torch.set_num_threads(args.threads)
     work = Path(args.work)

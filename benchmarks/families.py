@@ -28,12 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from family_models import FAMILY_NAMES, VOCAB, family_model  # noqa: E402
 
 from slmcompress.arch import decoder_layers, family_for  # noqa: E402
-from slmcompress.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
 from slmcompress.data import CalibrationSpec, DataConfig, EvalSpec  # noqa: E402
 from slmcompress.eval.perplexity import perplexity  # noqa: E402
 from slmcompress.fsutil import atomic_write_json, atomic_write_text  # noqa: E402
+from slmcompress.io.checkpoint import load_checkpoint, save_checkpoint  # noqa: E402
+from slmcompress.io.sources import cache_dir  # noqa: E402
 from slmcompress.layerwise import layerwise  # noqa: E402
-from slmcompress.model_sources import cache_dir  # noqa: E402
 from slmcompress.passes.base import Context  # noqa: E402
 from slmcompress.passes.distill import DistillConfig, DistillPass  # noqa: E402
 from slmcompress.passes.gptq import GPTQConfig, GPTQPass  # noqa: E402

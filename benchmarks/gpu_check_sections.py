@@ -100,14 +100,14 @@ def gptq_checkpoint(
 ) -> Path:
     """A GPTQ v1 checkpoint of ``source`` (codes by RTN on the device: the serving path
     depends only on the format, not on how the codes were chosen)."""
-    from slmcompress.checkpoint import write_checkpoint_into
-    from slmcompress.models import load_model
-    from slmcompress.quant.convert import (
+    from slmcompress.io.checkpoint import write_checkpoint_into
+    from slmcompress.io.load import load_model
+    from slmcompress.quant.gptq_format import QuantizedWeight
+    from slmcompress.quant.install import (
         gptq_quantization_config,
         install_quant_linear,
         quantizable_linears,
     )
-    from slmcompress.quant.gptq_format import QuantizedWeight
     from slmcompress.quant.qparams import rtn_quantize_weight
 
     directory = work / f"{source.name}-gptq{bits}-g{group}"
@@ -168,7 +168,7 @@ def serving_path(model: torch.nn.Module, batch: int, prompt_tokens: int) -> str:
 def measure_decode(directory: Path, label: str, device: torch.device, dry: bool) -> list[dict]:
     """Load -> first token (cold), then warm greedy decode tokens/s at batch 1 and 8."""
     from slmcompress.eval.speed import generation_speed
-    from slmcompress.models import load_model
+    from slmcompress.io.load import load_model
 
     dtype = "float32" if dry else "bfloat16"
     sync(device)
@@ -272,7 +272,7 @@ def plan_row(recipe: dict[str, Any], stage: str, dry: bool) -> dict[str, Any]:
 def context(recipe: dict[str, Any], tokenizer: Any, work: Path, device: torch.device) -> Any:
     """A pass Context as the runner builds it (no stage directory is written)."""
     from slmcompress.data import DataConfig
-    from slmcompress.models import resolve_dtype
+    from slmcompress.io.sources import resolve_dtype
     from slmcompress.passes.base import Context
 
     (work / "ctx-work").mkdir(parents=True, exist_ok=True)
@@ -291,7 +291,7 @@ def context(recipe: dict[str, Any], tokenizer: Any, work: Path, device: torch.de
 def run_stage(recipe: dict[str, Any], work: Path, dry: bool) -> tuple[Any, float]:
     """The recipe's one stage on its model, as the runner would run it in memory:
     ``(ctx, wall seconds)``; the device's peak memory counts from the pass's start."""
-    from slmcompress.models import load_model
+    from slmcompress.io.load import load_model
     from slmcompress.recipe import parse_recipe
 
     device = device_of(dry)

@@ -28,7 +28,7 @@ from slmcompress.data import CalibrationSpec, EvalSpec, calibration_tokens, eval
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.eval.report import count_params
 from slmcompress.fsutil import atomic_write_json, atomic_write_text
-from slmcompress.models import load_model
+from slmcompress.io.load import load_model
 from slmcompress.prune.importance import (
     Importance,
     activation_importance,

@@ -112,10 +112,10 @@ def run_row(spec: dict, work: Path) -> dict:
     """Child process: quantize, save, reload the checkpoint, evaluate. Returns the row."""
     import torch
 
-    from slmcompress.checkpoint import bytes_on_disk, load_checkpoint, save_checkpoint
     from slmcompress.data import CalibrationSpec, DataConfig
     from slmcompress.eval.perplexity import perplexity
-    from slmcompress.models import load_model
+    from slmcompress.io.checkpoint import bytes_on_disk, load_checkpoint, save_checkpoint
+    from slmcompress.io.load import load_model
     from slmcompress.passes import get_pass
     from slmcompress.passes.base import Context
     from slmcompress.quant.quant_linear import cached_dequantization
@@ -227,7 +227,7 @@ print("LLMC_RESULT " + json.dumps(dict(ppl=math.exp(nll / count), wall_s=wall, c
 
 def run_llmc(python: str, work: Path, group: int, timeout: int, hellaswag_limit: int) -> dict:
     """llm-compressor's GPTQModifier (W4A16 asym) in its own interpreter, same tokens."""
-    from slmcompress.model_sources import builtin_model_dir
+    from slmcompress.io.sources import builtin_model_dir
 
     script = work / "llmc_child.py"
     script.write_text(LLMC_CHILD)
@@ -289,7 +289,7 @@ def write_tokens(work: Path, n: int, t: int) -> None:
     """The shared calibration and evaluation tokens of every row."""
 
     from slmcompress.data import CalibrationSpec, EvalSpec, calibration_tokens, eval_tokens
-    from slmcompress.models import load_model
+    from slmcompress.io.load import load_model
 
     tok = load_model("smollm2-135m", dtype="float32", device="cpu").tokenizer
     calib = calibration_tokens(

@@ -182,7 +182,7 @@ def check_gptq_output(out: Path, model_dir: Path, layers: int) -> bool:
     """Every shard valid, every layer quantized, layer 0's q_proj dequantizes close to the source."""
     import torch
 
-    from slmcompress.checkpoint import validate_checkpoint
+    from slmcompress.io.checkpoint import validate_checkpoint
     from slmcompress.quant.quant_linear import QuantLinear
     from slmcompress.streaming.loader import WeightSource
 
@@ -203,7 +203,7 @@ def check_gptq_output(out: Path, model_dir: Path, layers: int) -> bool:
 
 def check_pruned_output(out: Path, args: argparse.Namespace) -> bool:
     """The pruned checkpoint has the target MLP width in every layer and a consistent index."""
-    from slmcompress.checkpoint import validate_checkpoint
+    from slmcompress.io.checkpoint import validate_checkpoint
     from slmcompress.streaming.loader import WeightSource
 
     config = validate_checkpoint(out)
@@ -219,7 +219,7 @@ def bit_exact_small(work: Path) -> bool:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from slmcompress.checkpoint import load_gptq_checkpoint
+    from slmcompress.io.checkpoint import load_gptq_checkpoint, read_checkpoint
     from slmcompress.passes.gptq import GPTQConfig, GPTQPass
     from slmcompress.streaming.budget import StreamOptions
     from slmcompress.streaming.engine import StreamingRun
@@ -259,8 +259,7 @@ def bit_exact_small(work: Path) -> bool:
     options = StreamOptions(activation_offload="disk", max_memory="4GB", batch_size=2)
     run = StreamingRun(work / "small", tokens, torch.device("cpu"), work / "w2", options)
     out = GPTQPass(cfg).quantize(run, Ctx(work / "w2")).path
-    qcfg = json.loads((out / "config.json").read_text())["quantization_config"]
-    got = load_gptq_checkpoint(out, qcfg, torch.float32).state_dict()
+    got = load_gptq_checkpoint(read_checkpoint(out), torch.float32).state_dict()
     return set(got) == set(reference) and all(torch.equal(got[k], reference[k]) for k in reference)
 
 
@@ -319,8 +318,8 @@ def measure(args: argparse.Namespace, work: Path) -> dict:
     import torch
     from transformers import AutoTokenizer
 
+    from slmcompress.io.sources import builtin_model_dir
     from slmcompress.memory_model import parse_bytes
-    from slmcompress.model_sources import builtin_model_dir
     from slmcompress.streaming.loader import WeightSource
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))

@@ -129,8 +129,8 @@ def capped(args: argparse.Namespace, work: Path) -> dict:
     from random_models import write_random_checkpoint
     from transformers import AutoTokenizer
 
+    from slmcompress.io.sources import builtin_model_dir
     from slmcompress.memory_model import parse_bytes
-    from slmcompress.model_sources import builtin_model_dir
     from slmcompress.streaming.loader import WeightSource
 
     config = model_config(args)  # the scale benchmark's random Llama
@@ -201,12 +201,12 @@ def smollm2(work: Path) -> dict:
     import torch
     import yaml
 
+    from slmcompress.cli.teacher_cache import teacher_cache_command
     from slmcompress.data import EvalSpec, eval_tokens
-    from slmcompress.distill.cli_teacher_cache import teacher_cache_command
     from slmcompress.eval.perplexity import perplexity
     from slmcompress.eval.streamed import streamed_perplexity
-    from slmcompress.model_sources import resolve_model_dir
-    from slmcompress.models import load_model
+    from slmcompress.io.load import load_model
+    from slmcompress.io.sources import resolve_model_dir
     from slmcompress.recipe import load_recipe
     from slmcompress.runner import run_recipe
 

@@ -12,12 +12,13 @@ import json
 import logging
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from transformers import PreTrainedTokenizerBase
 
-from slmcompress.errors import DataError
+from slmcompress.errors import DataError, SlmError
 from slmcompress.fsutil import regular_file_problem
 
 log = logging.getLogger(__name__)
@@ -281,3 +282,9 @@ class EvalOptions(BaseModel):
             if task not in known:
                 raise ValueError(f"unknown task {task!r}; valid: {', '.join(sorted(known))}")
         return tasks
+
+
+def check_context(limit: Any, length: int, option: str) -> None:
+    """Refuse a window longer than the model was built for (rope would silently extrapolate)."""
+    if isinstance(limit, int) and 0 < limit < length:
+        raise SlmError(f"{option}: {length} exceeds the model's context of {limit} tokens")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from slmcompress.errors import RecipeError
+from slmcompress.fsutil import read_json_file
 
 GiB = 2**30
 #: resident size of a Python process with torch + transformers imported (measured: ~0.55 GiB)
@@ -204,8 +205,6 @@ def load_config(source: str | Path) -> dict[str, Any]:
             f"config {source!r}: not a published name ({', '.join(PUBLISHED_CONFIGS)}) "
             f"nor a model directory / config.json"
         )
-    from slmcompress.fsutil import read_json_file
-
     config = read_json_file(path, "config", RecipeError, max_bytes=64 * 2**20)
     if not isinstance(config, dict):
         raise RecipeError(f"config: {path} must hold a JSON object (a model's config.json)")

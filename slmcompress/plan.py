@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 from slmcompress.errors import RecipeError
+from slmcompress.io.sources import resolve_model_dir
 from slmcompress.memory_model import (
     BASE_RSS,
     DEFAULT_MEMORY_FRACTION,
@@ -25,9 +26,8 @@ from slmcompress.memory_model import (
     load_config,
     parse_bytes,
 )
-from slmcompress.model_sources import resolve_model_dir
 from slmcompress.passes.base import StreamingOptions
-from slmcompress.quant.convert import auto_group_size
+from slmcompress.quant.install import auto_group_size
 
 
 @dataclass
@@ -361,10 +361,16 @@ def _after_stage(stage: Any, arch: ModelDims) -> ModelDims:
     if stage.pass_cls.pass_type != "prune" or target is None:
         return arch
     t = target.model_dump() if hasattr(target, "model_dump") else dict(target)
-    return replace(
+    heads = t.get("num_attention_heads") or arch.heads
+    kv_heads = t.get("num_key_value_heads") or arch.kv_heads
+    head_pruning = getattr(stage.config, "head_pruning", "within_groups")
+    if not t.get("num_key_value_heads") and head_pruning == "kv_groups" and heads != arch.heads:
+        kv_heads = heads // (arch.heads // arch.kv_heads)  # whole groups go, as the prune does
+    return replace(  # head_dim stays: a prune removes heads, never narrows one
         arch,
         inter=t.get("ffn_hidden_size") or arch.inter,
-        heads=t.get("num_attention_heads") or arch.heads,
+        heads=heads,
+        kv_heads=kv_heads,
         hidden=t.get("hidden_size") or arch.hidden,
         layers=t.get("num_layers") or arch.layers,
     )

@@ -24,11 +24,11 @@ from slmcompress.data import (
 )
 from slmcompress.errors import ModelSourceError, RecipeError, SlmError, one_line
 from slmcompress.fsutil import regular_file_problem
+from slmcompress.io.remote_code import RECIPE_OPT_IN, remote_code
+from slmcompress.io.sources import check_model_source, resolve_dtype
 from slmcompress.memory_model import parse_bytes
-from slmcompress.model_sources import check_model_source, resolve_dtype
 from slmcompress.passes import get_pass
 from slmcompress.passes.base import RUNTIME_FIELDS, Pass, PassConfig
-from slmcompress.remote_code import RECIPE_OPT_IN, remote_code
 
 
 class Recipe(BaseModel):

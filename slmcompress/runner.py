@@ -29,8 +29,6 @@ from safetensors import SafetensorError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from slmcompress import dist
-from slmcompress.checkpoint import write_checkpoint_into
-from slmcompress.checkpoint_io import read_metadata, write_metadata
 from slmcompress.errors import RecipeError, SlmError, first_line, one_line
 from slmcompress.eval.artifact import EvalBudget, Evaluation, evaluate_artifact, load_for_eval
 from slmcompress.eval.report import (
@@ -56,16 +54,18 @@ from slmcompress.fsutil import (
     refuse_links_inside,
     safe_rmtree,
 )
+from slmcompress.io.checkpoint import write_checkpoint_into
+from slmcompress.io.files import read_metadata, write_metadata
+from slmcompress.io.load import load_model
+from slmcompress.io.remote_code import RECIPE_OPT_IN, remote_code
+from slmcompress.io.sources import resolve_device, resolve_dtype, resolve_model_dir
 from slmcompress.layerwise import WrittenCheckpoint
-from slmcompress.model_sources import resolve_device, resolve_dtype, resolve_model_dir
-from slmcompress.models import load_model
 from slmcompress.passes import streamable_passes
 from slmcompress.passes.base import Context, Pass, StageOutput, StreamingOptions
 from slmcompress.recipe import ResolvedRecipe, Stage
-from slmcompress.remote_code import RECIPE_OPT_IN, remote_code
 from slmcompress.streaming.budget import machine_budget, should_stream
+from slmcompress.streaming.publish import move_streamed_checkpoint
 from slmcompress.streaming.residency import Residency, StageInput
-from slmcompress.streaming.wiring import move_streamed_checkpoint
 from slmcompress.versions import versions
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from slmcompress.passes.base import Context  # noqa: E402
 @pytest.fixture(scope="session")
 def real_model():
     """The real SmolLM2-135M (float32, CPU). Treat as read-only: deep-copy before changing it."""
-    from slmcompress.models import load_model
+    from slmcompress.io.load import load_model
 
     return load_model("smollm2-135m", dtype="float32", device="cpu")
 

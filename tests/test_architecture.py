@@ -74,3 +74,20 @@ def test_the_registry_imports_no_pass_and_the_builtins_register_from_one_site():
     assert {m.__name__.rsplit(".", 1)[-1] for m in passes.BUILTIN} == modules
     assert passes.pass_types() == ["distill", "eval", "export", "prune", "quantize"]
     assert passes.get_pass("quantize", "gptq").__module__ == "slmcompress.passes.gptq"
+
+
+def test_model_io_and_the_cli_each_live_in_one_package():
+    """Model I/O is ``slmcompress/io/`` and the CLI ``slmcompress/cli/``: no loader or command
+    module is left at the top or inside an algorithm package, and only the entry point
+    (``__main__``) and the CLI itself import the CLI."""
+    package = REPO / "slmcompress"
+    top = {p.stem for p in package.glob("*.py")}
+    moved = {"models", "model_sources", "checkpoint", "checkpoint_io", "checkpoint_info"}
+    assert not top & (moved | {"remote_code", "cli", "cli_checks"})
+    assert not [p for p in package.rglob("cli_*.py")]
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        if rel.parts[0] == "cli" or rel.name == "__main__.py":
+            continue
+        for name in _imports(path):
+            assert not name.startswith("slmcompress.cli"), f"{rel} imports {name}"

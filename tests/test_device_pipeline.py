@@ -40,7 +40,7 @@ from transformers import AutoModelForCausalLM
 
 from slmcompress.data import EvalSpec, eval_tokens
 from slmcompress.eval.perplexity import perplexity
-from slmcompress.models import load_model
+from slmcompress.io.load import load_model
 from slmcompress.quant.quant_linear import QuantLinear, cached_dequantization
 from slmcompress.recipe import load_recipe
 from slmcompress.runner import Runner

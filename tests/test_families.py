@@ -18,7 +18,7 @@ from family_models import FAMILY_NAMES, VOCAB, family_config, family_model
 from transformers import AutoModelForCausalLM
 
 from slmcompress.arch import decoder_layers, family_for
-from slmcompress.checkpoint import load_checkpoint, save_checkpoint
+from slmcompress.io.checkpoint import load_checkpoint, save_checkpoint
 from slmcompress.layerwise import layerwise
 from slmcompress.passes.gptq import GPTQConfig, GPTQPass
 from slmcompress.passes.prune import PruneConfig, PrunePass

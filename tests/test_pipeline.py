@@ -6,7 +6,7 @@ import json
 
 from conftest import write_recipe
 
-from slmcompress.models import load_model
+from slmcompress.io.load import load_model
 from slmcompress.quant.quant_linear import QuantLinear
 from slmcompress.recipe import load_recipe
 from slmcompress.runner import run_recipe

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from conftest import write_recipe
 
@@ -13,7 +15,7 @@ from slmcompress.memory_model import (
     estimate_calibration_pass,
     parse_bytes,
 )
-from slmcompress.plan import plan_recipe, plan_to_dict, render_plan
+from slmcompress.plan import _after_stage, plan_recipe, plan_to_dict, render_plan
 from slmcompress.recipe import load_recipe
 
 GiB = 2**30
@@ -191,3 +193,26 @@ def test_plan_counts_a_prune_re_fit_time_and_its_70b_working_set(tmp_path, tiny_
     assert refit.host_peak > plain.host_peak + 8 * GiB
     energy = plan_of(reconstruct=True)  # chooses units itself: no scoring pass to plan
     assert energy.time_s < refit.time_s
+
+
+@pytest.mark.parametrize(
+    ("target", "head_pruning", "kv_heads"),
+    [
+        ({"num_attention_heads": 2}, "within_groups", 2),  # each group loses query heads
+        ({"num_attention_heads": 2}, "kv_groups", 1),  # whole groups go: 4/2 -> 2/1
+        ({"num_attention_heads": 2, "num_key_value_heads": 1}, "within_groups", 1),
+    ],
+)
+def test_a_prune_stage_changes_the_kv_heads_the_next_stage_is_planned_with(
+    tmp_path, tiny_model_dir, target, head_pruning, kv_heads
+):
+    """The stage after a head prune is planned on the pruned shape: KV heads follow the
+    target (or ``head_pruning``), head_dim stays."""
+    stage = {"type": "prune", "target": target, "head_pruning": head_pruning}
+    recipe = load_recipe(
+        write_recipe(tmp_path / "r.yaml", str(tiny_model_dir), [stage], tmp_path / "o")
+    )
+    before = ModelDims.from_config(json.loads((tiny_model_dir / "config.json").read_text()))
+    after = _after_stage(recipe.stages[0], before)
+    assert (after.heads, after.kv_heads, after.head_dim) == (2, kv_heads, before.head_dim)
+    assert after.linears()["k_proj"] == (before.hidden, kv_heads * before.head_dim)

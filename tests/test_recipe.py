@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from slmcompress.errors import SlmError
-from slmcompress.model_sources import BUILTIN_MODELS
+from slmcompress.io.sources import BUILTIN_MODELS
 from slmcompress.recipe import apply_overrides, load_recipe, parse_recipe
 
 REPO = Path(__file__).resolve().parents[1]

@@ -56,7 +56,10 @@ from slmcompress.fsutil import (
     refuse_links_inside,
     safe_rmtree,
 )
+from slmcompress.io.load import open_streaming_model
 from slmcompress.progress import progress_bar
+from slmcompress.streaming.budget import StreamOptions
+from slmcompress.streaming.forward import streamed_forward, top_k_head
 
 log = logging.getLogger(__name__)
 
@@ -294,9 +297,6 @@ def build_streamed_teacher_cache(
     ``plan``). A kill resumes at the last finished shard, and inside it at the last
     finished decoder layer (``out_dir/.work``).
     """
-    from slmcompress.checkpoint import open_streaming_model
-    from slmcompress.streaming.budget import StreamOptions
-    from slmcompress.streaming.forward import streamed_forward, top_k_head
 
     stream = open_streaming_model(Path(model_dir), dtype)
     job = _CacheJob(tokenizer, data_spec, seq_len, top_k, n_sequences, shard_size, values_dtype)

@@ -20,7 +20,6 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from slmcompress.checkpoint import load_checkpoint
 from slmcompress.data import EvalOptions, EvalSpec
 from slmcompress.errors import PassError
 from slmcompress.eval.report import (
@@ -33,14 +32,15 @@ from slmcompress.eval.report import (
     summary_from_checkpoint,
 )
 from slmcompress.eval.streamed import evaluate_streamed
+from slmcompress.io.checkpoint import CheckpointInfo, load_checkpoint
 from slmcompress.kernels.dispatch import prepare_for_serving
+from slmcompress.streaming.publish import load_tokenizer
 from slmcompress.streaming.residency import over_budget
-from slmcompress.streaming.wiring import load_tokenizer
 
 log = logging.getLogger(__name__)
 
-#: loads a checkpoint directory that fits the budget: ``(model, tokenizer)``
-Loader = Callable[[Path], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
+#: loads a checkpoint (directory or what was read of it) that fits the budget
+Loader = Callable[[Any], tuple[PreTrainedModel, PreTrainedTokenizerBase]]
 
 
 @dataclass(frozen=True)
@@ -80,11 +80,11 @@ class Evaluation:
 
 
 def load_for_eval(
-    directory: Path, device: torch.device, dtype: torch.dtype
+    checkpoint: Path | CheckpointInfo, device: torch.device, dtype: torch.dtype
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """A written checkpoint on ``device``; on CUDA its GPTQ layers on the Triton kernel, so
     reports measure the served path (CPU keeps the torch reference)."""
-    model, tokenizer = load_checkpoint(directory, dtype=dtype)
+    model, tokenizer = load_checkpoint(checkpoint, dtype=dtype)
     model.to(device).eval()
     if device.type == "cuda":
         prepare_for_serving(model)
@@ -92,7 +92,7 @@ def load_for_eval(
 
 
 def evaluate_artifact(
-    artifact: PreTrainedModel | Path,
+    artifact: PreTrainedModel | Path | CheckpointInfo,
     spec: EvalSpec,
     options: EvalOptions,
     budget: EvalBudget,
@@ -105,11 +105,14 @@ def evaluate_artifact(
     """Measure ``artifact`` as ``options`` asks, in memory when it fits ``budget``.
 
     Args:
-        artifact: a model in memory (with its ``tokenizer``), or a checkpoint directory.
+        artifact: a model in memory (with its ``tokenizer``), or a checkpoint: its
+            directory, or the :class:`~slmcompress.io.checkpoint.CheckpointInfo` a caller
+            read (handed down to the load, streamed or not, instead of read again).
         spec: the perplexity data. options: what to measure. budget: where and within what.
         tokenizer: the tokenizer of a model given in memory.
         checkpoint_dir: where a model given in memory is stored (its size on disk), if anywhere.
-        load: how a directory that fits is loaded (default :func:`load_for_eval`).
+        load: how a checkpoint that fits is loaded (default :func:`load_for_eval`); it
+            gets ``artifact`` as given.
         stream: ``False`` returns ``None`` for a directory over the budget instead of
             streaming it (a resumed run keeps the report it has: nothing new to measure).
 
@@ -119,30 +122,38 @@ def evaluate_artifact(
     if isinstance(artifact, PreTrainedModel):
         metrics, timings = evaluate(artifact, tokenizer, spec, options)
         return Evaluation(metrics, timings, model_summary(artifact, checkpoint_dir))
-    directory = Path(artifact)
+    directory = artifact.directory if isinstance(artifact, CheckpointInfo) else Path(artifact)
     reason = over_budget(directory, budget.max_memory, budget.dtype)
     if reason is None:
-        model, tokenizer = (load or _default_loader(budget))(directory)
+        model, tokenizer = (load or _default_loader(budget))(artifact)
         metrics, timings = evaluate(model, tokenizer, spec, options)
         return Evaluation(metrics, timings, model_summary(model, directory), None, model, tokenizer)
     if not stream:
         return None
-    return _streamed(directory, spec, options, budget, f"{reason}; raise max_memory to evaluate it")
+    checkpoint = artifact if isinstance(artifact, CheckpointInfo) else directory
+    return _streamed(
+        checkpoint, spec, options, budget, f"{reason}; raise max_memory to evaluate it"
+    )
 
 
 def _default_loader(budget: EvalBudget) -> Loader:
-    return lambda directory: load_for_eval(directory, budget.device, budget.dtype)
+    return lambda checkpoint: load_for_eval(checkpoint, budget.device, budget.dtype)
 
 
 def _streamed(
-    directory: Path, spec: EvalSpec, options: EvalOptions, budget: EvalBudget, reason: str
+    checkpoint: Path | CheckpointInfo,
+    spec: EvalSpec,
+    options: EvalOptions,
+    budget: EvalBudget,
+    reason: str,
 ) -> Evaluation:
     """Perplexity of a checkpoint over the budget, one layer resident at a time."""
+    directory = checkpoint.directory if isinstance(checkpoint, CheckpointInfo) else checkpoint
     log.warning("%s: %s %s", directory, NOT_EVALUATED, reason)
-    summary = summary_from_checkpoint(directory)
+    summary = summary_from_checkpoint(checkpoint)
     try:
         metrics, timings = evaluate_streamed(
-            directory,
+            checkpoint,
             load_tokenizer(directory),
             spec,
             options,

@@ -16,12 +16,12 @@ from typing import Any
 from torch import nn
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from slmcompress.checkpoint import bytes_on_disk
 from slmcompress.data import EvalOptions, EvalSpec, eval_tokens
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.eval.speed import generation_speed
 from slmcompress.eval.tasks import run_tasks  # imports lm-eval itself, only when run
 from slmcompress.fsutil import atomic_write_text
+from slmcompress.io.checkpoint import CheckpointInfo, bytes_on_disk
 from slmcompress.kernels.dispatch import prepare_for_serving
 from slmcompress.memory_model import ModelDims
 from slmcompress.quant.quant_linear import QuantLinear, cached_dequantization
@@ -118,12 +118,18 @@ def model_summary(model: PreTrainedModel, checkpoint_dir: Path | None) -> dict[s
     }
 
 
-def summary_from_checkpoint(directory: Path) -> dict[str, Any]:
-    """:func:`model_summary` from config.json and the shard index alone (model never loaded).
+def summary_from_checkpoint(checkpoint: Path | CheckpointInfo) -> dict[str, Any]:
+    """:func:`model_summary` from config.json and the shard headers alone (model never loaded).
 
-    For checkpoints too big for the memory budget (streamed stages, the 70B path).
+    For checkpoints too big for the memory budget (streamed stages, the 70B path);
+    ``checkpoint``: a directory, or the :class:`CheckpointInfo` a caller already read.
     """
-    cfg = json.loads((Path(directory) / "config.json").read_text())
+    if isinstance(checkpoint, CheckpointInfo):
+        cfg, entries, size = checkpoint.config, checkpoint.entries(), checkpoint.bytes_on_disk()
+    else:
+        directory = Path(checkpoint)
+        cfg = json.loads((directory / "config.json").read_text())
+        entries, size = None, bytes_on_disk(directory)
     arch = ModelDims.from_config(cfg)
     params = arch.params()
     qcfg = cfg.get("quantization_config")
@@ -131,14 +137,14 @@ def summary_from_checkpoint(directory: Path) -> dict[str, Any]:
     if isinstance(qcfg, dict):
         quant = {k: qcfg.get(k) for k in ("quant_method", "bits", "group_size", "sym", "desc_act")}
         quant["method"] = (qcfg.get("meta") or {}).get("method", qcfg.get("quant_method"))
-        quant["quantized_linears"] = sum(
-            n.endswith(".qweight") for n in WeightSource(Path(directory)).entries
-        )
+        if entries is None:
+            entries = WeightSource(directory).entries
+        quant["quantized_linears"] = sum(n.endswith(".qweight") for n in entries)
     keys = ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads")
     return {
         "params": params,
         "non_embedding_params": params - arch.embed_params() * (1 if arch.tied else 2),
-        "bytes_on_disk": bytes_on_disk(Path(directory)),
+        "bytes_on_disk": size,
         "arch": {
             "model_type": cfg.get("model_type"),
             **{("num_layers" if k == "num_hidden_layers" else k): cfg.get(k) for k in keys},

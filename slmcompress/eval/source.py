@@ -13,19 +13,20 @@ from pathlib import Path
 
 import torch
 
-from slmcompress.cli_checks import check_context
-from slmcompress.data import EvalOptions, EvalSpec
+from slmcompress.data import EvalOptions, EvalSpec, check_context
 from slmcompress.errors import SlmError
 from slmcompress.eval.artifact import EvalBudget, Evaluation, evaluate_artifact
-from slmcompress.memory_model import BASE_RSS, SLACK, format_bytes, load_config
-from slmcompress.model_sources import (
+from slmcompress.io.checkpoint import CheckpointInfo, read_checkpoint
+from slmcompress.io.load import load_resolved
+from slmcompress.io.sources import (
+    BUILTIN_MODELS,
     check_model_source,
     gguf_param_count,
     resolve_device,
     resolve_dtype,
     resolve_model_dir,
 )
-from slmcompress.models import load_model
+from slmcompress.memory_model import BASE_RSS, SLACK, format_bytes, load_config
 from slmcompress.streaming.budget import machine_budget, resolve_budget
 
 
@@ -42,13 +43,13 @@ def evaluate_source(
     Unlike a run's report, a model that cannot be measured at all (a budget too small to
     stream even one layer) is an error here: the user asked for exactly these numbers.
     """
-    check_model_source(source)
+    check_model_source(source)  # the remote-code check of a directory, made once here
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     directory = resolve_model_dir(source)
 
-    def load(_directory: Path):
-        loaded = load_model(source, dtype=dtype, device=device)
+    def load(info: CheckpointInfo | None):
+        loaded = load_resolved(source, info, torch_dtype, dev)
         limit = getattr(loaded.model.config, "max_position_embeddings", None)
         check_context(limit, spec.seq_len, "--seq-len")
         return loaded.model, loaded.tokenizer
@@ -58,11 +59,15 @@ def evaluate_source(
         if directory is None:  # .gguf or hub id: in memory
             if str(source).endswith(".gguf"):
                 _check_gguf_budget(Path(source).expanduser(), budget.max_memory, torch_dtype)
-            model, tokenizer = load(Path(work))
+            model, tokenizer = load(None)
             return evaluate_artifact(model, spec, options, budget, tokenizer=tokenizer)
         limit = load_config(directory).get("max_position_embeddings")
         check_context(limit, spec.seq_len, "--seq-len")
-        result = evaluate_artifact(directory, spec, options, budget, load=load)
+        resolve_budget(budget.max_memory)  # a bad --max-memory before the checkpoint, as ever
+        # read once (config, headers; a built-in's cache directory gets its code check
+        # here), then handed down to whichever load the budget picks
+        info = read_checkpoint(directory, "checkpoint" if source in BUILTIN_MODELS else None)
+        result = evaluate_artifact(info, spec, options, budget, load=load)
     if result.not_evaluated and options.ppl and result.metrics.get("wikitext2_ppl") is None:
         raise SlmError(result.not_evaluated.warning)
     return result

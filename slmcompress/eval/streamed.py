@@ -16,16 +16,17 @@ from typing import Any
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from slmcompress.checkpoint import open_streaming_model
 from slmcompress.data import EvalSpec, eval_tokens
 from slmcompress.eval.perplexity import PerplexityResult
 from slmcompress.eval.report import METRIC_LABELS
+from slmcompress.io.checkpoint import CheckpointInfo
+from slmcompress.io.load import open_streaming_model
 from slmcompress.streaming.budget import StreamOptions
 from slmcompress.streaming.forward import nll_head, streamed_forward
 
 
 def streamed_perplexity(
-    model_dir: Path,
+    model_dir: Path | CheckpointInfo,
     tokenizer: PreTrainedTokenizerBase,
     spec: EvalSpec,
     device: torch.device,
@@ -37,7 +38,8 @@ def streamed_perplexity(
     """WikiText-2 (or ``spec``) perplexity with one decoder layer resident; resumable."""
     tokens = eval_tokens(tokenizer, spec)  # (N,)
     windows = tokens.view(-1, spec.seq_len)  # (W, T)
-    stream = open_streaming_model(Path(model_dir), dtype)
+    checkpoint = model_dir if isinstance(model_dir, CheckpointInfo) else Path(model_dir)
+    stream = open_streaming_model(checkpoint, dtype)
     options = StreamOptions(
         max_memory=max_memory,
         batch_size=batch_size,
@@ -52,7 +54,7 @@ def streamed_perplexity(
 
 
 def evaluate_streamed(
-    model_dir: Path,
+    model_dir: Path | CheckpointInfo,
     tokenizer: PreTrainedTokenizerBase,
     spec: EvalSpec,
     options: Any,

@@ -29,8 +29,8 @@ import re
 from pathlib import Path
 
 from slmcompress.fsutil import atomic_write_json
+from slmcompress.io.sources import cache_dir
 from slmcompress.kernels.routes import Choice, Key
-from slmcompress.model_sources import cache_dir
 
 log = logging.getLogger(__name__)
 

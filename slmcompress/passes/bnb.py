@@ -19,7 +19,7 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig, PreTrainedMod
 
 from slmcompress.errors import PassError
 from slmcompress.passes.base import Context, Pass, PassConfig
-from slmcompress.quant.convert import ensure_not_quantized
+from slmcompress.quant.install import ensure_not_quantized
 from slmcompress.registry import register_pass
 
 

@@ -22,7 +22,7 @@ import torch
 from pydantic import Field, model_validator
 from transformers import PreTrainedModel
 
-from slmcompress import dist, models
+from slmcompress import dist
 from slmcompress.arch import decoder_layers
 from slmcompress.data import DataSpec, check_disjoint, eval_tokens, packed_sequences, spec_identity
 from slmcompress.distill.checkpointing import weights_digest
@@ -56,13 +56,14 @@ from slmcompress.distill.trainer import (
 from slmcompress.errors import DataError, ModelSourceError, PassError
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.fsutil import atomic_write_json
+from slmcompress.io import load as io_load
+from slmcompress.io.sources import check_model_source, resolve_model_dir
 from slmcompress.memory_model import load_config
-from slmcompress.model_sources import resolve_model_dir
 from slmcompress.passes.base import Context, Pass, PassConfig
 from slmcompress.prune.planner import SOURCE_LAYERS_KEY
 from slmcompress.registry import register_pass
 from slmcompress.streaming.budget import machine_budget, resolve_budget, should_stream
-from slmcompress.streaming.wiring import load_tokenizer
+from slmcompress.streaming.publish import load_tokenizer
 
 
 class DistillConfig(PassConfig):
@@ -143,8 +144,6 @@ class DistillConfig(PassConfig):
         """Never train on the evaluation text; the cache must exist before weights load."""
         where = f"stages[{index}]"
         if self.teacher:  # a stage's own teacher: checked (remote code too) before stage 1 runs
-            from slmcompress.models import check_model_source
-
             try:
                 check_model_source(self.teacher)
             except ModelSourceError as exc:
@@ -441,7 +440,7 @@ class DistillPass(Pass):
         self, source: str, student: PreTrainedModel, ctx: Context, where: str
     ) -> PreTrainedModel:
         ctx.log.info("distill: loading teacher %s", source)
-        loaded = models.load_model(source, dtype=_dtype_name(ctx.dtype), device=ctx.device)
+        loaded = io_load.load_model(source, dtype=_dtype_name(ctx.dtype), device=ctx.device)
         field = f"{where}.teacher"
         if tokenizer_fingerprint(loaded.tokenizer) != tokenizer_fingerprint(ctx.tokenizer):
             raise PassError(

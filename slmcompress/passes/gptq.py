@@ -29,14 +29,6 @@ from slmcompress.layerwise import LayerLoop, LayerStep, ResidualBlock, observe_i
 from slmcompress.passes.base import RUNTIME_FIELDS, Context, Pass, StageOutput, StreamingOptions
 from slmcompress.progress import progress_bar
 from slmcompress.quant.clip_search import ClipSearchOptions
-from slmcompress.quant.convert import (
-    check_group_size,
-    ensure_not_quantized,
-    gptq_quantization_config,
-    install_quant_linear,
-    quantizable_linears,
-    resolve_group_size,
-)
 from slmcompress.quant.gptq_solver import (
     GPTQResult,
     HessianAccumulator,
@@ -44,6 +36,14 @@ from slmcompress.quant.gptq_solver import (
     error_vs_rtn,
     gptq_quantize,
     rtn_rel_output_err,
+)
+from slmcompress.quant.install import (
+    check_group_size,
+    ensure_not_quantized,
+    gptq_quantization_config,
+    install_quant_linear,
+    quantizable_linears,
+    resolve_group_size,
 )
 from slmcompress.registry import register_pass
 

@@ -23,7 +23,7 @@ from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 from slmcompress.arch import family_for
 from slmcompress.errors import PassError, RecipeError
 from slmcompress.eval.report import count_params
-from slmcompress.model_sources import BUILTIN_MODELS, cache_dir
+from slmcompress.io.sources import BUILTIN_MODELS, cache_dir
 from slmcompress.passes.base import Context, Pass, PassConfig, StageOutput, StreamingOptions
 from slmcompress.peak_memory import peak_memory
 from slmcompress.prune.align import align_sizes

@@ -15,7 +15,8 @@ from transformers import PreTrainedModel
 from slmcompress.passes.base import Context, Pass, PassConfig
 from slmcompress.progress import progress_bar
 from slmcompress.quant.clip_search import ClipSearchOptions
-from slmcompress.quant.convert import (
+from slmcompress.quant.gptq_format import QuantizedWeight
+from slmcompress.quant.install import (
     check_group_size,
     ensure_not_quantized,
     gptq_quantization_config,
@@ -23,7 +24,6 @@ from slmcompress.quant.convert import (
     quantizable_linears,
     resolve_group_size,
 )
-from slmcompress.quant.gptq_format import QuantizedWeight
 from slmcompress.quant.qparams import rtn_quantize_weight
 from slmcompress.registry import register_pass
 

@@ -38,6 +38,7 @@ from slmcompress.arch import (
     decoder_layers,
     family_for,
     layer_parts,
+    layers_prefix,
 )
 from slmcompress.errors import PassError
 from slmcompress.layerwise import LayerLoop, LayerStep, MemoryLoop
@@ -124,7 +125,7 @@ def check_supported(model: PreTrainedModel) -> Family:
     """
     family = family_for(model)
     sizes_of(model.config)  # a head count that does not split over the KV heads fails here
-    prefix = _layers_prefix(model)
+    prefix = layers_prefix(model)
     for i, layer in enumerate(decoder_layers(model)):
         check_layer_shapes(family, layer, model.config, f"{prefix}.{i}.")
     return family
@@ -133,11 +134,6 @@ def check_supported(model: PreTrainedModel) -> Family:
 def model_parts(model: PreTrainedModel, layer: nn.Module, family: Family) -> LayerParts:
     """One layer's parts, sized by the model's config."""
     return layer_parts(layer, family, model.config)
-
-
-def _layers_prefix(model: PreTrainedModel) -> str:
-    layers = decoder_layers(model)
-    return next(name for name, module in model.named_modules() if module is layers)
 
 
 # ------------------------------------------------------------------ activation collector

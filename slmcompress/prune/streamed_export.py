@@ -16,8 +16,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from slmcompress.checkpoint_io import new_metadata, write_metadata
 from slmcompress.errors import PassError
+from slmcompress.io.files import new_metadata, write_metadata
 from slmcompress.prune.planner import KeepPlan, pruned_config
 from slmcompress.prune.slicing import iter_sliced
 from slmcompress.streaming.sharded_writer import (

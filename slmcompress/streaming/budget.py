@@ -14,6 +14,7 @@ from typing import Any
 import psutil
 import torch
 
+from slmcompress.io.sources import resolve_model_dir
 from slmcompress.memory_model import (
     BASE_RSS,
     DEFAULT_MEMORY_FRACTION,
@@ -23,7 +24,6 @@ from slmcompress.memory_model import (
     load_config,
     parse_bytes,
 )
-from slmcompress.model_sources import resolve_model_dir
 from slmcompress.streaming.activations import OffloadMode
 from slmcompress.streaming.sharded_writer import DEFAULT_SHARD_BYTES
 

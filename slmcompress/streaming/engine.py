@@ -27,8 +27,8 @@ import torch
 from torch import nn
 
 from slmcompress.arch import layer_type
-from slmcompress.checkpoint_io import new_metadata, write_metadata, write_quantize_config
 from slmcompress.errors import PassError
+from slmcompress.io.files import new_metadata, write_metadata, write_quantize_config
 from slmcompress.layerwise import (
     LayerStep,
     WrittenCheckpoint,

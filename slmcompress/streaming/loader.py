@@ -26,10 +26,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
-from slmcompress.arch import decoder_layers
-from slmcompress.checkpoint_io import DTYPES, TensorEntry, shard_entries, shard_paths
+from slmcompress.arch import decoder_layers, layers_prefix
 from slmcompress.errors import CheckpointError
-from slmcompress.remote_code import check_local_code, hf_kwargs
+from slmcompress.io.files import DTYPES, TensorEntry, shard_entries, shard_paths
+from slmcompress.io.remote_code import check_local_code, hf_kwargs
 
 log = logging.getLogger(__name__)
 
@@ -37,11 +37,14 @@ log = logging.getLogger(__name__)
 class WeightSource:
     """Random access to the tensors of a (sharded) safetensors checkpoint, no mmap."""
 
-    def __init__(self, model_dir: Path) -> None:
+    def __init__(self, model_dir: Path, entries: dict[str, TensorEntry] | None = None) -> None:
+        """``entries``: the tensors of headers a caller has read already (not read again)."""
         self.model_dir = Path(model_dir)
-        self.entries: dict[str, TensorEntry] = {}
-        for path in shard_paths(self.model_dir):
-            self.entries.update(shard_entries(path))
+        if entries is None:
+            entries = {}
+            for path in shard_paths(self.model_dir):
+                entries.update(shard_entries(path))
+        self.entries: dict[str, TensorEntry] = entries
 
     def __contains__(self, name: str) -> bool:
         return name in self.entries
@@ -86,7 +89,7 @@ def _pread_into(path: Path, buffer: memoryview, offset: int, chunk: int = 1 << 3
 
 
 def build_skeleton(
-    model_dir: Path, dtype: torch.dtype, allow_quantized: bool = False
+    model_dir: Path, dtype: torch.dtype, allow_quantized: bool = False, code_checked: bool = False
 ) -> PreTrainedModel:
     """The model from its config alone: parameters on ``meta``, buffers real (rotary tables).
 
@@ -95,9 +98,11 @@ def build_skeleton(
     notices); modules whose buffers are computed at init (rotary ``inv_freq``) are then
     rebuilt on the CPU from the config, exactly as a normal load computes them.
     ``allow_quantized`` builds the float architecture of a quantized checkpoint (a stand-in
-    that is never run; streaming itself reads float checkpoints only).
+    that is never run; streaming itself reads float checkpoints only). ``code_checked``:
+    the caller made the remote-code check on this directory already.
     """
-    check_local_code(model_dir)
+    if not code_checked:
+        check_local_code(model_dir)
     config = AutoConfig.from_pretrained(model_dir, **hf_kwargs())
     if getattr(config, "quantization_config", None) and allow_quantized:
         del config.quantization_config  # a placeholder for what the config describes, no weights
@@ -236,13 +241,15 @@ class StreamingModel:
         dtype: torch.dtype = torch.float32,
         prepare: Callable[[nn.Module, WeightSource], None] | None = None,
         skeleton: PreTrainedModel | None = None,
+        source: WeightSource | None = None,
     ) -> None:
         """``prepare`` may swap modules of the meta skeleton before any weight is read (a
         quantized checkpoint's ``QuantLinear``s); without it only float checkpoints load.
         ``skeleton``: the :func:`build_skeleton` of ``model_dir`` someone already holds (the
-        stage's model), filled in place instead of building a second one."""
+        stage's model), filled in place instead of building a second one. ``source``: the
+        :class:`WeightSource` of ``model_dir`` from headers a caller read already."""
         self.model_dir = Path(model_dir)
-        self.source = WeightSource(self.model_dir)  # validates every shard up front
+        self.source = source or WeightSource(self.model_dir)  # validates every shard up front
         self.dtype = dtype
         if skeleton is None:
             skeleton = build_skeleton(self.model_dir, dtype, allow_quantized=prepare is not None)
@@ -251,7 +258,7 @@ class StreamingModel:
             with torch.device("meta"):
                 prepare(self.model, self.source)
         self.layers = decoder_layers(self.model)
-        self.layer_prefix = _module_prefix(self.model, self.layers) + "."
+        self.layer_prefix = layers_prefix(self.model) + "."
         self._pristine = [copy.deepcopy(layer) for layer in self.layers]  # meta: costs no memory
         self._check_layer_keys()
 
@@ -300,10 +307,3 @@ class StreamingModel:
                     raise CheckpointError(
                         f"checkpoint: {self.model_dir} has no tensor {prefix + name!r} (a shard is missing from the index?)"
                     )
-
-
-def _module_prefix(model: nn.Module, target: nn.Module) -> str:
-    for name, module in model.named_modules():
-        if module is target:
-            return name
-    raise CheckpointError("model: decoder layers not found in the skeleton")

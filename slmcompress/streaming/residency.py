@@ -23,7 +23,7 @@ from slmcompress.streaming.activations import OffloadMode
 from slmcompress.streaming.budget import StreamOptions, should_stream
 from slmcompress.streaming.engine import StreamingRun
 from slmcompress.streaming.loader import StreamingModel, WeightSource, build_skeleton
-from slmcompress.streaming.wiring import load_tokenizer
+from slmcompress.streaming.publish import load_tokenizer
 
 Mode = Literal["memory", "streamed", "report_only"]
 

@@ -26,9 +26,9 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from slmcompress.checkpoint_io import read_header
 from slmcompress.errors import PassError
 from slmcompress.fsutil import atomic_write_json, read_json_file
+from slmcompress.io.files import read_header
 
 log = logging.getLogger(__name__)
 

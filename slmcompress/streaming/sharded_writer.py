@@ -9,7 +9,7 @@ padded with whitespace"); a shard is closed early if its header would outgrow th
 Everything is written inside :func:`slmcompress.fsutil.atomic_dir`: the checkpoint
 directory appears under its final name only when every shard, the index and the config
 files are complete. A float result loads with plain ``from_pretrained``; a GPTQ result
-with :func:`slmcompress.checkpoint.load_checkpoint`.
+with :func:`slmcompress.io.checkpoint.load_checkpoint`.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ def consumer():
 
 
 def quantized_dir(tiny_llama, tokenizer, make_ctx, tmp_path, **options):
-    from slmcompress.checkpoint import save_checkpoint
+    from slmcompress.io.checkpoint import save_checkpoint
     from slmcompress.passes.gptq import GPTQConfig, GPTQPass
 
     model = GPTQPass(GPTQConfig(type="quantize", **options)).run(tiny_llama, make_ctx())
@@ -34,7 +34,7 @@ def logits_both_ways(directory) -> tuple[torch.Tensor, torch.Tensor]:
     """(ours on the exact reference path, transformers + gptqmodel) on the same ids."""
     from transformers import AutoModelForCausalLM
 
-    from slmcompress.checkpoint import load_checkpoint
+    from slmcompress.io.checkpoint import load_checkpoint
     from slmcompress.quant.quant_linear import cached_dequantization
 
     ids = torch.randint(0, 49152, (2, 24), generator=torch.Generator().manual_seed(0))

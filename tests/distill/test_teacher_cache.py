@@ -9,9 +9,9 @@ import torch
 from conftest import tiny_llama_config
 from transformers import LlamaForCausalLM
 
+from slmcompress.cli.teacher_cache import parse_data_spec, teacher_cache_command
 from slmcompress.data import DataSpec, packed_sequences
 from slmcompress.distill import teacher_cache as tc
-from slmcompress.distill.cli_teacher_cache import parse_data_spec, teacher_cache_command
 from slmcompress.distill.losses import LOSSES, top_k_logits
 from slmcompress.distill.teacher_cache import TeacherCache, build_teacher_cache
 from slmcompress.errors import DataError, PassError

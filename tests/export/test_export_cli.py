@@ -11,8 +11,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from slmcompress.checkpoint import save_checkpoint
 from slmcompress.cli import app
+from slmcompress.io.checkpoint import save_checkpoint
 from slmcompress.passes.base import Context
 from slmcompress.passes.quantize_rtn import RTNConfig, RTNPass
 

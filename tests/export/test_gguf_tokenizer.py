@@ -12,7 +12,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from slmcompress.export.gguf_tokenizer import write_tokenizer
-from slmcompress.model_sources import builtin_gguf_path, builtin_model_dir
+from slmcompress.io.sources import builtin_gguf_path, builtin_model_dir
 
 FIELDS = [
     "tokenizer.ggml.model",

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from slmcompress.checkpoint import load_checkpoint, save_checkpoint
 from slmcompress.errors import PassError, RecipeError
+from slmcompress.io.checkpoint import load_checkpoint, save_checkpoint
 from slmcompress.recipe import parse_recipe
 
 bnb = pytest.importorskip("bitsandbytes")

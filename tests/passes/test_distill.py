@@ -140,7 +140,7 @@ def test_teacher_cache_trains_without_loading_a_teacher(
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher must not be loaded")
 
-    monkeypatch.setattr("slmcompress.models.load_model", no_teacher)
+    monkeypatch.setattr("slmcompress.io.load.load_model", no_teacher)
     config = _config(teacher_cache=str(cache), top_k=8, eval_every=0, save_every=0)
     _, ctx = _run(config, tiny_llama, make_ctx, tmp_path / "w")
     assert ctx.extra_metrics["distill"]["teacher"].startswith("cache:")

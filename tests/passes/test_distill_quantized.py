@@ -12,10 +12,10 @@ from conftest import tiny_llama_config, write_recipe
 from transformers import LlamaForCausalLM
 
 import slmcompress.distill.trainer as trainer_module
-from slmcompress.checkpoint import load_checkpoint, save_checkpoint
 from slmcompress.data import DataSpec
 from slmcompress.distill.teacher_cache import build_teacher_cache
 from slmcompress.errors import PassError, RecipeError
+from slmcompress.io.checkpoint import load_checkpoint, save_checkpoint
 from slmcompress.passes.distill import DistillConfig, DistillPass
 from slmcompress.passes.quantize_rtn import RTNConfig, RTNPass
 from slmcompress.quant.quant_linear import QuantLinear
@@ -116,7 +116,7 @@ def test_trains_from_a_top_k_teacher_cache_without_loading_the_teacher(
     def no_teacher(*args, **kwargs):
         raise AssertionError("the teacher must not be loaded")
 
-    monkeypatch.setattr("slmcompress.models.load_model", no_teacher)
+    monkeypatch.setattr("slmcompress.io.load.load_model", no_teacher)
     student = _quantized(tiny_llama, make_ctx)
     scales_before = {
         n: m.scales.clone() for n, m in student.named_modules() if isinstance(m, QuantLinear)

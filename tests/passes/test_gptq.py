@@ -15,8 +15,8 @@ from transformers import LlamaForCausalLM
 
 import slmcompress.passes.gptq as gptq_module
 from slmcompress.arch import decoder_layers
-from slmcompress.checkpoint import load_checkpoint, save_checkpoint
 from slmcompress.errors import DataError, PassError, RecipeError
+from slmcompress.io.checkpoint import load_checkpoint, save_checkpoint
 from slmcompress.passes.gptq import GPTQConfig, GPTQPass
 from slmcompress.passes.quantize_rtn import RTNConfig, RTNPass
 from slmcompress.quant.quant_linear import QuantLinear

@@ -162,7 +162,7 @@ def test_real_smollm2_at_half_the_non_embedding_params_reloads_and_generates(
     real_model, make_ctx, tmp_path
 ):
     """The issue's bar: ~50% of non-embedding params, plain from_pretrained, coherent generation."""
-    from slmcompress.checkpoint import save_checkpoint
+    from slmcompress.io.checkpoint import save_checkpoint
 
     model = copy.deepcopy(real_model.model)
     target = {"ffn_hidden_size": 768, "num_attention_heads": 6, "num_key_value_heads": 2}

@@ -92,7 +92,7 @@ def test_param_counts_match_a_built_model():
 
 @pytest.mark.parametrize("axis", ["mlp", "heads", "hidden", "layers"])
 def test_param_ratio_lands_near_the_ratio_on_smollm2(axis):
-    from slmcompress.model_sources import builtin_model_dir
+    from slmcompress.io.sources import builtin_model_dir
 
     config = AutoConfig.from_pretrained(builtin_model_dir("smollm2-135m"))
     full = param_counts(config, sizes_of(config))[1]

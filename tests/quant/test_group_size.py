@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from slmcompress.checkpoint import save_checkpoint
+from slmcompress.io.checkpoint import save_checkpoint
 from slmcompress.passes.gptq import GPTQConfig
 from slmcompress.passes.quantize_rtn import RTNConfig, RTNPass
-from slmcompress.quant.convert import (
+from slmcompress.quant.install import (
     auto_group_size,
     ragged_group_warning,
     unsupported_group_warning,

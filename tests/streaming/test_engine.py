@@ -15,8 +15,8 @@ from _stream_utils import (
     write_sharded_model,
 )
 
-from slmcompress.checkpoint import load_checkpoint
 from slmcompress.errors import PassError
+from slmcompress.io.checkpoint import load_checkpoint
 from slmcompress.streaming.budget import StreamOptions, should_stream
 from slmcompress.streaming.engine import StreamingRun
 

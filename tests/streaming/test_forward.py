@@ -14,11 +14,12 @@ import torch
 from _stream_utils import random_tokens, small_config, write_sharded_model
 from safetensors.torch import load_file
 
-from slmcompress.checkpoint import load_checkpoint, open_streaming_model
 from slmcompress.data import EvalSpec, eval_tokens
 from slmcompress.distill.teacher_cache import build_streamed_teacher_cache, build_teacher_cache
 from slmcompress.eval.perplexity import perplexity
 from slmcompress.eval.streamed import streamed_perplexity
+from slmcompress.io.checkpoint import load_checkpoint
+from slmcompress.io.load import open_streaming_model
 from slmcompress.streaming import loader
 from slmcompress.streaming.budget import StreamOptions
 from slmcompress.streaming.forward import head_rows, nll_head, streamed_forward, top_k_head
@@ -126,7 +127,7 @@ def test_streamed_perplexity_of_a_gptq_checkpoint(tmp_path, tiny_model_dir, toke
 
 def test_streamed_teacher_cache_equals_the_in_memory_cache(tmp_path, tiny_model_dir, tokenizer):
     from slmcompress.data import DataSpec
-    from slmcompress.models import load_model
+    from slmcompress.io.load import load_model
 
     spec = DataSpec(source="c4")
     loaded = load_model(str(tiny_model_dir), dtype="float32", device="cpu")

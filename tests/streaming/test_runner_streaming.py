@@ -18,7 +18,7 @@ from conftest import write_recipe
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from slmcompress.checkpoint import load_checkpoint
+from slmcompress.io.checkpoint import load_checkpoint
 from slmcompress.recipe import load_recipe
 from slmcompress.runner import run_recipe
 from slmcompress.streaming.budget import should_stream

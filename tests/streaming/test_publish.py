@@ -10,7 +10,7 @@ from _stream_utils import small_config, write_sharded_model
 from conftest import stream_from
 from transformers import LlamaForCausalLM
 
-from slmcompress.checkpoint import load_checkpoint
+from slmcompress.io.checkpoint import load_checkpoint
 from slmcompress.layerwise import WrittenCheckpoint
 from slmcompress.passes.gptq import GPTQConfig, GPTQPass
 from slmcompress.passes.prune import PruneConfig, PrunePass
@@ -131,8 +131,8 @@ def test_a_streamed_prune_ranks_depth_by_cosine_and_says_so():
 def test_recipe_with_streaming_gptq_runs_end_to_end(tmp_path, tiny_model_dir):
     from conftest import write_recipe
 
-    from slmcompress.checkpoint import load_checkpoint
-    from slmcompress.checkpoint_io import read_metadata
+    from slmcompress.io.checkpoint import load_checkpoint
+    from slmcompress.io.files import read_metadata
     from slmcompress.recipe import load_recipe
     from slmcompress.runner import run_recipe
 

@@ -26,7 +26,7 @@ from transformers import (
 
 from slmcompress.errors import ModelSourceError, first_line
 from slmcompress.fsutil import atomic_dir, atomic_write_text, clean_stale_tmp, new_tmp_file
-from slmcompress.remote_code import check_local_code
+from slmcompress.io.remote_code import check_local_code
 
 log = logging.getLogger(__name__)
 

@@ -14,9 +14,9 @@ from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
-from slmcompress.checkpoint_io import new_metadata, read_metadata, write_metadata
 from slmcompress.errors import PassError
-from slmcompress.remote_code import hf_kwargs
+from slmcompress.io.files import new_metadata, read_metadata, write_metadata
+from slmcompress.io.remote_code import hf_kwargs
 
 
 def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from transformers import AutoConfig
 
-from slmcompress.cli_checks import check_context
-from slmcompress.data import DataSpec, EvalSpec, check_disjoint, check_spec
+from slmcompress.data import DataSpec, EvalSpec, check_context, check_disjoint, check_spec
 from slmcompress.distill.teacher_cache import (
     VALUE_DTYPES,
     TeacherCache,
@@ -20,16 +19,16 @@ from slmcompress.distill.teacher_cache import (
     build_teacher_cache,
 )
 from slmcompress.errors import DataError
-from slmcompress.model_sources import (
+from slmcompress.io.load import load_model
+from slmcompress.io.remote_code import hf_kwargs
+from slmcompress.io.sources import (
     check_model_source,
     resolve_device,
     resolve_dtype,
     resolve_model_dir,
 )
-from slmcompress.models import load_model
-from slmcompress.remote_code import hf_kwargs
 from slmcompress.streaming.budget import machine_budget, should_stream
-from slmcompress.streaming.wiring import load_tokenizer
+from slmcompress.streaming.publish import load_tokenizer
 
 log = logging.getLogger(__name__)
 

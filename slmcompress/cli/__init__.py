@@ -218,10 +218,10 @@ def eval_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Evaluate any model: perplexity, task accuracy, size and speed."""
-    from slmcompress.cli_checks import eval_inputs
+    from slmcompress.cli.checks import eval_inputs
     from slmcompress.eval.source import evaluate_source
-    from slmcompress.models import resolve_device
-    from slmcompress.remote_code import remote_code
+    from slmcompress.io.remote_code import remote_code
+    from slmcompress.io.sources import resolve_device
 
     spec, options = eval_inputs(tasks, limit, ppl_tokens, seq_len, speed)
     resolve_device(device, "--device")
@@ -263,7 +263,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Architecture, sizes, parameters, quantization and report summary of a checkpoint."""
-    from slmcompress.checkpoint_info import inspect_checkpoint
+    from slmcompress.io.describe import inspect_checkpoint
 
     info = inspect_checkpoint(checkpoint)
     if as_json:
@@ -301,11 +301,12 @@ def generate(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Serve a compressed model: generate text with a KV cache and print tokens/s."""
-    from slmcompress.cli_checks import check_generate_args, check_prompt_fits
+    from slmcompress.cli.checks import check_generate_args, check_prompt_fits
     from slmcompress.generate import generate as run_generate
+    from slmcompress.io.load import load_model
+    from slmcompress.io.remote_code import remote_code
+    from slmcompress.io.sources import resolve_device
     from slmcompress.kernels.dispatch import prepare_for_serving
-    from slmcompress.models import load_model, resolve_device
-    from slmcompress.remote_code import remote_code
 
     check_generate_args(prompt, max_new_tokens, temperature)
     resolve_device(device, "--device")
@@ -356,7 +357,7 @@ def export(
     """Export a checkpoint for llama.cpp (GGUF); GPTQ group-32 codes are kept, not re-rounded."""
     from slmcompress.errors import PassError
     from slmcompress.export.gguf_writer import GgufOptions, export_gguf
-    from slmcompress.models import load_model
+    from slmcompress.io.load import load_model
 
     if format_ != "gguf":
         raise PassError(f"--format: unknown export format {format_!r}; supported: gguf")
@@ -378,7 +379,7 @@ def export(
 
 # ------------------------------------------------------------------------ pruning sensitivity
 def _register_sensitivity() -> None:
-    from slmcompress.prune.cli_sensitivity import sensitivity_command
+    from slmcompress.cli.sensitivity import sensitivity_command
 
     app.command("sensitivity")(cli_errors(sensitivity_command))
 
@@ -412,8 +413,8 @@ def teacher_cache(
     trust_remote_code: TrustRemoteCode = False,
 ) -> None:
     """Cache a teacher's top-k logits (sharded safetensors) for distillation without the teacher."""
-    from slmcompress.distill.cli_teacher_cache import teacher_cache_command
-    from slmcompress.remote_code import remote_code
+    from slmcompress.cli.teacher_cache import teacher_cache_command
+    from slmcompress.io.remote_code import remote_code
 
     with remote_code(trust_remote_code, "--trust-remote-code"):
         cache = teacher_cache_command(
@@ -475,7 +476,7 @@ def recipe_passes() -> None:
 @app.command()
 def models(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the built-in models (they load with no model hub)."""
-    from slmcompress.model_sources import BUILTIN_MODELS
+    from slmcompress.io.sources import BUILTIN_MODELS
 
     if as_json:
         emit_json({k: v.description for k, v in BUILTIN_MODELS.items()})

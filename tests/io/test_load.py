@@ -6,10 +6,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from slmcompress.checkpoint import save_checkpoint
 from slmcompress.errors import SlmError
-from slmcompress.model_sources import BUILTIN_MODELS, builtin_gguf_path, resolve_dtype
-from slmcompress.models import load_model
+from slmcompress.io.checkpoint import save_checkpoint
+from slmcompress.io.load import load_model
+from slmcompress.io.sources import BUILTIN_MODELS, builtin_gguf_path, resolve_dtype
 
 
 def test_builtin_model_is_the_real_smollm2(real_model):

@@ -1,7 +1,8 @@
-"""Module transforms shared by weight-quantization passes (RTN, GPTQ).
+"""Installing quantized linears: which Linear layers a weight-quantization pass (RTN, GPTQ)
+changes, at which group size, the :class:`QuantLinear` put in their place, and the
+``quantization_config`` the model then carries.
 
-The tensor math lives in ``qparams``/``gptq_solver``; this file only decides *which*
-Linear layers are quantized and swaps them for :class:`QuantLinear`.
+The tensor math lives in ``qparams``/``gptq_solver``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,7 @@
 """``slmcompress sensitivity``: the typer command over :func:`slmcompress.prune.sensitivity.sensitivity`.
 
-Wire it into ``slmcompress/cli.py`` with::
-
-    from slmcompress.prune.cli_sensitivity import sensitivity_command
-    app.command("sensitivity")(cli_errors(sensitivity_command))
+Registered on the app by :mod:`slmcompress.cli` when the command is looked up (start-up
+stays lazy); ``sensitivity_app`` is the same command on its own app, for tests.
 """
 
 from __future__ import annotations
@@ -67,7 +65,8 @@ def sensitivity_command(
     ] = 0.3,
 ) -> None:
     """Sweep pruning ratios per axis: CSV, PNG plots and a Markdown summary in --out."""
-    from slmcompress.models import load_model, resolve_device
+    from slmcompress.io.load import load_model
+    from slmcompress.io.sources import resolve_device
     from slmcompress.prune.sensitivity import sensitivity
 
     _check_choice("--method", method, ("activation", "magnitude", "random"))

@@ -12,6 +12,7 @@ import copy
 import json
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,24 +30,24 @@ from transformers import (
 from transformers.initialization import no_init_weights
 
 from slmcompress.arch import replace_module
-from slmcompress.checkpoint_io import (
+from slmcompress.errors import CheckpointError, first_line
+from slmcompress.fsutil import atomic_dir
+from slmcompress.io.files import (
+    TensorEntry,
+    header_entries,
     new_metadata,
     parse_header,
-    read_header,
     write_metadata,
     write_quantize_config,
 )
-from slmcompress.errors import CheckpointError, first_line
-from slmcompress.fsutil import atomic_dir
-from slmcompress.quant.gptq_format import (
+from slmcompress.io.gptq_checkpoint import (
     GPTQFormat,
     check_gptq_values,
     packed_shapes,
     parse_gptq_config,
 )
+from slmcompress.io.remote_code import check_local_code, hf_kwargs
 from slmcompress.quant.quant_linear import QuantLinear
-from slmcompress.remote_code import check_local_code, hf_kwargs
-from slmcompress.streaming.loader import StreamingModel
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +106,60 @@ def safetensors_files(directory: Path) -> list[Path]:
     raise CheckpointError(f"checkpoint: {directory} has no model.safetensors")
 
 
+@dataclass(frozen=True)
+class CheckpointInfo:
+    """One read of a checkpoint directory, passed down instead of read again.
+
+    ``config.json`` parsed, a GPTQ ``quantization_config`` validated, every safetensors
+    header parsed and checked against its file's size: a load reads each of them once.
+    The remote-code policy is settled on this read (checked, or checked by the caller).
+    """
+
+    directory: Path
+    config: dict[str, Any]
+    gptq: GPTQFormat | None
+    headers: dict[Path, tuple[int, dict]]  # shard -> (data section offset, header)
+
+    @property
+    def shards(self) -> list[Path]:
+        return list(self.headers)
+
+    def entries(self) -> dict[str, TensorEntry]:
+        """Every stored tensor: shard, byte range, dtype and shape (from the headers read)."""
+        found: dict[str, TensorEntry] = {}
+        for path, (base, header) in self.headers.items():
+            found.update(header_entries(path, base, header))
+        return found
+
+    def bytes_on_disk(self) -> int:
+        return sum(p.stat().st_size for p in self.headers)
+
+
+def read_checkpoint(directory: Path, code_check: str | None = "checkpoint") -> CheckpointInfo:
+    """Check config.json and every safetensors file (header + sizes), once.
+
+    ``code_check``: what to call the directory in a remote-code refusal
+    (:func:`~slmcompress.io.remote_code.check_local_code`); ``None`` skips the check, for a
+    caller that made it on this directory (or one that never loads the model).
+    """
+    directory = Path(directory)
+    config = _read_config(directory)
+    gptq = None
+    qcfg = config.get("quantization_config")
+    if isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq":
+        gptq = parse_gptq_config(qcfg, str(directory / "config.json"))
+    headers = {path: _check_safetensors(path) for path in safetensors_files(directory)}
+    if code_check is not None:
+        check_local_code(directory, code_check)
+    return CheckpointInfo(directory, config, gptq, headers)
+
+
 def validate_checkpoint(directory: Path) -> dict[str, Any]:
     """Check config.json and every safetensors file (header + sizes); return the config dict."""
-    directory = Path(directory)
+    return read_checkpoint(directory, code_check=None).config
+
+
+def _read_config(directory: Path) -> dict[str, Any]:
     config_path = directory / "config.json"
     if not config_path.is_file():
         raise CheckpointError(f"checkpoint: {directory} has no config.json")
@@ -117,35 +169,29 @@ def validate_checkpoint(directory: Path) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint: {config_path} is not valid JSON") from exc
     if not isinstance(config, dict):
         raise CheckpointError(f"checkpoint: {config_path} must hold a JSON object")
-    if config.get("quantization_config") is not None:
-        qcfg = config["quantization_config"]
-        if isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq":
-            parse_gptq_config(qcfg, str(config_path))
-    for path in safetensors_files(directory):
-        _check_safetensors(path)
     return config
 
 
-def check_tensor_shapes(directory: Path, config: PretrainedConfig) -> None:
+def check_tensor_shapes(info: CheckpointInfo, config: PretrainedConfig) -> None:
     """Compare every stored tensor's shape with what ``config`` implies; name the first misfit.
 
-    Reads safetensors headers and a meta-device skeleton only, so it costs no weight memory.
-    Without it a wrong shape surfaces as transformers' multi-line load report, or as a
-    shape error inside a GPTQ kernel.
+    Uses the headers read once (:class:`CheckpointInfo`) and a meta-device skeleton, so
+    it costs no weight memory. Without it a wrong shape surfaces as transformers'
+    multi-line load report, or as a shape error inside a GPTQ kernel.
     """
     qcfg = getattr(config, "quantization_config", None)
     if qcfg and not isinstance(qcfg, dict):
         qcfg = qcfg.to_dict()
     if qcfg and qcfg.get("quant_method") != "gptq":
         return  # bitsandbytes & co. store their own layouts; their loaders check them
-    fmt = parse_gptq_config(qcfg, str(directory / "config.json")) if qcfg else None
+    fmt = parse_gptq_config(qcfg, str(info.directory / "config.json")) if qcfg else None
     float_config = copy.deepcopy(config)
     if qcfg:
         del float_config.quantization_config
     with torch.device("meta"):
         skeleton = AutoModelForCausalLM.from_config(float_config)
     expected = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-    headers = {path: read_header(path)[1] for path in safetensors_files(directory)}
+    headers = {path: header for path, (_, header) in info.headers.items()}
     for path, header in headers.items():
         for key in header:
             prefix = key.removesuffix(".qweight")
@@ -158,8 +204,8 @@ def check_tensor_shapes(directory: Path, config: PretrainedConfig) -> None:
                 )
             expected.update(packed_shapes(prefix, linear.in_features, linear.out_features, fmt))
     for path, header in headers.items():
-        for key, info in header.items():
-            shape = tuple(info.get("shape", ())) if isinstance(info, dict) else None
+        for key, info_ in header.items():
+            shape = tuple(info_.get("shape", ())) if isinstance(info_, dict) else None
             if key in expected and shape != expected[key]:
                 raise CheckpointError(
                     f"checkpoint: {path.name}: tensor {key} has shape {list(shape or ())}, "
@@ -175,10 +221,11 @@ def _linear_or_none(model: nn.Module, name: str) -> nn.Linear | None:
     return module if isinstance(module, nn.Linear) else None
 
 
-def _check_safetensors(path: Path) -> None:
+def _check_safetensors(path: Path) -> tuple[int, dict]:
     """Parse a safetensors header and verify the data section is as long as it says.
 
     Reads the header only (no mmap), so checking a multi-GB shard costs no address space.
+    Returns (data section offset, header), kept in :class:`CheckpointInfo`.
     """
     if not path.is_file():
         raise CheckpointError(f"checkpoint: weight shard {path} is missing")
@@ -193,15 +240,18 @@ def _check_safetensors(path: Path) -> None:
             raise ValueError("file is shorter than its header says (truncated)")
     except Exception as exc:  # noqa: BLE001 - any parse failure means a corrupt file
         raise CheckpointError(f"checkpoint: {path} is corrupt or truncated ({exc})") from exc
+    return data_start, header
 
 
 def load_checkpoint(
-    directory: Path, dtype: torch.dtype = torch.float32
+    checkpoint: Path | CheckpointInfo, dtype: torch.dtype = torch.float32
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a float or GPTQ checkpoint written by slmcompress (or any HF safetensors dir)."""
-    directory = Path(directory)
-    config = validate_checkpoint(directory)
-    check_local_code(directory, "checkpoint")
+    """Load a float or GPTQ checkpoint written by slmcompress (or any HF safetensors dir).
+
+    ``checkpoint``: a directory, or the :class:`CheckpointInfo` a caller already read.
+    """
+    info = checkpoint if isinstance(checkpoint, CheckpointInfo) else read_checkpoint(checkpoint)
+    directory = info.directory
     try:
         tokenizer = AutoTokenizer.from_pretrained(directory, **hf_kwargs())
     except Exception as exc:  # noqa: BLE001
@@ -214,10 +264,9 @@ def load_checkpoint(
         raise CheckpointError(
             f"checkpoint: {directory}/config.json cannot be read: {first_line(exc)}"
         ) from exc
-    check_tensor_shapes(directory, hf_config)
-    qcfg = config.get("quantization_config") or {}
-    if isinstance(qcfg, dict) and qcfg.get("quant_method") == "gptq":
-        return load_gptq_checkpoint(directory, qcfg, dtype), tokenizer
+    check_tensor_shapes(info, hf_config)
+    if info.gptq is not None:
+        return load_gptq_checkpoint(info, dtype, hf_config), tokenizer
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, **hf_kwargs())
     except Exception as exc:  # noqa: BLE001
@@ -226,16 +275,22 @@ def load_checkpoint(
 
 
 def load_gptq_checkpoint(
-    directory: Path, qcfg: dict[str, Any], dtype: torch.dtype
+    info: CheckpointInfo, dtype: torch.dtype, config: PretrainedConfig | None = None
 ) -> PreTrainedModel:
-    """Build the float skeleton, swap in QuantLinear where the checkpoint has ``qweight``, load."""
-    fmt = parse_gptq_config(qcfg, f"{directory}/config.json")
-    config = AutoConfig.from_pretrained(directory, **hf_kwargs())
+    """Build the float skeleton, swap in QuantLinear where the checkpoint has ``qweight``, load.
+
+    ``config``: the checkpoint's ``AutoConfig`` if the caller read it (copied, not changed).
+    """
+    directory, fmt = info.directory, info.gptq
+    qcfg = info.config["quantization_config"]
+    if config is None:
+        config = AutoConfig.from_pretrained(directory, **hf_kwargs())
+    config = copy.deepcopy(config)
     config.quantization_config = None
     del config.quantization_config
     with no_init_weights():  # every tensor comes from the checkpoint (missing ones fail below)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = _read_state(directory)
+    state = _read_state(info.shards)
     check_gptq_values(state, f"checkpoint: {directory}")
     bits, group_size = fmt.bits, fmt.group_size
     for prefix in sorted(k[: -len(".qweight")] for k in state if k.endswith(".qweight")):
@@ -251,18 +306,6 @@ def load_gptq_checkpoint(
     model.tie_weights()
     model.config.quantization_config = qcfg
     return model.eval()
-
-
-def open_streaming_model(directory: Path, dtype: torch.dtype) -> StreamingModel:
-    """A checkpoint (float or GPTQ) whose layers are read from disk one at a time."""
-
-    config = validate_checkpoint(directory)
-    check_local_code(directory, "checkpoint")
-    qcfg = config.get("quantization_config")
-    if not qcfg:
-        return StreamingModel(directory, dtype)
-    fmt = parse_gptq_config(qcfg, f"{directory}/config.json")
-    return StreamingModel(directory, dtype, prepare=quant_linear_swapper(fmt))
 
 
 def quant_linear_swapper(fmt: GPTQFormat) -> Callable[[nn.Module, Any], None]:
@@ -288,9 +331,9 @@ def quant_linear_swapper(fmt: GPTQFormat) -> Callable[[nn.Module, Any], None]:
     return prepare
 
 
-def _read_state(directory: Path) -> dict[str, torch.Tensor]:
+def _read_state(shards: list[Path]) -> dict[str, torch.Tensor]:
     state: dict[str, torch.Tensor] = {}
-    for path in safetensors_files(directory):
+    for path in shards:
         with safe_open(path, framework="pt") as handle:
             for key in handle.keys():
                 state[key] = handle.get_tensor(key)

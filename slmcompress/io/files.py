@@ -1,6 +1,6 @@
 """Checkpoint files on disk: safetensors headers, and the one writer of the JSON beside weights.
 
-Every path that produces a checkpoint (the in-memory save in :mod:`slmcompress.checkpoint`,
+Every path that produces a checkpoint (the in-memory save in :mod:`slmcompress.io.checkpoint`,
 the streamed GPTQ assembly, the streamed prune export, the runner publishing a stage)
 writes ``slmcompress.json`` and ``quantize_config.json`` through :func:`write_metadata` and
 :func:`write_quantize_config`, so their format lives in one place. Safetensors headers
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from slmcompress.errors import CheckpointError
-from slmcompress.fsutil import atomic_write_text
+from slmcompress.fsutil import atomic_write_text, read_json_file
 from slmcompress.versions import versions
 
 METADATA_FILE = "slmcompress.json"
@@ -75,9 +75,8 @@ def read_header(path: Path) -> tuple[int, dict]:
         raise CheckpointError(f"checkpoint: weight shard {path} is corrupt ({exc})") from exc
 
 
-def shard_entries(path: Path) -> dict[str, TensorEntry]:
-    """Every tensor of one shard; raises CheckpointError naming the shard if it is truncated."""
-    base, header = read_header(path)
+def header_entries(path: Path, base: int, header: dict) -> dict[str, TensorEntry]:
+    """The tensors a parsed header names (``base``: its data section offset)."""
     entries = {}
     for name, info in header.items():
         if name == "__metadata__":
@@ -86,6 +85,13 @@ def shard_entries(path: Path) -> dict[str, TensorEntry]:
         entries[name] = TensorEntry(
             path, base + begin, end - begin, info["dtype"], tuple(info["shape"])
         )
+    return entries
+
+
+def shard_entries(path: Path) -> dict[str, TensorEntry]:
+    """Every tensor of one shard; raises CheckpointError naming the shard if it is truncated."""
+    base, header = read_header(path)
+    entries = header_entries(path, base, header)
     needed = base + max((e.start - base + e.nbytes for e in entries.values()), default=0)
     size = path.stat().st_size
     if size < needed:
@@ -142,8 +148,6 @@ def read_metadata(directory: Path) -> dict[str, Any]:
 
     A file that is not a JSON object is a one-line CheckpointError naming it.
     """
-    from slmcompress.fsutil import read_json_file
-
     path = Path(directory) / METADATA_FILE
     if not path.exists() and not path.is_symlink():
         return {}

@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from slmcompress.checkpoint import load_checkpoint, save_checkpoint
 from slmcompress.errors import SlmError
+from slmcompress.io.checkpoint import load_checkpoint, save_checkpoint
 from slmcompress.passes.quantize_rtn import RTNConfig, RTNPass
 from slmcompress.quant.quant_linear import QuantLinear
 
@@ -65,7 +65,7 @@ def test_load_model_serves_gptq_on_the_int4_cpu_kernel(
 ):
     from slmcompress.data import EvalOptions
     from slmcompress.eval.report import evaluate
-    from slmcompress.models import load_model
+    from slmcompress.io.load import load_model
 
     reference = RTNPass(RTNConfig(type="quantize", bits=4)).run(tiny_llama, make_ctx())
     save_checkpoint(reference, tokenizer, tmp_path / "q")

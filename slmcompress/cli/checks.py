@@ -8,7 +8,6 @@ internal field (``max_tokens``).
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from pydantic import ValidationError
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -45,12 +44,6 @@ def context_length(model: PreTrainedModel) -> int | None:
     """The model's maximum sequence length, if its config states one."""
     value = getattr(model.config, "max_position_embeddings", None)
     return int(value) if isinstance(value, int) and value > 0 else None
-
-
-def check_context(limit: Any, length: int, option: str) -> None:
-    """Refuse a window longer than the model was built for (rope would silently extrapolate)."""
-    if isinstance(limit, int) and 0 < limit < length:
-        raise SlmError(f"{option}: {length} exceeds the model's context of {limit} tokens")
 
 
 #: below this, logits / temperature overflow to inf and sampling fails (use 0 for greedy)

@@ -7,10 +7,10 @@ from typing import Any
 
 from safetensors import safe_open
 
-from slmcompress.checkpoint import bytes_on_disk, safetensors_files, validate_checkpoint
-from slmcompress.checkpoint_io import read_metadata
 from slmcompress.errors import CheckpointError
 from slmcompress.fsutil import read_json_file
+from slmcompress.io.checkpoint import bytes_on_disk, safetensors_files, validate_checkpoint
+from slmcompress.io.files import read_metadata
 from slmcompress.kernels.dispatch import backend_for_layer
 from slmcompress.quant.qparams import default_g_idx
 
