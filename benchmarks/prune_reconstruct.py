@@ -185,8 +185,22 @@ def hellaswag(source: str, tag: str, work: Path, limit: int) -> dict[str, Any]:
     return out
 
 
-def final_dir(run: dict[str, Any], work: Path, row: str, variant: str) -> str:
-    return str(work / f"{row}-{variant}" / run["stages"][-1]["dir"])
+def hellaswag_models(work: Path) -> dict[str, str]:
+    """The quickstart's input and every finished run's GPTQ-4 output (the final stage)."""
+    tags = {"smollm2-135m (input)": "smollm2-135m"}
+    runs = [
+        (f"{row}-{variant}", work / f"{row}-{variant}.json")
+        for row in HELLASWAG_ROWS
+        for variant in VARIANTS
+    ]
+    runs += [(n, work / f"{n}.json") for n in (f"{r}-{v}-heal-lr{lr:g}" for r, v, lr in HEAL_LRS)]
+    for name, path in runs:
+        if not path.is_file():
+            continue
+        last = json.loads(path.read_text())["stages"][-1]
+        if last["pass"].startswith("quantize"):
+            tags[f"{name} (final)"] = str(work / name / last["dir"])
+    return tags
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -285,12 +299,7 @@ def main() -> None:
         for variant in VARIANTS:
             run_variant(row, variant, args.work, run=not args.record)
     if args.hellaswag:
-        tags = {"smollm2-135m (input)": "smollm2-135m"}
-        for row in HELLASWAG_ROWS:
-            for variant in VARIANTS:
-                run = json.loads((args.work / f"{row}-{variant}.json").read_text())
-                tags[f"{row} {variant} (final)"] = final_dir(run, args.work, row, variant)
-        for tag, src in tags.items():
+        for tag, src in hellaswag_models(args.work).items():
             slug = re.sub(r"[^a-z0-9]+", "-", tag.lower()).strip("-")
             hellaswag(src, slug, args.work, args.hellaswag_limit)
     if args.report:
