@@ -33,10 +33,13 @@ from slmcompress.arch import replace_module
 from slmcompress.errors import CheckpointError, first_line
 from slmcompress.fsutil import atomic_dir
 from slmcompress.io.files import (
+    INDEX_FILE,
+    SINGLE_FILE,
     TensorEntry,
     header_entries,
     new_metadata,
     parse_header,
+    shard_paths,
     write_metadata,
     write_quantize_config,
 )
@@ -82,23 +85,10 @@ def write_checkpoint_into(
 
 
 def safetensors_files(directory: Path) -> list[Path]:
-    """The weight files of a checkpoint (single file or sharded with an index)."""
-    index = directory / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (ValueError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"checkpoint: {index} is not a valid safetensors index") from exc
-        if not isinstance(weight_map, dict) or not all(
-            isinstance(name, str) and "/" not in name for name in weight_map.values()
-        ):
-            raise CheckpointError(
-                f"checkpoint: {index}: weight_map must map tensor names to shard file names"
-            )
-        return [directory / name for name in sorted(set(weight_map.values()))]
-    single = directory / "model.safetensors"
-    if single.is_file():
-        return [single]
+    """The weight files of a checkpoint (:func:`shard_paths`); a directory holding pickle
+    weights only is named as such."""
+    if (directory / INDEX_FILE).is_file() or (directory / SINGLE_FILE).is_file():
+        return shard_paths(directory)
     if any(directory.glob("*.bin")) or any(directory.glob("*.pt")):
         raise CheckpointError(
             f"checkpoint: {directory} has only pickle weights; slmcompress loads safetensors only"
