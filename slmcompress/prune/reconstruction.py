@@ -172,12 +172,13 @@ def _apply(
     """Re-fit ``linear`` on ``columns``, write it in place (removed columns zero), and
     return the fitted columns and what the report records."""
     weight = linear.weight
+    kept = columns.to(weight.device)
     fitted = refit_columns(weight, gram, columns, damp)  # (out, K)
-    before = relative_error(weight, weight[:, columns.to(weight.device)], gram, columns)
+    before = relative_error(weight, weight[:, kept], gram, columns)
     after = relative_error(weight, fitted, gram, columns)
     saved.append((linear, weight.detach().clone()))
     weight.zero_()
-    weight[:, columns.to(weight.device)] = fitted
+    weight[:, kept] = fitted
     info = {
         "shape": list(weight.shape),
         "columns": columns.tolist(),
